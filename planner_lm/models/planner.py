@@ -1,0 +1,189 @@
+"""The planner: predicts the writing action of the next sentence from the sentences before it.
+
+It reads the *cached* embeddings of the previous sentences (the sentence encoder is frozen, so
+re-encoding text at every step, as the reference implementation does, buys nothing). Per example:
+
+1. the previous <= S sentence vectors plus one learned "document start" vector;
+2. a linear projection to `model_dim` and a learned embedding of each vector's distance to the
+   target sentence (1 = the sentence right before it). The position table starts with a small
+   standard deviation (about a tenth of the norm of a projected unit-norm sentence vector), so
+   positions tell the encoder *where* a sentence is without drowning *what* it says (the
+   reference's sinusoidal positions have ~20x the norm of the content);
+3. `num_layers` transformer encoder layers (pre-LN) and a masked mean over the valid vectors;
+4. a policy head over the k actions whose weights start as the k-means centroids, so the
+   initial logits are similarities between the pooled context and each action's centroid.
+
+Plain torch only: the Lightning wrapper lives in `planner_lm.lit.planner`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+PLANNER_FILE = "planner.pt"
+
+# Wikipedia sentences average ~25 GPT-2 tokens, so 6 previous sentences cover about the
+# 128-token context window of the paper (whose first sentence is usually truncated).
+DEFAULT_CONTEXT_SENTENCES = 6
+
+
+class Planner(nn.Module):
+    """Next-action policy over cached sentence embeddings.
+
+    Args:
+        embedding_dim: dimension of the cached sentence embeddings (from the embed stage).
+        num_actions: number of writing actions k (from the cluster stage).
+        context_sentences: how many previous sentences of the document the planner sees (S).
+        model_dim: width of the transformer; defaults to `embedding_dim`.
+        num_layers: number of transformer encoder layers.
+        num_heads: attention heads per layer (must divide `model_dim`).
+        ffn_dim: hidden size of each layer's feed-forward block.
+        dropout: dropout inside the encoder layers.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_actions: int,
+        context_sentences: int = DEFAULT_CONTEXT_SENTENCES,
+        model_dim: int | None = None,
+        num_layers: int = 1,
+        num_heads: int = 2,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        model_dim = model_dim or embedding_dim
+        if embedding_dim <= 0 or num_actions <= 0 or context_sentences < 0 or num_layers < 0:
+            raise ValueError(
+                f"Planner needs positive embedding_dim/num_actions and non-negative "
+                f"context_sentences/num_layers, got {embedding_dim=}, {num_actions=}, "
+                f"{context_sentences=}, {num_layers=}"
+            )
+        if model_dim % num_heads:
+            raise ValueError(f"model_dim {model_dim} is not divisible by num_heads {num_heads}")
+        self.config: dict[str, Any] = dict(
+            embedding_dim=embedding_dim,
+            num_actions=num_actions,
+            context_sentences=context_sentences,
+            model_dim=model_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        )
+        self.embedding_dim = embedding_dim
+        self.num_actions = num_actions
+        self.context_sentences = context_sentences
+
+        # Stands for "the document starts here"; unit-norm-ish like a real sentence vector.
+        self.doc_start = nn.Parameter(torch.randn(embedding_dim) / embedding_dim**0.5)
+        self.input_proj = nn.Linear(embedding_dim, model_dim)
+        # Distance d to the target sentence (1..S for sentences, up to S+1 for the start vector)
+        # is stored at row d-1.
+        self.positions = nn.Embedding(context_sentences + 1, model_dim)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                model_dim, num_heads, ffn_dim, dropout, batch_first=True, norm_first=True
+            )
+            for _ in range(num_layers)
+        )
+        self.final_norm = nn.LayerNorm(model_dim)
+        # The head lives in the embedding space so it can start as the k-means codebook.
+        self.output_proj = nn.Identity() if model_dim == embedding_dim else nn.Linear(model_dim, embedding_dim)
+        self.head = nn.Linear(embedding_dim, num_actions)
+        self.reset_position_scale()
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_position_scale(self, fraction: float = 0.1) -> None:
+        """Initialise positions at `fraction` of the typical norm of a projected sentence vector.
+
+        A unit-norm input through the default-initialised projection has a norm of about
+        `sqrt(model_dim / (3 * embedding_dim))`; positions start at a tenth of that.
+        """
+        model_dim = self.positions.embedding_dim
+        content_norm = (model_dim / (3.0 * self.embedding_dim)) ** 0.5
+        self.positions.weight.normal_(0.0, fraction * content_norm / model_dim**0.5)
+
+    @torch.no_grad()
+    def init_head_from_centroids(self, centroids: Tensor) -> None:
+        """Start the policy head as the k-means codebook (one row per action); bias zero."""
+        centroids = torch.as_tensor(centroids)
+        expected = (self.num_actions, self.embedding_dim)
+        if tuple(centroids.shape) != expected:
+            raise ValueError(f"centroids have shape {tuple(centroids.shape)}, the planner expects {expected}")
+        self.head.weight.copy_(centroids.to(self.head.weight))
+        self.head.bias.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, context: Tensor, mask: Tensor) -> Tensor:
+        """Logits over the k actions for the sentence that follows each context.
+
+        Args:
+            context: `[B, S', D]` embeddings of previous sentences, oldest first (S' <= S).
+                `planner_lm.data.contexts.gather_contexts` right-aligns them (the sentence just
+                before the target in the last slot), but any layout works as long as valid
+                slots keep document order: distances are counted from the mask.
+            mask: `[B, S']` True where the slot holds a real previous sentence. A row with no
+                valid slot (the first sentence of a document) sees only the start vector.
+
+        Returns:
+            `[B, k]` logits.
+        """
+        if context.dim() != 3 or mask.shape != context.shape[:2]:
+            raise ValueError(f"expected context [B,S,D] and mask [B,S], got {tuple(context.shape)} and {tuple(mask.shape)}")
+        if context.shape[1] > self.context_sentences:
+            raise ValueError(f"context has {context.shape[1]} sentences, the planner was built for at most {self.context_sentences}")
+        batch = context.shape[0]
+        mask = mask.bool()
+        start = self.doc_start.to(context.dtype).expand(batch, 1, -1)
+        tokens = torch.cat([start, context], dim=1)  # [B, 1+S', D]
+        valid = torch.cat([mask.new_ones(batch, 1), mask], dim=1)
+        # distance of each valid vector to the target = number of valid vectors from it onwards
+        distance = valid.flip(1).long().cumsum(1).flip(1)
+        # the start vector sits just before the oldest valid sentence
+        distance = distance.clamp(min=1) - 1
+        x = self.input_proj(tokens) + self.positions(distance)
+        padding = ~valid
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=padding)
+        x = self.final_norm(x)
+        weights = valid.to(x.dtype).unsqueeze(-1)
+        pooled = (x * weights).sum(1) / weights.sum(1)
+        return self.head(self.output_proj(pooled))
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike, upstream: dict[str, Any] | None = None) -> Path:
+        """Write `directory/planner.pt`: weights, constructor kwargs and upstream manifest hashes."""
+        from planner_lm.artifacts import atomic_torch_save
+
+        path = Path(directory) / PLANNER_FILE
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        atomic_torch_save(path, {"state_dict": state, "config": dict(self.config), "upstream": dict(upstream or {})})
+        return path
+
+    @classmethod
+    def load_checkpoint(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """Read the raw `planner.pt` dictionary (a directory holding one is accepted)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLANNER_FILE
+        if not path.is_file():
+            from planner_lm.errors import UserError
+
+            raise UserError(f"no planner at {path}; run `make pretrain-planner` first")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Planner:
+        """Rebuild a planner saved by `save_pretrained` (a directory or the `planner.pt` file)."""
+        saved = cls.load_checkpoint(path)
+        planner = cls(**saved["config"])
+        planner.load_state_dict(saved["state_dict"])
+        planner.upstream = saved.get("upstream", {})
+        return planner
