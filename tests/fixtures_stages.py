@@ -1,0 +1,121 @@
+"""Fabricated upstream stage directories (0_prepare, 1_embed, 2_cluster) for stage tests.
+
+Built with the real artifacts API and the documented layout (docs/DEVELOPING.md), so tests of a
+later stage need not run sentence splitting, the encoder or k-means. The actions follow a
+planted rule, `next = (3 * previous + 1) % k` (the first sentence of each document is random),
+and each embedding is its action's centroid plus noise, renormalised to unit norm: a planner
+that learns anything should beat every content-free baseline by a wide margin.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from planner_lm.artifacts import atomic_save_npy, stage_dir, write_manifest
+
+SPLITS = ("train", "val", "test")
+
+
+def planted_next_action(action: np.ndarray | int, k: int) -> np.ndarray | int:
+    """The rule the fake actions follow."""
+    return (3 * action + 1) % k
+
+
+def _split_counts(num_docs: int) -> dict[str, int]:
+    held_out = max(1, num_docs // 10)
+    if num_docs < 3:
+        raise ValueError("make_fake_upstream needs at least 3 documents (train, val, test)")
+    return {"train": num_docs - 2 * held_out, "val": held_out, "test": held_out}
+
+
+def _write_prepare(out: Path, lengths: dict[str, list[int]]) -> None:
+    import datasets
+
+    facts: dict = {"corpus": "fake", "splitter": "fake", "splits": {}}
+    next_sentence, doc_id = 0, 0
+    for split in SPLITS:
+        rows: dict[str, list] = {k: [] for k in ("doc_id", "title", "text", "sent_start", "sent_end", "first_sentence")}
+        chars = 0
+        split_first = next_sentence
+        for n in lengths[split]:
+            sentences = [f"Sentence {i} of document {doc_id}." for i in range(n)]
+            starts, ends, pos = [], [], 0
+            for s in sentences:
+                starts.append(pos)
+                ends.append(pos + len(s))
+                pos += len(s) + 1
+            text = " ".join(sentences)
+            rows["doc_id"].append(doc_id)
+            rows["title"].append(f"Doc {doc_id}")
+            rows["text"].append(text)
+            rows["sent_start"].append(starts)
+            rows["sent_end"].append(ends)
+            rows["first_sentence"].append(next_sentence)
+            chars += len(text)
+            next_sentence += n
+            doc_id += 1
+        features = datasets.Features({
+            "doc_id": datasets.Value("int64"), "title": datasets.Value("string"), "text": datasets.Value("large_string"),
+            "sent_start": datasets.Sequence(datasets.Value("int32")), "sent_end": datasets.Sequence(datasets.Value("int32")),
+            "first_sentence": datasets.Value("int64"),
+        })
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out / split))
+        facts["splits"][split] = {"docs": len(lengths[split]), "sentences": next_sentence - split_first,
+                                  "chars": chars, "first_sentence": split_first}
+    facts["num_sentences"] = next_sentence
+    facts["num_docs"] = doc_id
+    write_manifest(out, stage="prepare", config={"fake": True}, outputs=list(SPLITS), facts=facts, seed=0)
+
+
+def make_fake_upstream(
+    tmp_path: str | Path,
+    num_docs: int = 40,
+    sentences_per_doc: int | tuple[int, int] = (1, 12),
+    dim: int = 16,
+    k: int = 8,
+    seed: int = 0,
+    noise: float = 0.3,
+) -> Path:
+    """Write `<tmp_path>/run/{0_prepare,1_embed,2_cluster}` with manifests; return the run dir.
+
+    Args:
+        num_docs: documents in total (10% val, 10% test, at least one each).
+        sentences_per_doc: a fixed count, or an inclusive (min, max) range drawn per document.
+        dim: embedding dimension.
+        k: number of actions (centroids).
+        seed: seed of lengths, actions, centroids and noise.
+        noise: standard deviation of the per-coordinate noise added to each centroid.
+    """
+    rng = np.random.default_rng(seed)
+    run_dir = Path(tmp_path) / "run"
+    lo, hi = (sentences_per_doc, sentences_per_doc) if isinstance(sentences_per_doc, int) else sentences_per_doc
+    counts = _split_counts(num_docs)
+    lengths = {split: rng.integers(lo, hi + 1, size=counts[split]).tolist() for split in SPLITS}
+    _write_prepare(stage_dir(run_dir, "prepare"), lengths)
+
+    actions = []
+    for split in SPLITS:
+        for n in lengths[split]:
+            doc = [int(rng.integers(k))]
+            for _ in range(n - 1):
+                doc.append(int(planted_next_action(doc[-1], k)))
+            actions.extend(doc)
+    actions = np.asarray(actions, dtype=np.int32)
+    centroids = rng.standard_normal((k, dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    vectors = centroids[actions] + noise * rng.standard_normal((len(actions), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    embed = stage_dir(run_dir, "embed")
+    atomic_save_npy(embed / "embeddings.npy", vectors.astype(np.float16))
+    write_manifest(embed, stage="embed", config={"fake": True}, inputs={"prepare": stage_dir(run_dir, "prepare")},
+                   outputs=["embeddings.npy"], facts={"encoder": "fake", "embedding_dim": dim,
+                                                      "num_sentences": len(actions), "dtype": "float16"}, seed=seed)
+    cluster = stage_dir(run_dir, "cluster")
+    atomic_save_npy(cluster / "centroids.npy", centroids)
+    atomic_save_npy(cluster / "actions.npy", actions)
+    write_manifest(cluster, stage="cluster", config={"fake": True, "k": k}, inputs={"embed": embed},
+                   outputs=["centroids.npy", "actions.npy"],
+                   facts={"num_actions": k, "embedding_dim": dim, "num_sentences": len(actions)}, seed=seed)
+    return run_dir
