@@ -1,0 +1,469 @@
+"""Action-conditioned causal LM: any Hugging Face causal LM plus per-layer action adapters.
+
+In each conditioned layer ``l`` the action mixture ``w_t`` (weights over the K actions, see
+:mod:`planner_lm.models.selection`) becomes a vector ``e_t = w_t @ C_l`` (``C_l`` the layer's copy
+of the k-means codebook) and ``W_l e_t + b_l`` is added to the *input* of the attention output
+projection, i.e. to the merged attention heads before they are projected back into the residual
+stream. This is the paper's adapter; it is attached with a forward pre-hook, so no model code is
+copied and every family listed in :data:`ADAPTER_TARGETS` works.
+
+Without action weights the hooks do nothing and the output is bit-identical to the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from planner_lm.errors import UserError
+from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
+
+__all__ = [
+    "ADAPTER_TARGETS",
+    "BASE_MODES",
+    "AdapterTarget",
+    "ActionConditionedLM",
+    "default_conditioned_layers",
+]
+
+BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
+"""How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
+
+CONFIG_FILE = "conditioning_config.json"
+WEIGHTS_FILE = "conditioning.safetensors"
+BASE_SUBDIR = "base"
+FORMAT = "planner-lm/action-conditioned-lm"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """Where the adapters attach inside one model family."""
+
+    layers: str  # attribute path from the causal LM to its list of transformer blocks
+    projection: str  # path inside a block to the attention output projection
+
+
+_LLAMA_LIKE = AdapterTarget("model.layers", "self_attn.o_proj")
+ADAPTER_TARGETS: dict[str, AdapterTarget] = {
+    "gpt2": AdapterTarget("transformer.h", "attn.c_proj"),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gpt_neox": AdapterTarget("gpt_neox.layers", "attention.dense"),
+    "opt": AdapterTarget("model.decoder.layers", "self_attn.out_proj"),
+}
+"""``config.model_type`` -> where the adapters go. Add a family with one line here."""
+
+
+def default_conditioned_layers(num_layers: int) -> list[int]:
+    """The paper's choice: every layer but the first two."""
+    return list(range(2, num_layers))
+
+
+@dataclass
+class _Settings:
+    """Everything needed to rebuild the wrapper around the same base (saved as JSON)."""
+
+    model_type: str
+    conditioned_layers: list[int]
+    num_actions: int
+    action_dim: int
+    per_layer_codebook: bool
+    train_codebook: bool
+    base_mode: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: list[str] | None
+    adapter_seed: int
+
+
+class ActionConditionedLM(nn.Module):
+    """A Hugging Face causal LM whose chosen layers read an action mixture per token.
+
+    Args:
+        base: the causal LM (any family in :data:`ADAPTER_TARGETS`); modified in place (its
+            parameters' ``requires_grad`` set by ``base_mode``, LoRA layers injected for "lora").
+        codebook: ``[K, D]`` action vectors (the k-means centroids) used to initialise the
+            codebook(s).
+        conditioned_layers: block indices that get an adapter; ``None`` = all but the first two
+            (the paper); negative indices count from the end.
+        per_layer_codebook: one trainable codebook copy per conditioned layer (the authors'
+            default: the copies drift apart) instead of one shared codebook.
+        train_codebook: whether the codebook starts trainable (see :meth:`set_codebook_trainable`
+            to unfreeze it later).
+        base_mode: "frozen" (paper: only adapters and codebook train), "lora" or "full".
+        lora_r: LoRA rank (base_mode "lora").
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: dropout inside LoRA layers.
+        lora_target_modules: module names LoRA wraps; ``None`` = peft's default for the family.
+        adapter_seed: seed of the adapters' Xavier-normal initialisation (independent of the
+            global RNG, so the same seed gives the same adapters).
+        base_reference: how a saved copy refers to the base (hub name, preset or directory);
+            defaults to ``base.name_or_path``.
+    """
+
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        codebook: Tensor,
+        conditioned_layers: Sequence[int] | None = None,
+        per_layer_codebook: bool = True,
+        train_codebook: bool = True,
+        base_mode: str = "frozen",
+        lora_r: int = 8,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.01,
+        lora_target_modules: Sequence[str] | None = None,
+        adapter_seed: int = 0,
+        base_reference: str | None = None,
+    ) -> None:
+        super().__init__()
+        model_type = base.config.model_type
+        if model_type not in ADAPTER_TARGETS:
+            raise UserError(
+                f"model type {model_type!r} has no known adapter location; supported: "
+                f"{', '.join(sorted(ADAPTER_TARGETS))} (add it to ADAPTER_TARGETS in "
+                "planner_lm/models/conditioning.py)"
+            )
+        if base_mode not in BASE_MODES:
+            raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
+        if codebook.ndim != 2:
+            raise ValueError(f"codebook must be [num_actions, action_dim], got {tuple(codebook.shape)}")
+        target = ADAPTER_TARGETS[model_type]
+        blocks = _get_path(base, target.layers)
+        layers = _normalise_layers(conditioned_layers, len(blocks))
+
+        self.base = base
+        self.base_reference = base_reference if base_reference is not None else base.name_or_path
+        self.settings = _Settings(
+            model_type=model_type,
+            conditioned_layers=layers,
+            num_actions=int(codebook.shape[0]),
+            action_dim=int(codebook.shape[1]),
+            per_layer_codebook=per_layer_codebook,
+            train_codebook=train_codebook,
+            base_mode=base_mode,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_target_modules=list(lora_target_modules) if lora_target_modules else None,
+            adapter_seed=adapter_seed,
+        )
+        self._action_weights: Tensor | None = None
+        self._base_fingerprint: str | None = None
+
+        # "frozen"/"lora" never change the base weights, so its fingerprint is taken lazily
+        # at save time (weights_fingerprint ignores LoRA layers and their renaming)
+        base.requires_grad_(base_mode == "full")
+        if base_mode == "lora":
+            _inject_lora(base, self.settings)
+
+        device = next(base.parameters()).device
+        num_books = len(layers) if per_layer_codebook else 1
+        books = codebook.detach().float().to(device).unsqueeze(0).repeat(num_books, 1, 1)
+        self.codebook = nn.Parameter(books, requires_grad=train_codebook)
+        generator = torch.Generator().manual_seed(adapter_seed)
+        self.adapters = nn.ModuleList()
+        self._hooks = []
+        for slot, layer in enumerate(layers):
+            projection = _get_path(blocks[layer], target.projection)
+            adapter = nn.Linear(self.settings.action_dim, _input_features(projection))
+            nn.init.xavier_normal_(adapter.weight, generator=generator)
+            nn.init.zeros_(adapter.bias)
+            self.adapters.append(adapter.to(device))
+            self._hooks.append(projection.register_forward_pre_hook(self._make_hook(slot)))
+
+    # ------------------------------------------------------------------ forward
+    @property
+    def config(self) -> Any:
+        """The base model's config (``vocab_size``, ``model_type``, ...)."""
+        return self.base.config
+
+    @property
+    def num_actions(self) -> int:
+        return self.settings.num_actions
+
+    @property
+    def conditioned_layers(self) -> list[int]:
+        return list(self.settings.conditioned_layers)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        action_weights: Tensor | None = None,
+        labels: Tensor | None = None,
+        **hf_kwargs: Any,
+    ) -> Any:
+        """Run the base LM conditioned on ``action_weights`` ``[B, T, K]`` (or ``[B, 1, K]``,
+        broadcast over positions); ``None`` = the plain base model, bit for bit.
+
+        With ``past_key_values`` the weights cover only the new positions. Returns the base
+        model's ``CausalLMOutput`` (with ``loss`` when ``labels`` are given).
+        """
+        with self.conditioned(action_weights):
+            return self.base(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **hf_kwargs
+            )
+
+    @contextlib.contextmanager
+    def conditioned(self, action_weights: Tensor | None) -> Iterator[None]:
+        """Condition every call of ``self.base`` inside the block (e.g. ``base.generate``)."""
+        if action_weights is not None:
+            if action_weights.ndim != 3 or action_weights.shape[-1] != self.num_actions:
+                raise ValueError(
+                    f"action_weights must be [batch, positions, {self.num_actions}], got "
+                    f"{tuple(action_weights.shape)}"
+                )
+            if _checkpointing(self.base) and torch.is_grad_enabled():
+                raise ValueError("gradient checkpointing of the base LM is not supported with "
+                                 "action conditioning (recomputation would run without actions)")
+        previous, self._action_weights = self._action_weights, action_weights
+        try:
+            yield
+        finally:
+            self._action_weights = previous
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, action_weights: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """``base.generate`` with one action mixture per sequence (``[B, 1, K]``) or none."""
+        with self.conditioned(action_weights):
+            return self.base.generate(input_ids=input_ids, **kwargs)
+
+    def layer_codebook(self, slot: int) -> Tensor:
+        """The codebook ``[K, D]`` used by the ``slot``-th conditioned layer."""
+        return self.codebook[slot if self.settings.per_layer_codebook else 0]
+
+    def _make_hook(self, slot: int) -> Any:
+        def add_action(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            weights = self._action_weights
+            if weights is None:
+                return None
+            hidden = args[0]
+            if weights.shape[1] not in (1, hidden.shape[1]) or weights.shape[0] not in (1, hidden.shape[0]):
+                raise ValueError(
+                    f"action_weights cover {tuple(weights.shape[:2])} (batch, positions) but the "
+                    f"model runs on {tuple(hidden.shape[:2])}; with past_key_values give weights "
+                    "for the new positions only"
+                )
+            action = weights.to(self.codebook.dtype) @ self.layer_codebook(slot)
+            delta = self.adapters[slot](action)
+            return (hidden + delta.to(hidden.dtype), *args[1:])
+
+        return add_action
+
+    # ------------------------------------------------------------------ parameters
+    def set_codebook_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze the codebook(s) (e.g. from a callback at step N)."""
+        self.codebook.requires_grad_(trainable)
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return [self.codebook]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def base_trainable_parameters(self) -> list[nn.Parameter]:
+        """Base-model parameters that train in this ``base_mode`` (LoRA layers or all)."""
+        return [p for p in self.base.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+        """Write adapters, codebook(s) (and LoRA layers) plus a JSON config to ``save_dir``.
+
+        The base model is referenced by name/path and fingerprint; its weights are written to
+        ``save_dir/base`` only when they trained ("full") or have no loadable reference.
+        A ``tokenizer`` given here is saved alongside, so the folder is self-contained for
+        ``from_pretrained`` + ``AutoTokenizer.from_pretrained(save_dir)``.
+        """
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        save_base = self.settings.base_mode == "full" or not self.base_reference
+        reference = self.base_reference or ""
+        relative = None
+        if not save_base and Path(reference).is_dir():
+            relative = os.path.relpath(Path(reference).resolve(), save_dir.resolve())
+            reference = str(Path(reference).resolve())
+        if save_base:
+            base_dir = save_dir / BASE_SUBDIR
+            # "full" mode with LoRA never happens, so the base has its original module names
+            self.base.save_pretrained(base_dir)
+        if not save_base and self._base_fingerprint is None:
+            self._base_fingerprint = weights_fingerprint(self.base)
+        state = {"codebook": self.codebook.detach().cpu().contiguous()}
+        for name, tensor in self.adapters.state_dict().items():
+            state[f"adapters.{name}"] = tensor.detach().cpu().contiguous()
+        if self.settings.base_mode == "lora":
+            for name, tensor in self.base.state_dict().items():
+                if "lora_" in name:
+                    state[f"lora.{name}"] = tensor.detach().cpu().contiguous()
+        save_file(state, str(save_dir / WEIGHTS_FILE))
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base": reference,
+            "base_relative": relative,
+            "base_saved": save_base,
+            "base_fingerprint": None if save_base else self._base_fingerprint,
+            **asdict(self.settings),
+        }
+        (save_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_dir)
+        return save_dir
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        save_dir: str | os.PathLike,
+        base: PreTrainedModel | None = None,
+        *,
+        check_fingerprint: bool = True,
+        dtype: torch.dtype | str | None = None,
+    ) -> "ActionConditionedLM":
+        """Load a conditioned LM saved with :meth:`save_pretrained` (no Lightning needed).
+
+        Args:
+            save_dir: the folder written by ``save_pretrained``.
+            base: an already loaded base model to wrap instead of loading the reference.
+            check_fingerprint: refuse a referenced base whose weights changed since saving.
+            dtype: load the base in this dtype (adapters stay float32).
+        """
+        save_dir = Path(save_dir)
+        config_path = save_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing)")
+        config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{config_path} is not a version-{FORMAT_VERSION} conditioned-LM config")
+        if base is None:
+            base = load_base_lm(_base_location(save_dir, config), dtype=dtype)
+        expected = config.get("base_fingerprint")
+        if check_fingerprint and expected and weights_fingerprint(base) != expected:
+            raise UserError(
+                f"the base LM {config['base']!r} differs from the one {save_dir} was trained on "
+                "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
+            )
+        settings = _Settings(**{k: config[k] for k in _Settings.__dataclass_fields__})
+        state = load_file(str(save_dir / WEIGHTS_FILE))
+        codebook = state["codebook"][0]
+        model = cls(
+            base,
+            codebook,
+            conditioned_layers=settings.conditioned_layers,
+            per_layer_codebook=settings.per_layer_codebook,
+            train_codebook=settings.train_codebook,
+            base_mode=settings.base_mode,
+            lora_r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            lora_target_modules=settings.lora_target_modules,
+            adapter_seed=settings.adapter_seed,
+            base_reference=config["base"] if not config["base_saved"] else "",
+        )
+        if config["base_saved"]:
+            model._base_fingerprint = None
+        else:
+            model._base_fingerprint = expected
+            model.base_reference = config["base"]
+        device = model.codebook.device
+        with torch.no_grad():
+            model.codebook.copy_(state["codebook"].to(device))
+            model.adapters.load_state_dict(
+                {k[len("adapters."):]: v for k, v in state.items() if k.startswith("adapters.")}
+            )
+            lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+            if lora:
+                missing = set(lora) - set(model.base.state_dict())
+                if missing:
+                    raise UserError(f"{save_dir} has LoRA weights the rebuilt model lacks: {sorted(missing)[:3]}")
+                model.base.load_state_dict(lora, strict=False)
+        return model
+
+
+# ----------------------------------------------------------------------------- helpers
+def _checkpointing(model: PreTrainedModel) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _get_path(root: Any, dotted: str) -> Any:
+    node = root
+    for part in dotted.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _normalise_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    chosen = default_conditioned_layers(num_layers) if layers is None else list(layers)
+    if not chosen:
+        raise UserError(
+            f"no layer to condition: the model has {num_layers} layers and the default skips "
+            "the first two; pass conditioned_layers explicitly"
+        )
+    normalised = []
+    for layer in chosen:
+        index = layer + num_layers if layer < 0 else layer
+        if not 0 <= index < num_layers:
+            raise UserError(f"conditioned layer {layer} does not exist (the model has {num_layers})")
+        normalised.append(index)
+    if len(set(normalised)) != len(normalised):
+        raise UserError(f"conditioned_layers repeats a layer: {list(layers or [])}")
+    return sorted(normalised)
+
+
+def _input_features(projection: nn.Module) -> int:
+    """Width of the projection's input (``nn.Linear``, GPT-2 ``Conv1D`` or a LoRA wrapper)."""
+    inner = getattr(projection, "base_layer", projection)
+    if isinstance(inner, nn.Linear):
+        return inner.in_features
+    if hasattr(inner, "nf") and inner.weight.ndim == 2:  # transformers' Conv1D: weight [in, out]
+        return int(inner.weight.shape[0])
+    raise TypeError(f"cannot tell the input width of {type(inner).__name__}")
+
+
+def _inject_lora(base: PreTrainedModel, settings: _Settings) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    targets = settings.lora_target_modules or DEFAULTS.get(settings.model_type)
+    if not targets:
+        raise UserError(f"no default LoRA target modules for {settings.model_type!r}; "
+                        "set lora_target_modules")
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(targets),
+        fan_in_fan_out=settings.model_type == "gpt2",  # GPT-2's Conv1D stores weight as [in, out]
+    )
+    inject_adapter_in_model(lora, base)
+    for name, param in base.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def _base_location(save_dir: Path, config: dict[str, Any]) -> str:
+    if config["base_saved"]:
+        return str(save_dir / BASE_SUBDIR)
+    relative = config.get("base_relative")
+    if relative and (save_dir / relative).is_dir():
+        return str((save_dir / relative).resolve())
+    return config["base"]
