@@ -34,6 +34,9 @@ from planner_lm.tokenization import bos_token_id, tokenize_documents
 SentenceEncoder = Callable[[Sequence[str]], Tensor]
 """Texts → unit-norm sentence vectors ``[n, D]`` (the encoder of the embed stage)."""
 
+GENERATION_SELECTIONS = ("soft", "hard", "fixed", "uniform", "none")
+"""What the LM can be conditioned on while generating (oracle needs the true text)."""
+
 PROBE = " The"
 """What the splitter sees after the open sentence when deciding whether it is complete."""
 
@@ -46,8 +49,10 @@ class SamplingConfig:
         max_new_tokens: number of tokens to generate per prompt (fewer if EOS is sampled).
         temperature: softmax temperature of token sampling; 0 = greedy.
         top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p.
-        selection: how planner logits become the LM's action weights: ``soft`` (the paper's
-            joint model: the softmax-weighted codebook) or ``hard`` (the argmax action).
+        selection: what the LM is conditioned on: ``soft`` (the paper's joint model: the
+            planner's softmax-weighted codebook), ``hard`` (the planner's argmax action), or the
+            planner-free controls ``fixed`` (action 0), ``uniform`` (the mean codebook vector) and
+            ``none`` (no conditioning). With a planner loaded, the plan still shows its choices.
         planner_temperature: softmax temperature applied to planner logits.
         stop_at_eos: end a row when it samples the end-of-text token.
         context_window: LM context length; None = the model's maximum position count.
@@ -70,8 +75,10 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.selection not in ("soft", "hard"):
-            raise ValueError(f"selection must be 'soft' or 'hard', got {self.selection!r}")
+        if self.selection not in GENERATION_SELECTIONS:
+            raise ValueError(
+                f"selection must be one of {', '.join(GENERATION_SELECTIONS)}, got {self.selection!r}"
+            )
         if self.planner_temperature <= 0:
             raise ValueError(f"planner_temperature must be > 0, got {self.planner_temperature}")
 
@@ -83,7 +90,7 @@ class PlannedSentence:
     text: str
     action: int
     probability: float  # planner probability of ``action`` (NaN without a planner)
-    source: str  # "planner" or "forced"
+    source: str  # "planner", "forced", or the planner-free control: "fixed", "uniform", "none"
     in_prompt: bool = False  # the sentence lies entirely in the prompt
     examples: list[str] = field(default_factory=list)
 
@@ -190,6 +197,7 @@ class PlannerGenerator:
         self.eos = tokenizer.eos_token_id
         self.device = next(lm.parameters()).device
         self._cache_kwarg = _cache_argument_name(lm)
+        self._unconditioned = False
 
     # ------------------------------------------------------------------ planning
     def _planner_logits(self, histories: Sequence[Sequence[Tensor]]) -> Tensor | None:
@@ -213,17 +221,26 @@ class PlannerGenerator:
     def _decide(
         self, logits: Tensor | None, forced: int | None, config: SamplingConfig, what: str
     ) -> tuple[PlannedSentence, Tensor]:
-        """The open sentence's plan entry and action weights, from the planner or the forced plan."""
+        """The open sentence's plan entry and action weights (all zero for ``none``)."""
         probs = None if logits is None else torch.softmax(logits / config.planner_temperature, -1)
+
+        def probability(action: int) -> float:
+            return float(probs[action]) if probs is not None and action >= 0 else float("nan")
+
         if forced is not None:
             weights = torch.nn.functional.one_hot(torch.tensor(forced), self.num_actions).float()
-            probability = float(probs[forced]) if probs is not None else float("nan")
-            return PlannedSentence("", forced, probability, "forced"), weights
+            return PlannedSentence("", forced, probability(forced), "forced"), weights
+        if config.selection in ("fixed", "uniform", "none"):
+            weights = select_weights(None, config.selection, num_actions=self.num_actions, batch_shape=())
+            weights = torch.zeros(self.num_actions) if weights is None else weights.float()
+            # fixed is conditioned on action 0; otherwise show what the planner would have chosen
+            action = 0 if config.selection == "fixed" else (int(logits.argmax()) if logits is not None else -1)
+            return PlannedSentence("", action, probability(action), config.selection), weights
         if logits is None:
             raise ValueError(f"no planner loaded to choose the action of {what}; force it with a plan")
         weights = select_weights(logits, config.selection, temperature=config.planner_temperature)
         action = int(logits.argmax())
-        return PlannedSentence("", action, float(probs[action]), "planner"), weights.float()
+        return PlannedSentence("", action, probability(action), "planner"), weights.float()
 
     def _forced(self, row: _Row, sentence_index: int) -> int | None:
         step = sentence_index - row.prompt_sentences
@@ -268,12 +285,12 @@ class PlannerGenerator:
         return row
 
     # ------------------------------------------------------------------ LM calls
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, weights: Tensor, past: Any):
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, weights: Tensor | None, past: Any):
         out = self.lm(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            action_weights=weights.to(self.device),
+            action_weights=None if weights is None else weights.to(self.device),
             use_cache=True,
             **{self._cache_kwarg: past},
         )
@@ -294,7 +311,7 @@ class PlannerGenerator:
             mask[i, width - len(tokens):] = 1
             weights[i, width - len(tokens):] = torch.stack([row.weights[s] for s in sentences])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, past = self._forward(ids, mask, positions, weights, None)
+        logits, past = self._forward(ids, mask, positions, None if self._unconditioned else weights, None)
         return logits, past, mask
 
     def _context_window(self, config: SamplingConfig) -> int:
@@ -320,6 +337,9 @@ class PlannerGenerator:
         plans = plans if plans is not None else [[] for _ in prompts]
         if len(plans) != len(prompts):
             raise ValueError(f"{len(plans)} plans for {len(prompts)} prompts")
+        if config.selection == "none" and any(plans):
+            raise ValueError("a plan cannot steer an unconditioned LM (selection 'none')")
+        self._unconditioned = config.selection == "none"
         window = self._context_window(config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         rows = [self._start_row(p, plan, config) for p, plan in zip(prompts, plans)]
@@ -341,7 +361,7 @@ class PlannerGenerator:
             weights = torch.stack([r.weights[r.token_sentence[-1]] for r in rows])[:, None]
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
             positions = mask.sum(-1, keepdim=True) - 1
-            logits, past = self._forward(ids, mask, positions, weights, past)
+            logits, past = self._forward(ids, mask, positions, None if self._unconditioned else weights, past)
         return [self._finish(r) for r in rows]
 
     def _append(self, rows: Sequence[_Row], sampled: Sequence[int], config: SamplingConfig) -> None:
@@ -440,7 +460,8 @@ def format_plan(generation: Generation, show_examples: int = 2) -> str:
     lines = [generation.text, "", "plan:"]
     for i, s in enumerate(generation.sentences):
         where = "prompt" if s.in_prompt else s.source
-        lines.append(f"  [{i}] action {s.action:>4}  p={s.probability:.3f}  ({where})  {s.text!r}")
+        action = f"action {s.action:>4}" if s.action >= 0 else "no action  "
+        lines.append(f"  [{i}] {action}  p={s.probability:.3f}  ({where})  {s.text!r}")
         for example in s.examples[:show_examples]:
             lines.append(f"          e.g. {example!r}")
     stop = "end-of-text" if generation.stopped_at_eos else "max tokens"

@@ -125,7 +125,7 @@ def test_prompt_sentences_are_planned_and_a_complete_prompt_opens_a_new_sentence
 
 def test_generation_stops_cleanly_at_max_tokens_with_a_real_lm_and_kv_cache(tokenizer):
     torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
 
     class Wrapped(torch.nn.Module):  # the conditioned-LM signature around a plain GPT-2
         def __init__(self):
@@ -136,24 +136,24 @@ def test_generation_stops_cleanly_at_max_tokens_with_a_real_lm_and_kv_cache(toke
             return self.base(**kwargs)
 
     generator = PlannerGenerator(Wrapped(), tokenizer, hash_encoder, K, planner=tiny_planner())
-    config = SamplingConfig(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    config = SamplingConfig(max_new_tokens=8, temperature=0, stop_at_eos=False)
     results = generator.generate(["The Moon is", "A"], config=config)
     for result in results:
-        assert result.new_tokens == 12 and not result.stopped_at_eos
+        assert result.new_tokens == 8 and not result.stopped_at_eos
         assert result.text.startswith(result.prompt)
         # greedy with a KV cache (left-padded batch) = greedy by full recomputation
         ids = [tokenizer.eos_token_id] + tokenizer.encode(result.prompt)
         expected = []
-        for _ in range(12):
+        for _ in range(8):
             with torch.no_grad():
                 nxt = int(base(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
             ids.append(nxt)
             expected.append(nxt)
         assert result.continuation == tokenizer.decode(expected)
-    # past the context window (32 positions) the cache is rebuilt and generation goes on
-    long = SamplingConfig(max_new_tokens=50, temperature=1.0, top_p=0.9, stop_at_eos=False, seed=3)
+    # past the context window (16 positions) the cache is rebuilt and generation goes on
+    long = SamplingConfig(max_new_tokens=30, temperature=1.0, top_p=0.9, stop_at_eos=False, seed=3)
     (result,) = generator.generate(["The Moon is"], config=long)
-    assert result.new_tokens == 50
+    assert result.new_tokens == 30
     assert "plan:" in format_plan(result)
 
 
@@ -178,3 +178,41 @@ def test_action_examples_are_the_nearest_members_of_the_cluster():
     examples = ActionExamples(["a", "b", "c", "d", "e"], embeddings, actions, centroids, per_action=2)
     assert examples(0) == ["c", "a"]
     assert examples(1) == ["e", "b"]
+
+
+def conditioned_tiny_lm(tokenizer):
+    from planner_lm.models.base_lm import tiny_config
+    from planner_lm.models.conditioning import ActionConditionedLM
+
+    torch.manual_seed(0)
+    config = tiny_config("gpt2", vocab_size=tokenizer.vocab_size, n_positions=64)
+    base = GPT2LMHeadModel(config).eval()
+    codebook = torch.randn(K, 16) * 3  # large actions so that steering changes greedy choices
+    return ActionConditionedLM(base, codebook).eval()
+
+
+def test_real_conditioned_lm_cached_generation_equals_recomputation_and_plans_steer(tokenizer):
+    lm = conditioned_tiny_lm(tokenizer)
+    generator = PlannerGenerator(lm, tokenizer, hash_encoder, K, planner=None)
+    config = SamplingConfig(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    outputs = {}
+    for action in (1, 3):
+        (result,) = generator.generate(["The Moon is"], plans=[[action] * 20], config=config)
+        outputs[action] = result.continuation
+        ids = [tokenizer.eos_token_id] + tokenizer.encode("The Moon is")
+        weights = torch.nn.functional.one_hot(torch.tensor([[action]]), K).float()
+        for _ in range(6):
+            with torch.no_grad():
+                logits = lm(input_ids=torch.tensor([ids]), action_weights=weights).logits
+            ids.append(int(logits[0, -1].argmax()))
+        assert result.continuation == tokenizer.decode(ids[-6:])
+    assert outputs[1] != outputs[3]
+    # the unconditioned control equals the plain base model
+    (plain,) = generator.generate(["The Moon is"], config=SamplingConfig(max_new_tokens=6, temperature=0, stop_at_eos=False, selection="none"))
+    ids = [tokenizer.eos_token_id] + tokenizer.encode("The Moon is")
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(lm.base(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert plain.continuation == tokenizer.decode(ids[-6:])
+    with pytest.raises(ValueError, match="unconditioned"):
+        generator.generate(["x"], plans=[[1]], config=SamplingConfig(selection="none"))
