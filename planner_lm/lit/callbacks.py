@@ -1,0 +1,71 @@
+"""Training-schedule callbacks for joint planner + LM fine-tuning."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import lightning as L
+from torch import nn
+
+__all__ = ["UnfreezeSchedule", "resolve_unfreeze_step"]
+
+
+def resolve_unfreeze_step(at: int | float | None, total_steps: int | float) -> int | None:
+    """Global step at which to unfreeze, or None for never.
+
+    ``at`` is a step count (int >= 0; 0 = trainable from the start), a fraction of the total
+    optimizer steps (float in [0, 1)), or negative / None for never.
+    """
+    if at is None or at < 0:
+        return None
+    if isinstance(at, bool):
+        raise ValueError("unfreeze_at must be a step (int) or a fraction (float), not a bool")
+    if isinstance(at, float):
+        if at >= 1.0:
+            if not at.is_integer():
+                raise ValueError(
+                    f"unfreeze_at={at}: a float means a fraction of training in [0, 1); "
+                    "write an integer for a step number"
+                )
+            return int(at)
+        if not math.isfinite(total_steps):
+            raise ValueError("a fractional unfreeze_at needs a finite number of training steps (set max_steps or max_epochs)")
+        return int(round(at * total_steps))
+    return int(at)
+
+
+class UnfreezeSchedule(L.Callback):
+    """Keeps some parameters frozen until a given GLOBAL optimizer step, then trains them.
+
+    The reference compared the step with the per-epoch ``batch_idx``, so with several epochs it
+    unfroze again at each epoch and with gradient accumulation too early; here the check uses
+    ``trainer.global_step`` (optimizer steps), which also makes it correct after a resume.
+
+    Args:
+        name: what is unfrozen, for the log message and the logged flag (e.g. "planner").
+        parameters: returns the parameters to switch, given the LightningModule.
+        at: step (int), fraction of total steps (float in [0, 1)), or negative for never.
+    """
+
+    def __init__(self, name: str, parameters: Callable[[L.LightningModule], Iterable[nn.Parameter]],
+                 at: int | float | None) -> None:
+        self.name, self._parameters, self.at = name, parameters, at
+        self.step: int | None = None
+        self.trainable = False
+
+    def _set(self, pl_module: L.LightningModule, trainable: bool) -> None:
+        for parameter in self._parameters(pl_module):
+            parameter.requires_grad_(trainable)
+        self.trainable = trainable
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = resolve_unfreeze_step(self.at, trainer.estimated_stepping_batches)
+        self._set(pl_module, self.step is not None and trainer.global_step >= self.step)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if not self.trainable and self.step is not None and trainer.global_step >= self.step:
+            self._set(pl_module, True)
+            if trainer.global_step > 0:
+                print(f"[step {trainer.global_step}] {self.name} unfrozen")
+        pl_module.log(f"train/{self.name}_trainable", float(self.trainable), on_step=True, on_epoch=False)

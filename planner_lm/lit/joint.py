@@ -1,0 +1,282 @@
+"""Joint planner + action-conditioned LM fine-tuning (the seed paper's end-to-end training).
+
+Per batch the planner runs ONCE per distinct target sentence on the cached embeddings of the
+sentences before it; its logits become action weights through ``select_weights`` (one function
+for every selection mode, so comparisons are fair) and are expanded to the positions that
+predict a token of that sentence. The conditioned LM turns weights into per-layer action
+embeddings (``weights @ codebook``) added before each chosen layer's attention output projection.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from planner_lm.data.lm_windows import IGNORE_INDEX
+from planner_lm.lit.callbacks import UnfreezeSchedule
+from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.models.planner import Planner
+from planner_lm.models.selection import PLANNER_SELECTIONS, check_selection, select_weights
+
+__all__ = ["JointPlannerLM", "token_nll"]
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token negative log-likelihood and the number of labelled tokens.
+
+    Position ``t`` predicts ``labels[t+1]`` (the Hugging Face convention); ``-100`` is ignored.
+    """
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    nll = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, (shifted_labels != IGNORE_INDEX).sum()
+
+
+class JointPlannerLM(L.LightningModule):
+    """Planner and action-conditioned LM trained together on the LM loss.
+
+    Args:
+        selection: how the LM sees the plan: soft (softmax(logits/T)·codebook, the paper's
+            method), hard (argmax, no gradient to the planner), straight_through (hard forward,
+            soft backward), gumbel (Gumbel-softmax while training, soft at evaluation), oracle
+            (k-means action of the true sentence), fixed (action 0 everywhere), uniform (mean of
+            the codebook) or none (the plain LM, no adapters).
+        temperature: softmax temperature T of soft / straight_through / gumbel (paper: 1.0).
+        gumbel_scale: scale of the Gumbel noise added to the logits in `gumbel` training.
+        base_mode: what happens to the base LM's own weights: frozen (paper default), lora
+            (peft LoRA layers) or full (full fine-tuning).
+        lora_r: LoRA rank (base_mode lora).
+        lora_alpha: LoRA scaling numerator (base_mode lora).
+        conditioned_layers: indices of the transformer layers that receive the action; default
+            all but the first two (the paper).
+        per_layer_codebook: each conditioned layer gets its own trainable copy of the codebook
+            (the authors' default) instead of one shared codebook.
+        codebook_unfreeze_at: when the codebook starts training: a step (int), a fraction of
+            training (float in [0, 1)), or negative for never (codebook stays the k-means centroids).
+        planner_unfreeze_at: when the planner starts training: step (int), fraction of training
+            (float in [0, 1)), or negative for never (0 = from the start, the paper's default).
+        planner_loss_weight: weight of the planner's next-action cross-entropy (on the k-means
+            actions of the batch's sentences) added to the LM loss; 0 = LM loss only (the paper).
+        lr: Adam learning rate of the LM's trainable weights (paper: 1e-4).
+        planner_lr: learning rate of the planner; default `lr`.
+        weight_decay: Adam weight decay (paper: 0).
+        forgetting_warn_drop: warn when the planner's validation accuracy falls more than this
+            many percentage points below its accuracy before joint training.
+        lm_path: base LM directory or hub name (linked from the data module).
+        planner_path: `planner.pt` of the pretrained planner (linked from the data module).
+        codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
+        num_actions: number of actions k (linked from the data module).
+        embedding_dim: sentence-embedding dimension (linked from the data module).
+    """
+
+    def __init__(
+        self,
+        selection: str = "soft",
+        temperature: float = 1.0,
+        gumbel_scale: float = 1.0,
+        base_mode: str = "frozen",
+        lora_r: int = 8,
+        lora_alpha: int = 32,
+        conditioned_layers: list[int] | None = None,
+        per_layer_codebook: bool = True,
+        codebook_unfreeze_at: int | float = 0,
+        planner_unfreeze_at: int | float = 0,
+        planner_loss_weight: float = 0.0,
+        lr: float = 1e-4,
+        planner_lr: float | None = None,
+        weight_decay: float = 0.0,
+        forgetting_warn_drop: float = 5.0,
+        lm_path: str = "",
+        planner_path: str | None = None,
+        codebook_path: str = "",
+        num_actions: int = 0,
+        embedding_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        check_selection(selection)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if planner_loss_weight < 0:
+            raise ValueError(f"planner_loss_weight must be >= 0, got {planner_loss_weight}")
+        self.save_hyperparameters()
+        self.selection = selection
+        self.uses_planner = selection in PLANNER_SELECTIONS
+        if planner_loss_weight > 0 and not self.uses_planner:
+            raise ValueError(f"planner_loss_weight > 0 needs a planner, but selection {selection!r} uses none")
+        self.num_actions = num_actions
+
+        codebook = torch.from_numpy(np.load(codebook_path).astype(np.float32))
+        if tuple(codebook.shape) != (num_actions, embedding_dim):
+            raise ValueError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
+        self.lm = build_conditioned_lm(lm_path, codebook, selection, base_mode, conditioned_layers,
+                                       per_layer_codebook, lora_r, lora_alpha)
+        self.planner: Planner | None = None
+        if self.uses_planner:
+            if not planner_path:
+                raise ValueError(f"selection {selection!r} needs a pretrained planner (planner_path)")
+            self.planner = Planner.from_pretrained(planner_path)
+            if (self.planner.num_actions, self.planner.embedding_dim) != (num_actions, embedding_dim):
+                raise ValueError(
+                    f"the planner predicts {self.planner.num_actions} actions over {self.planner.embedding_dim}-d "
+                    f"embeddings but the codebook is ({num_actions}, {embedding_dim})"
+                )
+        self.val_nll = MeanMetric()
+        self.val_planner_acc = MeanMetric()
+        self.planner_acc_start: float | None = None
+
+    # ------------------------------------------------------------------ conditioning
+    def action_weights(self, batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """Per-position action weights ``[B, T, k]`` (None for `none`) and the planner logits ``[U, k]``."""
+        if self.selection == "none":
+            return None, None
+        logits = self.planner(batch["plan_context"], batch["plan_context_mask"]) if self.planner is not None else None
+        weights = select_weights(
+            logits, self.selection, temperature=self.hparams.temperature, training=self.training,
+            oracle_actions=batch["plan_action"], num_actions=self.num_actions,
+            gumbel_scale=self.hparams.gumbel_scale,
+        )
+        return weights[batch["token_plan"]], logits
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """LM logits ``[B, T, V]`` and planner logits ``[U, k]`` (None without a planner)."""
+        weights, planner_logits = self.action_weights(batch)
+        output = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], action_weights=weights)
+        return output.logits, planner_logits
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.planner is not None and not any(p.requires_grad for p in self.planner.parameters()):
+            self.planner.eval()  # frozen planner: deterministic (no dropout) until it unfreezes
+        logits, planner_logits = self(batch)
+        nll, count = token_nll(logits, batch["labels"])
+        lm_loss = nll / count.clamp(min=1)
+        loss = lm_loss
+        size = batch["input_ids"].shape[0]
+        self.log("train/lm_loss", lm_loss, prog_bar=True, batch_size=size)
+        if planner_logits is not None:
+            planner_loss = F.cross_entropy(planner_logits.float(), batch["plan_action"])
+            self.log("train/planner_loss", planner_loss, batch_size=size)
+            if self.hparams.planner_loss_weight > 0:
+                loss = loss + self.hparams.planner_loss_weight * planner_loss
+        self.log("train/loss", loss, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, planner_logits = self(batch)
+        nll, count = token_nll(logits, batch["labels"])
+        if count > 0:
+            self.val_nll.update(nll / count, weight=count)  # token-weighted, not window-averaged
+        if planner_logits is not None:
+            correct = (planner_logits.argmax(-1) == batch["plan_action"]).float()
+            self.val_planner_acc.update(correct)
+
+    def on_validation_epoch_end(self) -> None:
+        mean_nll = self.val_nll.compute()
+        self.log("val/lm_loss", mean_nll)
+        self.log("val/ppl", torch.exp(mean_nll), prog_bar=True)
+        self.val_nll.reset()
+        if self.planner is not None:
+            accuracy = self.val_planner_acc.compute()
+            self.log("val/planner_acc", accuracy, prog_bar=True)
+            self.val_planner_acc.reset()
+            self._check_forgetting(float(accuracy))
+
+    def _check_forgetting(self, accuracy: float) -> None:
+        if self.planner_acc_start is None or self.trainer.sanity_checking:
+            return
+        drop = 100.0 * (self.planner_acc_start - accuracy)
+        self.log("val/planner_acc_drop", drop / 100.0)
+        if drop > self.hparams.forgetting_warn_drop:
+            warnings.warn(
+                f"planner accuracy fell from {100 * self.planner_acc_start:.1f}% to {100 * accuracy:.1f}% "
+                f"during joint training (the planner is forgetting); consider planner_unfreeze_at, "
+                f"planner_loss_weight or a smaller planner_lr", stacklevel=1,
+            )
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        """Measure the planner's validation accuracy before joint training (forgetting baseline)."""
+        if self.planner is None or self.planner_acc_start is not None:
+            return
+        loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule else None
+        if loader is None:
+            return
+        was_training = self.planner.training
+        self.planner.eval()
+        correct = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for batch in loader:
+            logits = self.planner(batch["plan_context"].to(self.device), batch["plan_context_mask"].to(self.device))
+            correct += (logits.argmax(-1) == batch["plan_action"].to(self.device)).sum()
+            total += batch["plan_action"].numel()
+        correct = self.trainer.strategy.reduce(correct, reduce_op="sum")
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self.planner.train(was_training)
+        self.planner_acc_start = float(correct / total.clamp(min=1))
+        self.log("val/planner_acc_start", self.planner_acc_start)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the norm of the gradient reaching the planner (zero for `hard`)."""
+        if self.planner is None:
+            return
+        grads = [p.grad.detach().float().norm() for p in self.planner.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+        self.log("train/planner_grad_norm", norm, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ optimisation
+    def trainable_lm_parameters(self) -> list[nn.Parameter]:
+        """LM parameters trained by design (adapters, codebook, and LoRA / full base weights)."""
+        return [p for p in self.lm.parameters() if p.requires_grad]
+
+    def has_trainable_parameters(self) -> bool:
+        """False only for the plain LM (`none`) with frozen base weights: nothing to fine-tune."""
+        return bool(self.trainable_lm_parameters()) or self.planner is not None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Parameters frozen for now by an unfreeze schedule are included: Adam skips them while
+        # their gradient is None.
+        groups: list[dict[str, Any]] = [{"params": self.trainable_lm_parameters(), "lr": self.hparams.lr, "name": "lm"}]
+        if self.planner is not None:
+            groups.append({"params": list(self.planner.parameters()),
+                           "lr": self.hparams.planner_lr or self.hparams.lr, "name": "planner"})
+        groups = [group for group in groups if group["params"]]
+        return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = []
+        if self.planner is not None:
+            callbacks.append(UnfreezeSchedule("planner", lambda module: module.planner.parameters(),
+                                              self.hparams.planner_unfreeze_at))
+        if self.selection != "none":
+            callbacks.append(UnfreezeSchedule("codebook", lambda module: module.lm.codebook_parameters(),
+                                              self.hparams.codebook_unfreeze_at))
+        return callbacks
+
+
+def build_conditioned_lm(
+    lm_path: str, codebook: Tensor, selection: str, base_mode: str, conditioned_layers: list[int] | None,
+    per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32,
+) -> ActionConditionedLM:
+    """Load the base LM and wrap it with action adapters.
+
+    For the plain-LM selection (`none`) the adapters and codebook are frozen and never see an
+    action, so the model is the base LM bit for bit and only the base weights (lora / full) train.
+    """
+    from planner_lm.models.base_lm import load_base_lm
+
+    lm = ActionConditionedLM(
+        load_base_lm(lm_path), codebook, conditioned_layers=conditioned_layers,
+        per_layer_codebook=per_layer_codebook, base_mode=base_mode, lora_r=lora_r, lora_alpha=lora_alpha,
+    )
+    if selection == "none":
+        for parameter in [*lm.adapter_parameters(), *lm.codebook_parameters()]:
+            parameter.requires_grad_(False)
+    return lm

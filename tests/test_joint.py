@@ -1,0 +1,195 @@
+"""Joint planner + LM fine-tuning: data, gradients per selection, unfreeze schedule, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from planner_lm.artifacts import stage_dir, write_manifest
+from planner_lm.data.contexts import gather_contexts
+from planner_lm.data.joint_data import JointDataModule
+from planner_lm.errors import UserError
+from planner_lm.lit.joint import JointPlannerLM
+from planner_lm.models.base_lm import load_tokenizer, tiny_config, tokenizer_fingerprint
+from planner_lm.models.planner import Planner
+from fixtures_stages import make_fake_upstream
+
+K, DIM, CONTEXT = 8, 16, 4
+
+
+def write_fake_lm(run_dir: Path) -> Path:
+    """A tiny GPT-2 with the real GPT-2 tokenizer, as `pretrain-lm` would leave it."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer("gpt2")
+    config = tiny_config("gpt2", vocab_size=len(tokenizer), n_positions=64, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    out = stage_dir(run_dir, "pretrain_lm")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_manifest(out, stage="pretrain_lm", config={"fake": True}, outputs=["config.json"],
+                   facts={"model_type": "gpt2", "lm_name": "tiny-gpt2",
+                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+    return out
+
+
+def write_fake_planner(run_dir: Path, num_actions: int = K) -> Path:
+    torch.manual_seed(0)
+    planner = Planner(embedding_dim=DIM, num_actions=num_actions, context_sentences=CONTEXT, ffn_dim=32, dropout=0.0)
+    out = stage_dir(run_dir, "pretrain_planner")
+    planner.save_pretrained(out)
+    write_manifest(out, stage="pretrain_planner", config={"fake": True}, outputs=["planner.pt"],
+                   facts={"num_actions": num_actions, "embedding_dim": DIM, "context_sentences": CONTEXT})
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = make_fake_upstream(tmp_path_factory.mktemp("joint"), num_docs=30, sentences_per_doc=(1, 8), dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(run_dir) -> JointDataModule:
+    return make_data(run_dir)
+
+
+def make_data(run_dir: Path, needs_planner: bool = True, **kwargs) -> JointDataModule:
+    data = JointDataModule(run_dir=str(run_dir), needs_planner=needs_planner, window=24,
+                           batch_size=kwargs.pop("batch_size", 4), **kwargs)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def make_model(data: JointDataModule, selection: str, **kwargs) -> JointPlannerLM:
+    torch.manual_seed(0)
+    return JointPlannerLM(selection=selection, lm_path=data.lm_path, planner_path=data.planner_path,
+                          codebook_path=data.codebook_path, num_actions=data.num_actions,
+                          embedding_dim=data.embedding_dim, conditioned_layers=[2, 3], **kwargs)
+
+
+def test_batch_runs_the_planner_once_per_distinct_target_sentence(run_dir):
+    data = make_data(run_dir, batch_size=3)
+    windows = data._windows["train"]
+    items = [windows[i] for i in range(3)]
+    batch = data.collate(items)
+    targets = torch.stack([item["target_sentence"] for item in items])
+    assert torch.equal(batch["plan_sentence"][batch["token_plan"]], targets)
+    assert len(batch["plan_sentence"]) == len(torch.unique(targets))
+    embeddings = np.load(data.embed_manifest.dir / "embeddings.npy")
+    actions = np.load(data.cluster_manifest.dir / "actions.npy")
+    doc_first = torch.as_tensor(data.prepared.sentence_doc_first[batch["plan_sentence"].numpy()])
+    context, mask = gather_contexts(embeddings, batch["plan_sentence"], doc_first, CONTEXT)
+    assert torch.equal(batch["plan_context"], context) and torch.equal(batch["plan_context_mask"], mask)
+    assert (batch["plan_action"].numpy() == actions[batch["plan_sentence"].numpy()]).all()
+
+
+def planner_grad_norm(model: JointPlannerLM, batch) -> float:
+    model.train()
+    model.zero_grad()
+    logits, _ = model(batch)
+    from planner_lm.lit.joint import token_nll
+
+    nll, count = token_nll(logits, batch["labels"])
+    (nll / count).backward()
+    grads = [p.grad.norm() for p in model.planner.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+@pytest.mark.parametrize("selection,gets_gradient", [("soft", True), ("straight_through", True), ("hard", False)])
+def test_lm_loss_reaches_the_planner_only_through_differentiable_selections(data, selection, gets_gradient):
+    batch = next(iter(data.train_dataloader()))
+    model = make_model(data, selection)
+    norm = planner_grad_norm(model, batch)
+    assert (norm > 0) == gets_gradient
+    assert all(p.grad is not None for p in model.lm.adapter_parameters())
+
+
+def test_none_is_the_base_lm_bit_for_bit_and_actions_change_the_output(data):
+    batch = next(iter(data.val_dataloader()))
+    plain = make_model(data, "none").eval()
+    with torch.no_grad():
+        base_logits = plain.lm.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        none_logits, planner_logits = plain(batch)
+        oracle = make_model(data, "oracle").eval()
+        oracle_logits, _ = oracle(batch)
+    assert planner_logits is None and plain.planner is None
+    assert torch.equal(none_logits, base_logits)
+    assert not torch.allclose(oracle_logits, base_logits)
+    # `none` with frozen base weights has nothing to train: the stage evaluates the base LM
+    assert not plain.has_trainable_parameters()
+
+
+class RecordTrainable(L.Callback):
+    def __init__(self):
+        self.planner, self.codebook = [], []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.planner.append(all(p.requires_grad for p in pl_module.planner.parameters()))
+        self.codebook.append(pl_module.lm.codebook.requires_grad)
+
+
+def fit(model, data, tmp_path, max_steps, callbacks=(), **trainer_kwargs):
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+                        default_root_dir=tmp_path, **trainer_kwargs)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+@pytest.mark.parametrize("planner_at,codebook_at,planner_expected,codebook_expected", [
+    (2, -1, [False, False, True, True, True], [False] * 5),
+    (0.6, 0, [False, False, False, True, True], [True] * 5),
+])
+def test_unfreeze_schedule_flips_requires_grad_at_the_global_step(
+        data, tmp_path, planner_at, codebook_at, planner_expected, codebook_expected):
+    model = make_model(data, "soft", planner_unfreeze_at=planner_at, codebook_unfreeze_at=codebook_at)
+    record = RecordTrainable()
+    fit(model, data, tmp_path, max_steps=5, callbacks=[record], limit_val_batches=0)
+    assert record.planner == planner_expected
+    assert record.codebook == codebook_expected
+
+
+def test_joint_training_lowers_the_lm_loss_and_reports_planner_accuracy(run_dir, tmp_path):
+    data = make_data(run_dir, batch_size=8)
+    model = make_model(data, "soft", lr=3e-3, planner_loss_weight=0.5)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    before = trainer.validate(model, datamodule=data, verbose=False)[0]
+    fit(model, data, tmp_path, max_steps=24, limit_val_batches=0)
+    after = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        model, datamodule=data, verbose=False)[0]
+    assert after["val/ppl"] < before["val/ppl"]
+    assert 0.0 <= after["val/planner_acc"] <= 1.0
+    assert model.planner_acc_start is not None
+
+
+def test_mismatched_number_of_actions_is_a_clear_error(tmp_path):
+    run = make_fake_upstream(tmp_path, num_docs=6, dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, num_actions=K + 1)
+    with pytest.raises(UserError, match="num_actions.*pretrain-planner"):
+        JointDataModule(run_dir=str(run))
+    # a selection without a planner does not care about the planner stage
+    JointDataModule(run_dir=str(run), needs_planner=False)
+
+
+def test_changed_tokenizer_is_a_clear_error(tmp_path):
+    run = make_fake_upstream(tmp_path, num_docs=6, dim=DIM, k=K)
+    lm = write_fake_lm(run)
+    write_fake_planner(run)
+    manifest = json.loads((lm / "manifest.json").read_text())
+    manifest["facts"]["tokenizer_fingerprint"] = "0" * 16
+    (lm / "manifest.json").write_text(json.dumps(manifest))
+    data = JointDataModule(run_dir=str(run))
+    with pytest.raises(UserError, match="pretrain-lm"):
+        data.prepare_data()
