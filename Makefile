@@ -1,0 +1,110 @@
+# planner-lm: every stage is a target whose file is the stage's manifest.json, so `make X`
+# builds exactly what is missing (or older than its inputs). `make help` lists the targets.
+#
+#   RUN=runs/demo       run directory (every stage writes a sub-directory of it)
+#   PRESET=demo         config preset: configs/presets/$(PRESET)/<stage>.yaml overrides configs/<stage>.yaml
+#   CORPUS=...          corpus for `prepare`: demo, local files (.txt/.jsonl/.json/.parquet), or a hub dataset
+#   ARGS="..."          extra options for the stage(s) named on the command line, e.g.
+#                       make pretrain-planner ARGS="--model.num_layers 2"
+#   ARGS_<stage>="..."  extra options for one stage wherever it runs (e.g. ARGS_embed="--data.batch_size 64")
+#   OVERWRITE=1         replace finished stages that were made with a different config
+#   TORCH_SPEC=...      torch requirement for set-up (default: the CPU build torch==2.13.0)
+#   EXTRAS=cpu,dev      extras to install: use gpu,dev on CUDA hosts (faiss-gpu)
+
+RUN ?= runs/demo
+PRESET ?= demo
+CORPUS ?=
+ARGS ?=
+OVERWRITE ?=
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= cpu,dev
+PYTHON ?= python3
+PROMPT ?= The Moon is
+PLAN ?=
+SELECTION ?= soft
+BASELINES ?= none fixed uniform oracle hard straight_through
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(EXTRAS)
+# offline by default for the demo preset; online presets may download hub models and datasets
+export HF_HUB_OFFLINE ?= $(if $(filter demo,$(PRESET)),1,0)
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED = 1
+
+# --config files and common options of stage $(1) (config name, with underscores)
+cfg = --config configs/$(1).yaml $(if $(wildcard configs/presets/$(PRESET)/$(1).yaml),--config configs/presets/$(PRESET)/$(1).yaml) --run_dir $(RUN) $(if $(OVERWRITE),--overwrite true)
+# ARGS go to the targets named on the command line, ARGS_<stage> always
+args = $(if $(filter $(subst _,-,$(1)),$(MAKECMDGOALS)),$(ARGS)) $(ARGS_$(1))
+
+PREPARE := $(RUN)/0_prepare/manifest.json
+EMBED := $(RUN)/1_embed/manifest.json
+CLUSTER := $(RUN)/2_cluster/manifest.json
+LM := $(RUN)/lm/manifest.json
+PLANNER := $(RUN)/3_planner/manifest.json
+JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
+EVAL := $(RUN)/5_eval/manifest.json
+
+.PHONY: help setup prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
+        evaluate generate demo test test-slow tensorboard clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "variables: RUN=$(RUN) PRESET=$(PRESET) CORPUS=$(CORPUS) ARGS=... OVERWRITE=1 (see the top of the Makefile)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+setup: $(STAMP) ## create .venv and install torch ($(TORCH_SPEC)) and planner-lm[$(EXTRAS)]
+
+$(PREPARE): | $(STAMP)
+	$(PY) stages/prepare.py $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
+prepare: $(PREPARE) ## corpus -> train/val/test documents with sentence spans (0_prepare)
+
+$(EMBED): $(PREPARE)
+	$(PY) stages/embed.py $(call cfg,embed) $(call args,embed)
+embed: $(EMBED) ## embed every sentence with the frozen sentence encoder (1_embed)
+
+$(CLUSTER): $(EMBED)
+	$(PY) stages/cluster.py $(call cfg,cluster) $(call args,cluster)
+cluster: $(CLUSTER) ## k-means the embeddings: codebook of writing actions + one action per sentence (2_cluster)
+
+$(LM): $(PREPARE)
+	$(PY) stages/pretrain_lm.py $(call cfg,pretrain_lm) $(call args,pretrain_lm)
+pretrain-lm: $(LM) ## offline base LM: a small GPT-2 trained from scratch with the real GPT-2 tokenizer (lm)
+
+$(PLANNER): $(CLUSTER)
+	$(PY) stages/pretrain_planner.py $(call cfg,pretrain_planner) $(call args,pretrain_planner)
+pretrain-planner: $(PLANNER) ## next-action prediction over cached sentence vectors (3_planner)
+
+$(RUN)/4_joint-%/manifest.json: $(PLANNER) $(LM)
+	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(call args,finetune_joint)
+finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
+
+baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## the comparison set: $(BASELINES)
+
+$(EVAL): $(JOINT) $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json)
+	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
+evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every run (5_eval)
+
+generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
+	$(PY) stages/generate.py $(call cfg,generate) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
+
+demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the results table
+	@cat $(RUN)/5_eval/results.md
+
+test: $(STAMP) ## run the test suite (fast tests; offline)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## run the slow tests (crash/resume, DDP, real pretrained LM)
+	$(PY) -m pytest -q -m slow
+
+tensorboard: $(STAMP) ## TensorBoard over the run directory
+	$(PY) -m tensorboard.main --logdir $(RUN)
+
+clean: ## delete the run directory $(RUN)
+	rm -rf $(RUN)

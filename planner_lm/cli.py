@@ -1,0 +1,155 @@
+"""Command lines of the stages: YAML configs plus command-line overrides, help on every option.
+
+- `parse_config(ConfigClass, ...)`: plain (non-training) stages described by a dataclass.
+- `build_cli(StageSpec(...))`: Lightning stages, a `LightningCLI` subclass that adds the run
+  directory, refuses to overwrite a finished stage made with another config, links facts read
+  from upstream manifests into the model (never typed by the user), and gives every stage the
+  same TensorBoard logger and resumable checkpoints under its stage directory.
+
+Both accept `--config FILE` any number of times (later files override earlier ones) and
+`--print_config` to show the resolved configuration.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from planner_lm.artifacts import _jsonable, stage_dir, start_stage
+
+T = TypeVar("T")
+
+_PARSER_ENV = {"JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+
+
+def _quiet_env() -> None:
+    for key, value in _PARSER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def parse_config(config_class: type[T], description: str, args: Sequence[str] | None = None) -> T:
+    """Parse `--config` files and overrides into an instance of a (nested) config dataclass."""
+    _quiet_env()
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=description, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file; may repeat, later files win.")
+    parser.add_class_arguments(config_class, None)
+    namespace = parser.parse_args(args)
+    namespace.pop("config", None)
+    init = parser.instantiate(namespace) if hasattr(parser, "instantiate") else parser.instantiate_classes(namespace)
+    init = init.as_dict() if hasattr(init, "as_dict") else dict(init)
+    # nested dataclasses come back instantiated; rebuild the top-level one
+    return config_class(**{k: v for k, v in init.items() if k != "__path__"})
+
+
+@dataclass
+class StageSpec:
+    """What a Lightning stage needs from the command line.
+
+    Attributes:
+        stage: key of `planner_lm.artifacts.STAGES`.
+        model_class / datamodule_class: the LightningModule and LightningDataModule.
+        description: first line of `--help`.
+        links: (source, target) pairs linked at instantiation, e.g.
+            ("data.num_actions", "model.num_actions"): facts the data module reads from
+            upstream manifests flow into the model's constructor.
+        output_dir: derives the stage directory from the parsed config (default:
+            `stage_dir(run_dir, stage)`), e.g. for `4_joint-<selection>`.
+    """
+
+    stage: str
+    model_class: type
+    datamodule_class: type | None
+    description: str
+    links: tuple[tuple[str, str], ...] = ()
+    output_dir: Callable[[Any], Path] | None = None
+    trainer_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _make_stage_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class StageCLI(LightningCLI):
+        """LightningCLI with the run directory, manifest-derived links and stage-local outputs."""
+
+        spec: StageSpec
+        output_dir: Path
+
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+            parser.add_argument("--run_dir", type=str, default="runs/demo",
+                                help="Run directory holding every stage's output (make: RUN=...).")
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="Replace a finished run of this stage made with a different config.")
+            if self.datamodule_class is not None and _has_init_arg(self.datamodule_class, "run_dir"):
+                parser.link_arguments("run_dir", "data.run_dir")
+            for source, target in self.spec.links:
+                parser.link_arguments(source, target, apply_on="instantiate")
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config
+            out = self.spec.output_dir(cfg) if self.spec.output_dir else stage_dir(cfg.run_dir, self.spec.stage)
+            self.output_dir = Path(out)
+            start_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict, overwrite=cfg.overwrite)
+
+        @property
+        def config_dict(self) -> dict[str, Any]:
+            """The resolved config as plain JSON-able data (recorded in the manifest)."""
+            return _jsonable(self.config)
+
+        def instantiate_trainer(self, **kwargs: Any):
+            from lightning.pytorch.callbacks import ModelCheckpoint
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            trainer_cfg = self.config_init.get("trainer", {})
+            kwargs.setdefault("default_root_dir", str(self.output_dir))
+            if trainer_cfg.get("logger") in (None, True):
+                kwargs["logger"] = TensorBoardLogger(save_dir=str(self.output_dir), name="tb", version="")
+            callbacks = list(trainer_cfg.get("callbacks") or [])
+            if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
+                isinstance(cb, ModelCheckpoint) for cb in callbacks
+            ):
+                callbacks.append(ModelCheckpoint(dirpath=str(self.output_dir / "checkpoints"), save_last=True,
+                                                 save_top_k=0, enable_version_counter=False))
+            kwargs["callbacks"] = callbacks
+            return super().instantiate_trainer(**kwargs)
+
+    return StageCLI
+
+
+def _has_init_arg(cls: type, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
+    """Parse the command line of a Lightning stage and instantiate model, data and trainer.
+
+    Returns the CLI object: `.model`, `.datamodule`, `.trainer`, `.output_dir`, `.config_dict`.
+    The caller runs `fit`/`predict` (typically with `ckpt_path=resume_checkpoint(cli.output_dir)`)
+    and writes the manifest.
+    """
+    _quiet_env()
+    cls = _make_stage_cli_class()
+    cls.spec = spec
+    trainer_defaults = {"enable_model_summary": False, **spec.trainer_defaults}
+    return cls(
+        spec.model_class,
+        spec.datamodule_class,
+        run=False,
+        args=list(args) if args is not None else sys.argv[1:],
+        save_config_callback=None,
+        seed_everything_default=42,
+        trainer_defaults=trainer_defaults,
+        parser_kwargs={"description": spec.description},
+    )
+
+
+def resume_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """`checkpoints/last.ckpt` of an interrupted run, so re-running a target resumes it."""
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None

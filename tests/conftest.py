@@ -1,0 +1,54 @@
+"""Shared test set-up: offline, two threads, tiny corpora and models built in-process."""
+from __future__ import annotations
+
+import json
+import os
+
+# before any Hugging Face import: tests never touch the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_DOCS = [
+    {"title": "Moon", "text": "The Moon is Earth's only natural satellite. It orbits at about 384,400 km. "
+     "Its surface is covered in craters.\n\nThe Moon has no atmosphere. Tides are caused mostly by the Moon."},
+    {"title": "Paris", "text": "Paris is the capital of France. It has about 2.1 million residents. "
+     "Dr. Haussmann rebuilt much of the city in the 19th century."},
+    {"title": "Cats", "text": "Cats are small carnivorous mammals. They are often kept as pets. "
+     "A group of cats is called a clowder. Cats sleep for most of the day."},
+    {"title": "Empty", "text": "   \n  "},
+    {"title": "Rivers", "text": "A river is a natural stream of water. Rivers flow toward an ocean, a lake or another river."},
+    {"title": "Tea", "text": "Tea is an aromatic beverage. It is prepared by pouring hot water over cured leaves. "
+     "After water, it is the most widely consumed drink in the world."},
+    {"title": "Volcano", "text": "A volcano is a rupture in the crust of a planet. Hot lava escapes from it. "
+     "Volcanoes are common at the boundaries of tectonic plates. Some are dormant."},
+    {"title": "Bread", "text": "Bread is a staple food. It is usually made from flour and water. "
+     "It has been made since the Neolithic era."},
+]
+
+
+@pytest.fixture
+def tiny_corpus_file(tmp_path):
+    """A .jsonl corpus of eight short documents (one of them blank)."""
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in TINY_DOCS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_prepared(tmp_path, tiny_corpus_file):
+    """A finished `0_prepare` of the tiny corpus (2 val docs, 1 test doc); returns the run dir."""
+    from planner_lm.corpus import CorpusConfig
+    from planner_lm.prepared import PrepareConfig, SplitConfig, run_prepare
+
+    run_dir = tmp_path / "run"
+    run_prepare(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(tiny_corpus_file)),
+                              split=SplitConfig(val_docs=2, test_docs=1), workers=1))
+    return run_dir

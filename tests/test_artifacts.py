@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+
+from planner_lm.artifacts import (
+    atomic_save_npy, manifest_hash, read_manifest, start_stage, write_manifest,
+)
+from planner_lm.errors import UserError
+
+
+def _finish(stage_dir, config, facts=None):
+    atomic_save_npy(stage_dir / "x.npy", np.arange(6, dtype=np.int32).reshape(2, 3))
+    return write_manifest(stage_dir, stage="cluster", config=config, outputs=["x.npy"], facts=facts or {"num_actions": 4})
+
+
+def test_manifest_records_outputs_and_round_trips(tmp_path):
+    out = start_stage(tmp_path / "2_cluster", stage="cluster", config={"k": 4})
+    _finish(out, {"k": 4})
+    manifest = read_manifest(out, "cluster")
+    assert manifest.outputs["x.npy"]["shape"] == [2, 3]
+    assert manifest.facts["num_actions"] == 4
+    assert "torch" in manifest.data["versions"]
+    manifest.require("num_actions", 4)
+    with pytest.raises(UserError, match="num_actions=4 but 8 was expected"):
+        manifest.require("num_actions", 8)
+
+
+def test_manifest_is_written_last_and_atomically(tmp_path):
+    out = tmp_path / "2_cluster"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError):
+        write_manifest(out, stage="cluster", config={}, outputs=["missing.npy"])
+    assert not (out / "manifest.json").exists()
+    assert list(out.iterdir()) == []  # no temp file left behind
+
+
+def test_incomplete_or_foreign_stage_is_refused_with_the_target_to_run(tmp_path):
+    with pytest.raises(UserError, match="run `make cluster`"):
+        read_manifest(tmp_path / "2_cluster", "cluster")
+    out = tmp_path / "2_cluster"
+    out.mkdir()
+    with pytest.raises(UserError, match="did not finish"):
+        read_manifest(out, "cluster")
+    _finish(out, {"k": 4})
+    with pytest.raises(UserError, match="holds stage 'cluster', not 'embed'"):
+        read_manifest(out, "embed")
+    (out / "x.npy").unlink()
+    with pytest.raises(UserError, match="incomplete: x.npy is missing"):
+        read_manifest(out, "cluster")
+
+
+def test_old_schema_is_refused(tmp_path):
+    out = tmp_path / "2_cluster"
+    out.mkdir()
+    _finish(out, {})
+    data = json.loads((out / "manifest.json").read_text())
+    data["schema_version"] = 0
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="schema version 0"):
+        read_manifest(out, "cluster")
+
+
+def test_rerun_with_other_config_refuses_unless_overwrite(tmp_path):
+    out = start_stage(tmp_path / "s", stage="cluster", config={"k": 4})
+    _finish(out, {"k": 4})
+    with pytest.raises(UserError, match="different config"):
+        start_stage(out, stage="cluster", config={"k": 8})
+    assert (out / "manifest.json").exists()  # the refused call touched nothing
+    start_stage(out, stage="cluster", config={"k": 8}, overwrite=True)
+    assert not (out / "x.npy").exists()
+
+
+def test_unfinished_stage_keeps_partial_work_for_resume(tmp_path):
+    out = start_stage(tmp_path / "s", stage="cluster", config={"k": 4})
+    (out / "shard-0.npy").write_bytes(b"partial")
+    start_stage(out, stage="cluster", config={"k": 4})
+    assert (out / "shard-0.npy").exists()
+
+
+def test_hash_changes_when_upstream_is_rebuilt(tmp_path):
+    up = tmp_path / "up"
+    up.mkdir()
+    _finish(up, {"k": 4}, facts={"num_actions": 4})
+    first = manifest_hash(up)
+    down = tmp_path / "down"
+    down.mkdir()
+    atomic_save_npy(down / "x.npy", np.zeros(1))
+    write_manifest(down, stage="pretrain_planner", config={}, inputs={"cluster": up}, outputs=["x.npy"])
+    downstream = read_manifest(down, "pretrain_planner")
+    downstream.check_built_from("cluster", read_manifest(up, "cluster"))
+    _finish(up, {"k": 4}, facts={"num_actions": 5})
+    assert manifest_hash(up) != first
+    with pytest.raises(UserError, match="built from an older"):
+        downstream.check_built_from("cluster", read_manifest(up, "cluster"))

@@ -1,0 +1,65 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from planner_lm.corpus import CorpusConfig, demo_corpus_path, iter_documents
+from planner_lm.errors import UserError
+
+
+def test_demo_corpus_is_real_wikipedia_and_loads_offline():
+    assert demo_corpus_path().is_file()
+    docs = list(iter_documents(CorpusConfig(name="demo", max_docs=5)))
+    assert len(docs) == 5
+    assert all(len(d.text) > 100 and d.title for d in docs)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".txt"])
+def test_local_formats_give_the_same_documents(tmp_path, suffix):
+    records = [{"title": "A", "text": "First doc. Two sentences."}, {"title": "B", "text": "Second doc."}]
+    if suffix == ".jsonl":
+        paths = [tmp_path / "c.jsonl"]
+        paths[0].write_text("\n".join(json.dumps(r) for r in records))
+    elif suffix == ".json":
+        paths = [tmp_path / "c.json"]
+        paths[0].write_text(json.dumps(records))
+    elif suffix == ".parquet":
+        paths = [tmp_path / "c.parquet"]
+        pq.write_table(pa.Table.from_pylist(records), paths[0])
+    else:
+        paths = [tmp_path / "A.txt", tmp_path / "B.txt"]
+        for path, rec in zip(paths, records):
+            path.write_text(rec["text"])
+    name = str(paths[0]) if len(paths) == 1 else str(tmp_path)
+    docs = list(iter_documents(CorpusConfig(name=name)))
+    assert [(d.title, d.text) for d in docs] == [(r["title"], r["text"]) for r in records]
+
+
+def test_glob_and_max_docs(tmp_path):
+    for i in range(4):
+        (tmp_path / f"d{i}.txt").write_text(f"Doc {i}.")
+    docs = list(iter_documents(CorpusConfig(name=str(tmp_path / "d*.txt"), max_docs=3)))
+    assert [d.text for d in docs] == ["Doc 0.", "Doc 1.", "Doc 2."]
+
+
+def test_non_utf8_file_is_named_in_one_clear_error(tmp_path):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin\.txt is not valid UTF-8"):
+        list(iter_documents(CorpusConfig(name=str(bad))))
+
+
+def test_missing_text_field_and_missing_file(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"body": "x"}))
+    with pytest.raises(UserError, match="no 'text' field"):
+        list(iter_documents(CorpusConfig(name=str(path))))
+    with pytest.raises(UserError, match="does not exist"):
+        list(iter_documents(CorpusConfig(name=str(tmp_path / "nope.jsonl"))))
+
+
+def test_hub_dataset_while_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="could not load the Hugging Face dataset 'someone/no-such-dataset'"):
+        list(iter_documents(CorpusConfig(name="someone/no-such-dataset", max_docs=2)))
