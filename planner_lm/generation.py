@@ -467,3 +467,37 @@ def format_plan(generation: Generation, show_examples: int = 2) -> str:
     stop = "end-of-text" if generation.stopped_at_eos else "max tokens"
     lines.append(f"({generation.new_tokens} new tokens, stopped at {stop})")
     return "\n".join(lines)
+
+
+def load_sentence_encoder(name: str, device: str | torch.device = "cpu", batch_size: int = 64) -> SentenceEncoder:
+    """The embed stage's encoder (a sentence-transformers name or folder) as a callable.
+
+    Vectors are unit-normalised like ``1_embed/embeddings.npy``, so the planner and the
+    nearest-centroid lookup see the same geometry as in training.
+    """
+    from planner_lm.errors import UserError
+
+    try:
+        from planner_lm.lit.embed import resolve_encoder_path  # the embed stage's resolver
+    except ImportError:  # pragma: no cover - older checkouts
+        resolve_encoder_path = None
+    from sentence_transformers import SentenceTransformer
+
+    location = resolve_encoder_path(name) if resolve_encoder_path else name
+    try:
+        model = SentenceTransformer(str(location), device=str(device))
+    except Exception as err:  # noqa: BLE001 - hub/offline errors come in many types
+        raise UserError(
+            f"cannot load the sentence encoder {name!r} recorded by the embed stage ({err}); "
+            "re-run `make embed` or make the encoder available offline"
+        ) from err
+    model.eval()
+
+    def encode(texts: Sequence[str]) -> Tensor:
+        if not texts:
+            return torch.zeros(0, model.get_sentence_embedding_dimension())
+        vectors = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+        return vectors.float().cpu()
+
+    return encode

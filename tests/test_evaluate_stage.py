@@ -1,0 +1,135 @@
+"""The evaluate stage end to end on fabricated upstream stages and tiny joint runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_stages import make_fake_upstream
+from planner_lm.artifacts import read_manifest, stage_dir, write_manifest
+from planner_lm.errors import UserError
+from planner_lm.evaluation.evaluate import EvaluateConfig, StructureConfig, run_evaluate
+from planner_lm.models.base_lm import load_base_lm, load_tokenizer, tiny_config, tokenizer_fingerprint
+from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.models.planner import Planner
+
+K, DIM = 8, 16
+
+
+def hash_encoder(texts):
+    rows = [torch.randn(DIM, generator=torch.Generator().manual_seed(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)))
+            for t in texts]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1) if rows else torch.zeros(0, DIM)
+
+
+def write_joint_run(run_dir: Path, selection: str, tokenizer, with_planner: bool) -> None:
+    out = run_dir / f"4_joint-{selection}"
+    centroids = torch.from_numpy(np.load(stage_dir(run_dir, "cluster") / "centroids.npy"))
+    lm = ActionConditionedLM(load_base_lm(str(stage_dir(run_dir, "pretrain_lm"))), centroids,
+                             adapter_seed=len(selection))
+    lm.save_pretrained(out / "lm", tokenizer=tokenizer)
+    outputs = ["lm"]
+    if with_planner:
+        torch.manual_seed(1)
+        Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(out)
+        outputs.append("planner.pt")
+    write_manifest(out, stage="finetune_joint", config={"selection": selection}, outputs=outputs,
+                   facts={"selection": selection, "num_actions": K, "embedding_dim": DIM,
+                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "lm_name": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    run = make_fake_upstream(tmp_path_factory.mktemp("eval"), num_docs=30, sentences_per_doc=(2, 6), dim=DIM, k=K)
+    tokenizer = load_tokenizer("gpt2")
+    config = tiny_config("gpt2", vocab_size=len(tokenizer), n_positions=64, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    lm_dir = stage_dir(run, "pretrain_lm")
+    AutoModelForCausalLM.from_config(config).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    write_manifest(lm_dir, stage="pretrain_lm", config={}, outputs=["config.json"],
+                   facts={"model_type": "gpt2", "lm_name": "tiny", "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
+    torch.manual_seed(0)
+    planner_dir = stage_dir(run, "pretrain_planner")
+    Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(planner_dir)
+    write_manifest(planner_dir, stage="pretrain_planner", config={}, outputs=["planner.pt"],
+                   facts={"num_actions": K, "embedding_dim": DIM, "context_sentences": 3})
+    for selection, with_planner in (("soft", True), ("fixed", False), ("none", False)):
+        write_joint_run(run, selection, tokenizer, with_planner)
+    return run
+
+
+def config(run_dir: Path, **overrides) -> EvaluateConfig:
+    structure = StructureConfig(docs=3, prompt_sentences=1, max_new_tokens=8, batch_size=3)
+    settings = dict(window=16, stride=8, batch_size=8, bootstrap_samples=200, structure=structure, device="cpu")
+    return EvaluateConfig(run_dir=str(run_dir), **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def metrics(run_dir):
+    return run_evaluate(config(run_dir), encoder=hash_encoder)
+
+
+def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
+    rows = {(r["run"], r["source"]): r for r in metrics["rows"]}
+    expected = {("soft", s) for s in ("planner_soft", "planner_hard", "oracle", "fixed", "uniform", "none")}
+    expected |= {("fixed", s) for s in ("planner_soft", "planner_hard", "oracle", "fixed", "uniform", "none")}
+    expected |= {("none", "none"), ("pretrained", "-")}
+    assert set(rows) == expected
+    assert rows[("soft", "planner_soft")]["matched"] and not rows[("soft", "oracle")]["matched"]
+    for key, row in rows.items():
+        if "ppl" in row:
+            ppl = row["ppl"]
+            assert ppl["low"] <= ppl["value"] <= ppl["high"]
+            assert ppl["value"] == pytest.approx(math.exp(row["nll"]))
+    # the plain LM behind every run is the same frozen base: identical `none` scores, Δ vs none = 0
+    assert rows[("soft", "none")]["ppl"] == rows[("none", "none")]["ppl"]
+    assert rows[("none", "none")]["vs_none"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[("fixed", "fixed")]["vs_fixed"]["value"] == pytest.approx(0.0, abs=1e-12)
+    # actions change the scores (random adapters)
+    assert rows[("soft", "oracle")]["ppl"]["value"] != rows[("soft", "none")]["ppl"]["value"]
+    # planner metrics for the pretrained and the jointly tuned planner
+    assert set(metrics["planner"]) == {"pretrained", "soft"}
+    assert 0 <= rows[("soft", "planner_soft")]["top1"] <= rows[("soft", "planner_soft")]["top5"] <= 1
+
+
+def test_structure_metrics_and_generations(metrics, run_dir):
+    assert set(metrics["structure"]) == {"soft", "fixed", "none"}
+    for values in metrics["structure"].values():
+        assert values["docs"] == 3 and 0 <= values["rouge2"] <= 1 and values["edit"] >= 0
+    assert math.isnan(metrics["structure"]["none"]["follow"])  # nothing to follow without actions
+    lines = (stage_dir(run_dir, "evaluate") / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 9 and json.loads(lines[0])["run"] == "soft"
+
+
+def test_outputs_and_manifest(metrics, run_dir):
+    out = stage_dir(run_dir, "evaluate")
+    manifest = read_manifest(out, "evaluate")
+    assert set(manifest.outputs) >= {"metrics.json", "results.md", "ppl.png", "nll_by_position.png"}
+    table = (out / "results.md").read_text()
+    assert "| run · code source |" in table and "**soft** · planner_soft" in table
+    assert table.count("\n| ") == 1 + 14  # header + 14 rows
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["protocol"]["stride"] == 8 and saved["structure"]["none"]["follow"] is None
+    assert list((out / "tb").glob("events.*"))
+
+
+def test_bad_requests_are_clear_errors(run_dir, tmp_path):
+    with pytest.raises(UserError, match="baselines"):
+        run_evaluate(config(run_dir, runs=["hard"]), encoder=hash_encoder)
+    with pytest.raises(UserError, match="code source"):
+        run_evaluate(config(run_dir, code_sources=["planner"]), encoder=hash_encoder)
+    with pytest.raises(UserError, match="different config"):
+        run_evaluate(config(run_dir, stride=4), encoder=hash_encoder)
+    empty = make_fake_upstream(tmp_path, num_docs=10, dim=DIM, k=K)
+    with pytest.raises(UserError, match="finetune-joint"):
+        run_evaluate(config(empty), encoder=hash_encoder)
