@@ -165,7 +165,7 @@ def test_joint_training_lowers_the_lm_loss_and_reports_planner_accuracy(run_dir,
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     before = trainer.validate(model, datamodule=data, verbose=False)[0]
-    fit(model, data, tmp_path, max_steps=24, limit_val_batches=0)
+    fit(model, data, tmp_path, max_steps=10, limit_val_batches=0)
     after = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
         model, datamodule=data, verbose=False)[0]
     assert after["val/ppl"] < before["val/ppl"]
@@ -193,3 +193,44 @@ def test_changed_tokenizer_is_a_clear_error(tmp_path):
     data = JointDataModule(run_dir=str(run))
     with pytest.raises(UserError, match="pretrain-lm"):
         data.prepare_data()
+
+
+def run_stage(run_dir: Path, selection: str, *extra: str) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
+    from finetune_joint import run
+
+    return run(["--run_dir", str(run_dir), "--model.selection", selection, "--model.conditioned_layers", "[2, 3]",
+                "--data.window", "24", "--data.batch_size", "4", "--trainer.max_steps", "2",
+                "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", *extra])
+
+
+def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir):
+    from planner_lm.models.conditioning import ActionConditionedLM
+
+    manifest = run_stage(run_dir, "soft")
+    out = run_dir / "4_joint-soft"
+    assert manifest["facts"]["selection"] == "soft" and manifest["facts"]["num_actions"] == K
+    assert manifest["facts"]["trained"] and manifest["metrics"]["steps"] == 2
+    assert np.isfinite(manifest["metrics"]["val/ppl"]) and "val/planner_acc" in manifest["metrics"]
+    assert (out / "planner.pt").is_file() and (out / "manifest.json").is_file()
+    # the saved LM and planner reproduce the trained model's predictions, without Lightning
+    lm = ActionConditionedLM.from_pretrained(out / "lm").eval()
+    planner = Planner.from_pretrained(out).eval()
+    data = make_data(run_dir)
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        weights = torch.softmax(planner(batch["plan_context"], batch["plan_context_mask"]), -1)[batch["token_plan"]]
+        logits = lm(batch["input_ids"], batch["attention_mask"], action_weights=weights).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.isfinite(nll)
+    assert (out / "lm" / "tokenizer.json").is_file() or (out / "lm" / "vocab.json").is_file()
+
+
+def test_plain_lm_with_frozen_weights_is_evaluated_untouched(run_dir):
+    manifest = run_stage(run_dir, "none")
+    assert manifest["facts"]["trained"] is False and manifest["metrics"]["steps"] == 0
+    assert "planner.pt" not in manifest["outputs"]
+    assert not (run_dir / "4_joint-none" / "planner.pt").exists()

@@ -62,8 +62,9 @@ class JointDataModule(L.LightningDataModule):
         lm: base LM: a Hugging Face model directory or hub name; default `<run_dir>/lm` (the
             `pretrain-lm` stage).
         planner_dir: directory holding `planner.pt`; default `<run_dir>/3_planner`.
-        needs_planner: whether the selection uses the planner (set by the stage from the
-            model's `selection`; without it no planner or embeddings are read).
+        needs_planner: whether the planner stage must exist; default (None): use it when its
+            manifest exists (selections without a planner never read it). Batches carry planner
+            contexts only when the model being trained uses a planner.
         window: tokens per training window (paper: 128).
         stride: tokens between window starts; default `window - 1`, so each token is a label once.
         batch_size: windows per batch (paper: 32).
@@ -78,7 +79,7 @@ class JointDataModule(L.LightningDataModule):
         run_dir: str = "runs/demo",
         lm: str | None = None,
         planner_dir: str | None = None,
-        needs_planner: bool = True,
+        needs_planner: bool | None = None,
         window: int = 128,
         stride: int | None = None,
         batch_size: int = 32,
@@ -128,9 +129,11 @@ class JointDataModule(L.LightningDataModule):
 
         self.planner_path: str | None = None
         self.context_sentences = 0
+        planner_dir_path = Path(planner_dir) if planner_dir else stage_dir(self.run_dir, "pretrain_planner")
+        if self.needs_planner is None:
+            self.needs_planner = (planner_dir_path / "manifest.json").is_file()
         if self.needs_planner:
-            planner_manifest = read_manifest(Path(planner_dir) if planner_dir else stage_dir(self.run_dir, "pretrain_planner"),
-                                             "pretrain_planner")
+            planner_manifest = read_manifest(planner_dir_path, "pretrain_planner")
             planner_manifest.require("num_actions", self.num_actions, "planner vs codebook")
             planner_manifest.require("embedding_dim", self.embedding_dim, "planner vs sentence embeddings")
             self.context_sentences = int(planner_manifest.fact("context_sentences"))
@@ -178,7 +181,8 @@ class JointDataModule(L.LightningDataModule):
                 if len(self._windows[split]) == 0:
                     raise UserError(f"the {split} split has no documents with at least two tokens; prepare a larger corpus")
         embeddings = None
-        if self.needs_planner:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if self.needs_planner and getattr(model, "uses_planner", True):
             embeddings = np.load(self.embed_manifest.dir / "embeddings.npy", mmap_mode="r")
         actions = np.load(self.cluster_manifest.dir / "actions.npy", mmap_mode="r")
         self.collate = JointBatchCollator(embeddings, actions, self.context_sentences)

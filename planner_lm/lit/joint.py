@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from planner_lm.data.lm_windows import IGNORE_INDEX
+from planner_lm.errors import UserError
 from planner_lm.lit.callbacks import UnfreezeSchedule
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
@@ -121,13 +122,15 @@ class JointPlannerLM(L.LightningModule):
         self.planner: Planner | None = None
         if self.uses_planner:
             if not planner_path:
-                raise ValueError(f"selection {selection!r} needs a pretrained planner (planner_path)")
+                raise UserError(f"selection {selection!r} needs the pretrained planner; run `make pretrain-planner`")
             self.planner = Planner.from_pretrained(planner_path)
             if (self.planner.num_actions, self.planner.embedding_dim) != (num_actions, embedding_dim):
                 raise ValueError(
                     f"the planner predicts {self.planner.num_actions} actions over {self.planner.embedding_dim}-d "
                     f"embeddings but the codebook is ({num_actions}, {embedding_dim})"
                 )
+        # from_pretrained leaves models in eval mode; train like the reference (dropout on).
+        self.train()
         self.val_nll = MeanMetric()
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
