@@ -1,0 +1,180 @@
+"""k-means as a LightningModule: one training epoch is one Lloyd iteration.
+
+Each `training_step` assigns a batch of embeddings to the nearest centroid and adds the batch
+into per-centroid sums and counts; at the end of the epoch the sums and counts are all-reduced
+over ranks and the centroids move to the means. So the same code runs on one CPU, one GPU or
+many GPUs/nodes (any Lightning strategy), with memory bounded by one batch. Iterations stop at
+`trainer.max_epochs` or when the inertia improves by less than `tolerance` (relative).
+
+Centroids, the iteration count and the inertia curve are in the checkpoint, so a killed run
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+
+from planner_lm.models.kmeans import (
+    AssignmentBackend,
+    Assigner,
+    InitMethod,
+    accumulate,
+    initial_centroids,
+    make_assigner,
+    resolve_backend,
+    update_centroids,
+)
+
+
+class KMeansModule(LightningModule):
+    """Lloyd's k-means over the batches of the training dataloader.
+
+    Args:
+        num_clusters: k, the number of writing actions (the codebook size; 1024 in the papers).
+        embedding_dim: dimension of the sentence embeddings (read from the embed stage).
+        init: "kmeans++" (greedy k-means++ as in scikit-learn) or "random" (k distinct sample
+            rows, as FAISS does), computed on a seeded sample of the training embeddings.
+        init_sample_size: rows in the init sample (k-means++ costs O(k · sample · dim); a few
+            tens of rows per cluster are enough). At least num_clusters rows are used.
+        backend: nearest-centroid search: "auto" (FAISS when it serves the device: GPU index on
+            CUDA with faiss-gpu, CPU index on CPU; else torch), "faiss" or "torch" (matmul).
+        tolerance: stop when an iteration lowers the inertia by less than this fraction of it
+            (0 = run all `trainer.max_epochs` iterations).
+    """
+
+    def __init__(
+        self,
+        num_clusters: int = 1024,
+        embedding_dim: int = 384,
+        init: InitMethod = "kmeans++",
+        init_sample_size: int = 16384,
+        backend: AssignmentBackend = "auto",
+        tolerance: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if num_clusters < 1:
+            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        # A Parameter (not a buffer) because DistributedDataParallel refuses modules without one
+        # that requires grad; it never gets a gradient: every step runs under no_grad.
+        self.centroids = torch.nn.Parameter(torch.zeros(num_clusters, embedding_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.inertia_curve: list[float] = []
+        self.reseeded_curve: list[int] = []
+        self.converged = False
+        self.fit_source: str | None = None  # identifies the fit data (embed manifest hash); checked on resume
+        self._assigner: Assigner | None = None
+        self._assigner_device: torch.device | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def seed(self) -> int:
+        """The run's seed (`seed_everything`), shared by every rank."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    @property
+    def assigner(self) -> Assigner:
+        if self._assigner is None or self._assigner_device != self.device:
+            self._assigner = make_assigner(self.hparams.backend, self.device)
+            self._assigner_device = self.device
+        return self._assigner
+
+    @property
+    def backend_name(self) -> str:
+        return resolve_backend(self.hparams.backend, self.device)
+
+    @torch.no_grad()
+    def assign(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid ids and squared distances of a batch (moved to this module's device)."""
+        x = x.to(self.device, non_blocking=True).float()
+        return self.assigner(x, self.centroids.detach())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self) -> None:
+        # Centroids move by the Lloyd update, not by an optimizer; silence Lightning's notice.
+        warnings.filterwarnings("ignore", message=".*returned `None`, this fit will run with no optimizer.*")
+        return None
+
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        if self.converged:  # resumed after the tolerance had already stopped the iterations
+            self.trainer.should_stop = True
+            return
+        if bool(self.initialized):
+            return  # resumed from a checkpoint
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if not hasattr(dataset, "sample"):
+            raise TypeError("KMeansModule needs a train dataloader over EmbeddingBatches (with .sample())")
+        k = self.hparams.num_clusters
+        sample = dataset.sample(max(self.hparams.init_sample_size, k), seed=self.seed)
+        if sample.shape[0] < k:
+            raise ValueError(f"cannot initialise {k} clusters from {sample.shape[0]} embeddings")
+        if sample.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"embeddings have dim {sample.shape[1]}, the model expects {self.centroids.shape[1]}")
+        centroids = initial_centroids(sample.to(self.device), k, self.hparams.init, self.seed,
+                                      show_progress=self.trainer.is_global_zero)
+        # Every rank computed the same thing from the same seed; broadcasting rank 0's copy makes
+        # that exact even when kernels are not bitwise deterministic.
+        centroids = self.trainer.strategy.broadcast(centroids, src=0)
+        self.centroids.copy_(centroids.to(self.device))
+        self.initialized.fill_(True)
+
+    def on_train_epoch_start(self) -> None:
+        k, d = self.centroids.shape
+        self._sums = torch.zeros(k, d, dtype=torch.float64, device=self.device)
+        self._counts = torch.zeros(k, dtype=torch.float64, device=self.device)
+        self._inertia = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x = batch.float()
+        ids, distances = self.assigner(x, self.centroids.detach())
+        ids = ids.to(self.device)
+        accumulate(x, ids, self._sums, self._counts)
+        self._inertia += distances.to(self.device).double().sum()
+
+    @torch.no_grad()
+    def on_train_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        sums = strategy.reduce(self._sums, reduce_op="sum")
+        counts = strategy.reduce(self._counts, reduce_op="sum")
+        inertia = float(strategy.reduce(self._inertia, reduce_op="sum"))
+        centroids, reseeded = update_centroids(sums, counts, self.centroids.detach())
+        self.centroids.copy_(centroids)
+        previous = self.inertia_curve[-1] if self.inertia_curve else None
+        self.inertia_curve.append(inertia)
+        self.reseeded_curve.append(reseeded)
+        # inertia here is that of the centroids the epoch started with (assignment step)
+        self.log("train/inertia", inertia, on_epoch=True, sync_dist=True)
+        self.log("train/empty_clusters_reseeded", float(reseeded), on_epoch=True, sync_dist=True)
+        if previous is not None and previous > 0:
+            improvement = (previous - inertia) / previous
+            self.log("train/relative_improvement", improvement, on_epoch=True, sync_dist=True)
+            if self.hparams.tolerance > 0 and improvement < self.hparams.tolerance and reseeded == 0:
+                self.converged = True
+                self.trainer.should_stop = True
+
+    # The curves travel in the state dict (not only in checkpoints) so that they also come back
+    # from spawned processes (strategy "ddp_spawn" returns rank 0's state dict to the caller).
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"inertia_curve": list(self.inertia_curve), "reseeded_curve": list(self.reseeded_curve),
+                "converged": self.converged, "fit_source": self.fit_source}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.inertia_curve = list(state.get("inertia_curve", []))
+        self.reseeded_curve = list(state.get("reseeded_curve", []))
+        self.converged = bool(state.get("converged", False))
+        self.fit_source = state.get("fit_source")
+
+    @property
+    def iterations(self) -> int:
+        """Lloyd iterations completed (centroid updates)."""
+        return len(self.inertia_curve)
