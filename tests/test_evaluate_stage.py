@@ -76,7 +76,16 @@ def config(run_dir: Path, **overrides) -> EvaluateConfig:
 
 @pytest.fixture(scope="module")
 def metrics(run_dir):
-    return run_evaluate(config(run_dir), encoder=hash_encoder)
+    """Run the real `stages/evaluate.py` entry point; the metrics as written to metrics.json."""
+    import planner_lm.generation
+
+    args = ["--run_dir", str(run_dir), "--window", "16", "--stride", "8", "--batch_size", "8",
+            "--bootstrap_samples", "200", "--device", "cpu", "--structure.docs", "3",
+            "--structure.prompt_sentences", "1", "--structure.max_new_tokens", "8", "--structure.batch_size", "3"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planner_lm.generation, "load_sentence_encoder", lambda name, device: hash_encoder)
+        load_entry_point("evaluate")(args)
+    return json.loads((stage_dir(run_dir, "evaluate") / "metrics.json").read_text())
 
 
 def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
@@ -106,7 +115,7 @@ def test_structure_metrics_and_generations(metrics, run_dir):
     assert set(metrics["structure"]) == {"soft", "fixed", "none"}
     for values in metrics["structure"].values():
         assert values["docs"] == 3 and 0 <= values["rouge2"] <= 1 and values["edit"] >= 0
-    assert math.isnan(metrics["structure"]["none"]["follow"])  # nothing to follow without actions
+    assert metrics["structure"]["none"]["follow"] is None  # nothing to follow without actions
     lines = (stage_dir(run_dir, "evaluate") / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 9 and json.loads(lines[0])["run"] == "soft"
 
@@ -118,8 +127,7 @@ def test_outputs_and_manifest(metrics, run_dir):
     table = (out / "results.md").read_text()
     assert "| run · code source |" in table and "**soft** · planner_soft" in table
     assert table.count("\n| ") == 1 + 14  # header + 14 rows
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["protocol"]["stride"] == 8 and saved["structure"]["none"]["follow"] is None
+    assert metrics["protocol"]["stride"] == 8 and metrics["protocol"]["test_docs"] == 3
     assert list((out / "tb").glob("events.*"))
 
 
@@ -133,3 +141,45 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path):
     empty = make_fake_upstream(tmp_path, num_docs=10, dim=DIM, k=K)
     with pytest.raises(UserError, match="finetune-joint"):
         run_evaluate(config(empty), encoder=hash_encoder)
+
+
+def load_entry_point(name: str):
+    """`main` of `stages/<name>.py`, the real command-line entry point."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_generate_stage_prints_text_with_its_plan(run_dir, monkeypatch, capsys):
+    import planner_lm.generation_stage as stage
+
+    main = load_entry_point("generate")
+    monkeypatch.setattr(stage, "load_sentence_encoder", lambda name, device: hash_encoder)
+    main(["--run_dir", str(run_dir), "--selection", "soft", "--prompt", "Sentence 1 of document 3.",
+          "--plan", "3,?,5", "--max_new_tokens", "6", "--examples", "1", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("Sentence 1 of document 3.") and "plan:" in printed
+    assert "action    3" in printed and "(forced)" in printed and "e.g. " in printed
+    generations = stage.run_generate(stage.GenerateConfig(
+        run_dir=str(run_dir), selection="fixed", prompt="", max_new_tokens=4, examples=0, device="cpu",
+        num_samples=2, output=str(run_dir / "gen.json")))
+    assert len(generations) == 2 and all(s.source == "fixed" for g in generations for s in g.sentences)
+    assert len(json.loads((run_dir / "gen.json").read_text())) == 2
+
+
+def test_generate_stage_errors(run_dir, monkeypatch):
+    import planner_lm.generation_stage as stage
+
+    monkeypatch.setattr(stage, "load_sentence_encoder", lambda name, device: hash_encoder)
+    assert stage.parse_plan("3, ?,5", K) == [3, None, 5]
+    with pytest.raises(UserError, match="action id"):
+        stage.parse_plan("3,99", K)
+    with pytest.raises(UserError, match="finetune-joint"):
+        stage.run_generate(stage.GenerateConfig(run_dir=str(run_dir), selection="hard", device="cpu"))
+    with pytest.raises(UserError, match="steer"):
+        stage.run_generate(stage.GenerateConfig(run_dir=str(run_dir), selection="none", plan="1", examples=0,
+                                                device="cpu"))
