@@ -131,6 +131,14 @@ def test_outputs_and_manifest(metrics, run_dir):
     assert list((out / "tb").glob("events.*"))
 
 
+def test_matched_code_source_is_each_runs_training_source():
+    from planner_lm.evaluation.evaluate import _sources_of
+
+    assert _sources_of("soft", ["matched", "oracle", "none"]) == ["planner_soft", "oracle", "none"]
+    assert _sources_of("straight_through", ["matched", "oracle"]) == ["planner_hard", "oracle"]
+    assert _sources_of("oracle", ["matched", "oracle", "none"]) == ["oracle", "none"]
+
+
 def test_bad_requests_are_clear_errors(run_dir, tmp_path):
     with pytest.raises(UserError, match="baselines"):
         run_evaluate(config(run_dir, runs=["hard"]), encoder=hash_encoder)

@@ -87,7 +87,9 @@ class EvaluateConfig:
         run_dir: run directory; reads every finished `4_joint-*` run and writes `<run_dir>/5_eval`.
         runs: selections to evaluate (e.g. `[soft, none, fixed]`); None = every finished run.
         code_sources: code sources scored for each conditioned run, from planner_soft,
-            planner_hard, oracle, fixed, uniform, none (the `none` run is only scored with none).
+            planner_hard, oracle, fixed, uniform, none, and `matched` (the source the run was
+            trained with: soft -> planner_soft, hard -> planner_hard, oracle -> oracle, ...).
+            The `none` run is only scored with none; the matched source is always scored.
         window: tokens per scoring window, context included (the papers: 128).
         stride: tokens between windows; 1 = the papers' exact protocol (every token with the
             full window of context), window-1 = non-overlapping windows (fastest).
@@ -319,7 +321,7 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     for run in runs:
         lm = ActionConditionedLM.from_pretrained(run.dir / "lm").to(device).eval()
         run_logits = logits.get(run.selection, logits.get("pretrained"))
-        sources = ["none"] if run.selection == "none" else list(cfg.code_sources)
+        sources = ["none"] if run.selection == "none" else _sources_of(run.selection, cfg.code_sources)
         for source in sources:
             if source.startswith("planner") and run_logits is None:
                 print(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
@@ -400,10 +402,16 @@ def _generate_and_score(evaluator, run: JointRun, lm, planners, tokenizer, num_a
     return evaluator.score(generations), generations
 
 
+def _sources_of(selection: str, requested: list[str]) -> list[str]:
+    """The run's matched source first, then the requested ones (no repeats)."""
+    matched = MATCHED_SOURCE.get(selection, "planner_soft")
+    return list(dict.fromkeys([matched, *(matched if s == "matched" else s for s in requested)]))
+
+
 def _check_config(cfg: EvaluateConfig) -> None:
-    unknown = [s for s in cfg.code_sources if s not in CODE_SOURCES]
+    unknown = [s for s in cfg.code_sources if s not in (*CODE_SOURCES, "matched")]
     if unknown:
-        raise UserError(f"unknown code source(s) {', '.join(unknown)}; choose from {', '.join(CODE_SOURCES)}")
+        raise UserError(f"unknown code source(s) {', '.join(unknown)}; choose from {', '.join(CODE_SOURCES)}, matched")
     if cfg.window < 2 or not 1 <= cfg.stride <= cfg.window - 1:
         raise UserError(f"need window >= 2 and 1 <= stride <= window - 1, got window {cfg.window}, stride {cfg.stride}")
     if cfg.precision not in ("32", "bf16"):
@@ -437,8 +445,7 @@ def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num
     rows: list[dict[str, Any]] = []
     for run in runs:
         matched = MATCHED_SOURCE.get(run.selection)
-        sources = [s for s in [matched, *cfg.code_sources] if (run.selection, s) in results]
-        for source in dict.fromkeys(sources):
+        for source in [s for s in _sources_of(run.selection, cfg.code_sources) if (run.selection, s) in results]:
             result = results[(run.selection, source)]
             row: dict[str, Any] = {
                 "label": f"{run.selection} · {source}" if source != matched else f"**{run.selection}** · {source}",
