@@ -24,7 +24,7 @@ from planner_lm.errors import UserError
 from planner_lm.lit.callbacks import UnfreezeSchedule
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
-from planner_lm.models.selection import PLANNER_SELECTIONS, check_selection, select_weights
+from planner_lm.models.selection import GRADIENT_SELECTIONS, PLANNER_SELECTIONS, check_selection, select_weights
 
 __all__ = ["JointPlannerLM", "token_nll"]
 
@@ -154,10 +154,17 @@ class JointPlannerLM(L.LightningModule):
         output = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], action_weights=weights)
         return output.logits, planner_logits
 
+    def _planner_learns(self) -> bool:
+        """Whether this step can update the planner (unfrozen, and a loss reaches it)."""
+        unfrozen = any(p.requires_grad for p in self.planner.parameters())
+        gradient = self.selection in GRADIENT_SELECTIONS or self.hparams.planner_loss_weight > 0
+        return unfrozen and gradient
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.planner is not None and not any(p.requires_grad for p in self.planner.parameters()):
-            self.planner.eval()  # frozen planner: deterministic (no dropout) until it unfreezes
+        if self.planner is not None:
+            # a planner that cannot learn at this step runs deterministically (no dropout)
+            self.planner.train(self._planner_learns())
         logits, planner_logits = self(batch)
         nll, count = token_nll(logits, batch["labels"])
         lm_loss = nll / count.clamp(min=1)

@@ -1,0 +1,111 @@
+"""Joint training step cost: what the planner adds to an LM step, per-sentence vs per-token planning.
+
+Three variants of one optimisation step (forward, backward, Adam) on the same random batch of
+128-token windows, with the demo's GPT-2 shape (4 layers, 256 wide, GPT-2's 50,257-token
+vocabulary, adapters on layers 2-3, frozen base) unless told otherwise:
+
+- `lm_only`: the conditioned LM with fixed action weights (no planner): the floor;
+- `joint_per_sentence` (ours): the planner runs once per distinct target sentence of the batch on
+  cached sentence embeddings, its soft weights are gathered per position;
+- `joint_per_token`: the same planner run once per position (what expanding contexts per token
+  before planning costs), to show why planning per sentence matters.
+
+Steps are interleaved so load from other processes hits every variant alike. Prints JSON.
+
+    .venv/bin/python bench/bench_joint.py [--steps 5] [--batch-size 8] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from planner_lm.models.base_lm import gpt2_config
+from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.models.planner import Planner
+from planner_lm.models.selection import select_weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    parser.add_argument("--window", type=int, default=128, help="tokens per window")
+    parser.add_argument("--tokens-per-sentence", type=int, default=25, help="average sentence length in tokens")
+    parser.add_argument("--num-actions", type=int, default=128, help="k")
+    parser.add_argument("--embedding-dim", type=int, default=384, help="sentence embedding size (MiniLM: 384)")
+    parser.add_argument("--context-sentences", type=int, default=6, help="planner context S")
+    parser.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers")
+    parser.add_argument("--n-embd", type=int, default=256, help="GPT-2 width")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+
+    from transformers import GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(gpt2_config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, n_positions=args.window))
+    codebook = F.normalize(torch.randn(args.num_actions, args.embedding_dim), dim=-1)
+    lm = ActionConditionedLM(base, codebook).to(device).train()
+    planner = Planner(args.embedding_dim, args.num_actions, args.context_sentences).to(device).train()
+    optimizer = torch.optim.Adam([p for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad], lr=1e-4)
+
+    b, t, s, d = args.batch_size, args.window, args.context_sentences, args.embedding_dim
+    input_ids = torch.randint(0, 50257, (b, t), device=device)
+    # sentence index per position: consecutive runs of ~tokens_per_sentence positions
+    per_window = -(-t // args.tokens_per_sentence)
+    token_sentence = (torch.arange(t, device=device) // args.tokens_per_sentence)[None] + per_window * torch.arange(b, device=device)[:, None]
+    num_sentences = b * per_window
+    contexts = torch.randn(num_sentences, s, d, device=device)
+    mask = torch.ones(num_sentences, s, dtype=torch.bool, device=device)
+
+    def step(variant: str) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if variant == "lm_only":
+            weights = select_weights(None, "fixed", num_actions=args.num_actions, batch_shape=(b, t)).to(device)
+        elif variant == "joint_per_sentence":
+            logits = planner(contexts, mask)
+            weights = select_weights(logits, "soft")[token_sentence]
+        else:
+            flat = token_sentence.reshape(-1)
+            logits = planner(contexts[flat], mask[flat])
+            weights = select_weights(logits, "soft").reshape(b, t, -1)
+        loss = lm(input_ids, action_weights=weights, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    variants = ("lm_only", "joint_per_sentence", "joint_per_token")
+    for variant in variants:
+        step(variant)  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.steps):
+        for variant in variants:
+            times[variant].append(step(variant))
+    median = {v: statistics.median(times[v]) for v in variants}
+    print(json.dumps({
+        "benchmark": "joint_step",
+        "device": args.device if device.type == "cpu" else torch.cuda.get_device_name(),
+        "host": platform.node(), "threads": args.threads,
+        "batch": [b, t], "planner_calls_per_batch": {"per_sentence": num_sentences, "per_token": b * t},
+        "median_step_s": {v: round(x, 4) for v, x in median.items()},
+        "planner_overhead_per_sentence": round(median["joint_per_sentence"] / median["lm_only"] - 1, 4),
+        "planner_overhead_per_token": round(median["joint_per_token"] / median["lm_only"] - 1, 4),
+        "windows_per_s": {v: round(b / x, 2) for v, x in median.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
