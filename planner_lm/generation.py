@@ -470,32 +470,19 @@ def format_plan(generation: Generation, show_examples: int = 2) -> str:
 
 
 def load_sentence_encoder(name: str, device: str | torch.device = "cpu", batch_size: int = 64) -> SentenceEncoder:
-    """The embed stage's encoder (a sentence-transformers name or folder) as a callable.
+    """The embed stage's encoder (bundled name, folder or hub name) as a texts → vectors callable.
 
     Vectors are unit-normalised like ``1_embed/embeddings.npy``, so the planner and the
     nearest-centroid lookup see the same geometry as in training.
     """
-    from planner_lm.errors import UserError
+    from planner_lm.lit.embed import load_encoder  # the embed stage's loader: one way to resolve names
 
-    try:
-        from planner_lm.lit.embed import resolve_encoder_path  # the embed stage's resolver
-    except ImportError:  # pragma: no cover - older checkouts
-        resolve_encoder_path = None
-    from sentence_transformers import SentenceTransformer
-
-    location = resolve_encoder_path(name) if resolve_encoder_path else name
-    try:
-        model = SentenceTransformer(str(location), device=str(device))
-    except Exception as err:  # noqa: BLE001 - hub/offline errors come in many types
-        raise UserError(
-            f"cannot load the sentence encoder {name!r} recorded by the embed stage ({err}); "
-            "re-run `make embed` or make the encoder available offline"
-        ) from err
-    model.eval()
+    model = load_encoder(name, device)
+    dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
 
     def encode(texts: Sequence[str]) -> Tensor:
         if not texts:
-            return torch.zeros(0, model.get_sentence_embedding_dimension())
+            return torch.zeros(0, dimension)
         vectors = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
                                normalize_embeddings=True, show_progress_bar=False)
         return vectors.float().cpu()
