@@ -97,16 +97,53 @@ class PlannerBatchCollator:
 class EpochSeededSampler(RandomSampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    It is a `RandomSampler`, so under DDP Lightning replaces it with a `DistributedSampler`.
+    `start` skips the first examples of the next pass (set when resuming mid-epoch). It is a
+    `RandomSampler`, so under DDP Lightning swaps in a `DistributedSampler` (which then restarts
+    an interrupted epoch from its beginning).
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)
         self.seed = seed
-        self.set_epoch(0)
+        self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        start, self.start = self.start, 0
+        yield from order[start:]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch (`state_dict` / `load_state_dict`).
+
+    It counts the batches handed to training in the current pass; after a restore the sampler
+    skips that many batches, so a resumed run continues with the very batches it would have seen.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = 0
+        self._resume_from = 0
+
+    def __iter__(self):
+        done, self._resume_from = self._resume_from, 0
+        if done and isinstance(self.sampler, EpochSeededSampler):
+            self.sampler.start = done * self.batch_size
+        self._batches_done = done
+        for batch in super().__iter__():
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_from = int(state.get("batches_done", 0))
 
 
 def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray, doc_first: np.ndarray,
@@ -156,7 +193,8 @@ class PlannerDataModule(L.LightningDataModule):
 
     Args:
         run_dir: run directory holding 0_prepare, 1_embed and 2_cluster.
-        context_sentences: previous sentences per context (S); set from `model.context_sentences`.
+        context_sentences: previous sentences of the document in each example's context (S); the
+            planner is built for this many (6 cover about the paper's 128 tokens).
         batch_size: training examples (sentences) per batch per device (paper: 32).
         eval_batch_size: validation examples per batch; default 8 x `batch_size`.
         max_train_sentences: train on a seeded random subset of at most this many sentences
@@ -167,7 +205,8 @@ class PlannerDataModule(L.LightningDataModule):
             produced; a different k stops the run before training (k itself always comes from
             the cluster manifest).
         num_workers: DataLoader worker processes.
-        seed: seed of the per-epoch shuffle and of the subsets.
+        seed: seed of the per-epoch shuffle and of the subsets; default: the run's
+            `seed_everything`.
     """
 
     def __init__(
@@ -180,7 +219,7 @@ class PlannerDataModule(L.LightningDataModule):
         max_val_sentences: int | None = None,
         expected_num_actions: int | None = None,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -192,7 +231,8 @@ class PlannerDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 8 * batch_size
         self.max_train_sentences, self.max_val_sentences = max_train_sentences, max_val_sentences
-        self.num_workers, self.seed = num_workers, seed
+        # LightningCLI seeds torch (seed_everything) before building the data module
+        self.num_workers, self.seed = num_workers, int(torch.initial_seed() if seed is None else seed) % 2**31
 
         self.prepared, self.embed_manifest, self.cluster_manifest = read_planner_upstream(self.run_dir)
         self.num_actions = int(self.cluster_manifest.fact("num_actions"))
@@ -251,9 +291,13 @@ class PlannerDataModule(L.LightningDataModule):
     def num_train(self) -> int:
         return len(self._ids["train"])
 
+    @property
+    def num_val(self) -> int:
+        return len(self._ids["val"])
+
     def train_dataloader(self) -> DataLoader:
         data = SentenceTargets(self._ids["train"])
-        return DataLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(data, self.seed),
+        return ResumableLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(data, self.seed),
                           collate_fn=self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 

@@ -92,6 +92,9 @@ class PlannerModule(L.LightningModule):
         self.val_metrics = _metrics(num_actions, "val/")
         self.val_nll = MeanMetric()
         self.baselines: dict[str, float] = {}
+        # manifest hashes of the upstream stages, stored in checkpoints so that a resume
+        # can tell whether the data changed since (set by the stage)
+        self.upstream_hashes: dict[str, str] = {}
 
     def forward(self, context: Tensor, mask: Tensor) -> Tensor:
         return self.planner(context, mask)
@@ -130,6 +133,7 @@ class PlannerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["planner_config"] = dict(self.planner.config)
+        checkpoint["planner_upstream"] = dict(self.upstream_hashes)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a planner with another shape (e.g. k changed since)."""
