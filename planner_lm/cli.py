@@ -112,8 +112,10 @@ def _make_stage_cli_class():
             if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
                 isinstance(cb, ModelCheckpoint) for cb in callbacks
             ):
-                callbacks.append(ModelCheckpoint(dirpath=str(self.output_dir / "checkpoints"), save_last=True,
-                                                 save_top_k=0, enable_version_counter=False))
+                # top-1 without a monitor = the latest state, refreshed at every validation (also
+                # mid-epoch), with last.ckpt linked to it; save_top_k=0 would only save at epoch ends
+                callbacks.append(ModelCheckpoint(dirpath=str(self.output_dir / "checkpoints"), filename="latest",
+                                                 save_last="link", save_top_k=1, enable_version_counter=False))
             kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
 
