@@ -48,7 +48,7 @@ class PlannerModule(L.LightningModule):
         num_actions: number of actions k; linked from the cluster stage, not set by hand.
         centroids: the k-means codebook `[k, dim]` that initialises the policy head; linked from
             the cluster stage.
-        context_sentences: previous sentences the planner sees (S; ~128 tokens at 6).
+        context_sentences: previous sentences the planner sees (S); linked from data.context_sentences.
         model_dim: transformer width; default = embedding_dim.
         num_layers: transformer encoder layers (paper: 1).
         num_heads: attention heads (paper: 2).
@@ -125,8 +125,9 @@ class PlannerModule(L.LightningModule):
         self.baselines = dict(getattr(datamodule, "baselines", {}) or {})
         for name, value in self.baselines.items():
             values[f"val/baseline_{name}"] = torch.tensor(value)
-        self.log("val/top1", values.pop("val/top1"), prog_bar=True)
-        self.log_dict(values)
+        # already reduced across devices by torchmetrics; sync_dist averages identical values
+        self.log("val/top1", values.pop("val/top1"), prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.planner.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
