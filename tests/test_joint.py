@@ -14,6 +14,7 @@ from planner_lm.artifacts import stage_dir, write_manifest
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.errors import UserError
+from planner_lm.lit.callbacks import resolve_unfreeze_step
 from planner_lm.lit.joint import JointPlannerLM
 from planner_lm.models.base_lm import load_tokenizer, tiny_config, tokenizer_fingerprint
 from planner_lm.models.planner import Planner
@@ -22,19 +23,19 @@ from fixtures_stages import make_fake_upstream
 K, DIM, CONTEXT = 8, 16, 4
 
 
-def write_fake_lm(run_dir: Path) -> Path:
-    """A tiny GPT-2 with the real GPT-2 tokenizer, as `pretrain-lm` would leave it."""
+def write_fake_lm(run_dir: Path, model_type: str = "gpt2", out: Path | None = None) -> Path:
+    """A tiny LM of one family with the real GPT-2 tokenizer, as `pretrain-lm` would leave it."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer("gpt2")
-    config = tiny_config("gpt2", vocab_size=len(tokenizer), n_positions=64, bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id
+    config = tiny_config(model_type, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     torch.manual_seed(0)
-    out = stage_dir(run_dir, "pretrain_lm")
+    out = out or stage_dir(run_dir, "pretrain_lm")
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_manifest(out, stage="pretrain_lm", config={"fake": True}, outputs=["config.json"],
-                   facts={"model_type": "gpt2", "lm_name": "tiny-gpt2",
+                   facts={"model_type": model_type, "lm_name": f"tiny-{model_type}",
                           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
     return out
 
@@ -114,6 +115,14 @@ def test_lm_loss_reaches_the_planner_only_through_differentiable_selections(data
     assert all(p.grad is not None for p in model.lm.adapter_parameters())
 
 
+def test_any_supported_family_trains_jointly_llama(run_dir, tmp_path):
+    lm = write_fake_lm(run_dir, "llama", out=tmp_path / "llama")
+    data = make_data(run_dir, lm=str(lm))
+    model = make_model(data, "soft")
+    assert model.lm.config.model_type == "llama"
+    assert planner_grad_norm(model, next(iter(data.train_dataloader()))) > 0
+
+
 def test_none_is_the_base_lm_bit_for_bit_and_actions_change_the_output(data):
     batch = next(iter(data.val_dataloader()))
     plain = make_model(data, "none").eval()
@@ -146,17 +155,22 @@ def fit(model, data, tmp_path, max_steps, callbacks=(), **trainer_kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("planner_at,codebook_at,planner_expected,codebook_expected", [
-    (2, -1, [False, False, True, True, True], [False] * 5),
-    (0.6, 0, [False, False, False, True, True], [True] * 5),
-])
-def test_unfreeze_schedule_flips_requires_grad_at_the_global_step(
-        data, tmp_path, planner_at, codebook_at, planner_expected, codebook_expected):
-    model = make_model(data, "soft", planner_unfreeze_at=planner_at, codebook_unfreeze_at=codebook_at)
+def test_unfreeze_schedule_flips_requires_grad_at_the_global_step(data, tmp_path):
+    # planner at step 2 (an int), codebook at 60% of 5 steps = step 3 (a fraction)
+    model = make_model(data, "soft", planner_unfreeze_at=2, codebook_unfreeze_at=0.6)
     record = RecordTrainable()
     fit(model, data, tmp_path, max_steps=5, callbacks=[record], limit_val_batches=0)
-    assert record.planner == planner_expected
-    assert record.codebook == codebook_expected
+    assert record.planner == [False, False, True, True, True]
+    assert record.codebook == [False, False, False, True, True]
+
+
+def test_unfreeze_step_resolution():
+    assert resolve_unfreeze_step(0, 100) == 0
+    assert resolve_unfreeze_step(7, 100) == 7
+    assert resolve_unfreeze_step(0.25, 100) == 25
+    assert resolve_unfreeze_step(-1, 100) is None and resolve_unfreeze_step(-0.5, 100) is None
+    with pytest.raises(ValueError, match="fraction"):
+        resolve_unfreeze_step(1.5, 100)
 
 
 def test_joint_training_lowers_the_lm_loss_and_reports_planner_accuracy(run_dir, tmp_path):
