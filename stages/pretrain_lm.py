@@ -37,7 +37,10 @@ def run(args: list[str] | None = None) -> dict:
     trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(out))
     train_seconds = time.perf_counter() - started
     steps = int(trainer.global_step)
-    validation = trainer.validate(model, datamodule=data, verbose=False)[0]
+    if model.last_validation is not None and model.last_validation[0] == steps:
+        validation = model.last_validation[1]  # fit already validated the final weights
+    else:
+        validation = trainer.validate(model, datamodule=data, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}
     files = model.export(out, data.tokenizer)

@@ -26,12 +26,12 @@ def test_gpt2_tokenizer_is_real_and_offline(cache):
     assert len(tokenizer) == 50257
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert tokenizer.eos_token_id == 50256 and tokenizer.pad_token_id == 50256
-    assert (cache / "gpt2-tokenizer" / "vocab.json").is_file()
+    assert (cache / "tokenizers" / "gpt2" / "tokenizer.json").is_file()
     # leading spaces survive: GPT-2 tokens carry them
     assert tokenizer.decode(tokenizer(" again. He went")["input_ids"]) == " again. He went"
 
 
-def test_tokenizer_fingerprint_identifies_the_vocabulary(cache, tmp_path):
+def test_tokenizer_fingerprint_identifies_the_vocabulary(tmp_path):
     tokenizer = load_tokenizer("gpt2")
     tokenizer.save_pretrained(tmp_path / "copy")
     copy = load_tokenizer(str(tmp_path / "copy"))

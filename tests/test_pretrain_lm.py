@@ -64,8 +64,7 @@ def mean_nll(model, run_dir, split, window=16):
     return float(total / count)
 
 
-def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("PLANNER_LM_CACHE", str(tmp_path / "cache"))
+def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared):
     from transformers import GPT2LMHeadModel
 
     from planner_lm.artifacts import read_manifest
@@ -96,8 +95,7 @@ def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared, tmp_p
     assert manifest["metrics"]["steps"] == 25
 
 
-def test_window_longer_than_positions_is_refused(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setenv("PLANNER_LM_CACHE", str(tmp_path / "cache"))
+def test_window_longer_than_positions_is_refused(tiny_prepared):
     from pretrain_lm import run
 
     with pytest.raises(UserError, match="n_positions"):

@@ -78,6 +78,8 @@ class CausalLMPretrainModule(L.LightningModule):
         )
         self.lm = GPT2LMHeadModel(self.config)
         self.val_nll = MeanMetric()
+        # the last real (not sanity-check) validation: (global step, {"val/loss": ..., "val/ppl": ...})
+        self.last_validation: tuple[int, dict[str, float]] | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -118,6 +120,8 @@ class CausalLMPretrainModule(L.LightningModule):
         self.val_nll.reset()
         self.log("val/loss", nll)
         self.log("val/ppl", torch.exp(nll), prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.last_validation = (self.global_step, {"val/loss": float(nll), "val/ppl": float(torch.exp(nll))})
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []

