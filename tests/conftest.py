@@ -52,3 +52,41 @@ def tiny_prepared(tmp_path, tiny_corpus_file):
     run_prepare(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(tiny_corpus_file)),
                               split=SplitConfig(val_docs=2, test_docs=1), workers=1))
     return run_dir
+
+
+def build_tiny_sentence_encoder(path, hidden_size: int = 32, seed: int = 0):
+    """Save a 2-layer BERT + WordPiece tokenizer as a sentence-transformers folder (no hub).
+
+    Modules: Transformer -> mean Pooling -> Normalize, like the real MiniLM/MPNet encoders, so
+    `SentenceTransformer(path)` goes through the same loading and encoding code.
+    """
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = Path(path)
+    raw = path / "hf"
+    raw.mkdir(parents=True, exist_ok=True)
+    words = sorted({w.strip(".,'\"").lower() for d in TINY_DOCS for w in d["text"].split()} - {""})
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,'")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{c}" for c in chars], *words]
+    (raw / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast.from_pretrained(str(raw), do_lower_case=True)  # reads vocab.txt
+    assert len(tokenizer) > len(chars), "the tiny WordPiece vocabulary did not load"
+    tokenizer.save_pretrained(raw)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=hidden_size, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=64)
+    BertModel(config).save_pretrained(raw)
+    transformer = models.Transformer(str(raw), max_seq_length=48)
+    encoder = SentenceTransformer(modules=[transformer, models.Pooling(hidden_size, "mean"), models.Normalize()],
+                                  device="cpu")
+    encoder.save(str(path / "encoder"))
+    return path / "encoder"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """A tiny sentence-transformers encoder folder (32-d, 2 layers) built in-process."""
+    return build_tiny_sentence_encoder(tmp_path_factory.mktemp("tiny_encoder"))
