@@ -169,7 +169,7 @@ def test_unfreeze_step_resolution():
     assert resolve_unfreeze_step(7, 100) == 7
     assert resolve_unfreeze_step(0.25, 100) == 25
     assert resolve_unfreeze_step(-1, 100) is None and resolve_unfreeze_step(-0.5, 100) is None
-    with pytest.raises(ValueError, match="fraction"):
+    with pytest.raises(UserError, match="fraction"):
         resolve_unfreeze_step(1.5, 100)
 
 

@@ -14,6 +14,7 @@ selection, planner loss and accuracy). The planner thus runs once per sentence, 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,19 @@ from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
 __all__ = ["JointBatchCollator", "JointDataModule"]
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(lm_path: str, mtime: float) -> tuple[Any, str]:
+    """Tokenizer and fingerprint of a base LM (hashing the whole vocabulary takes seconds: cached)."""
+    from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(lm_path)
+    return tokenizer, tokenizer_fingerprint(tokenizer)
+
+
+def _mtime(path: str) -> float:
+    return Path(path).stat().st_mtime if Path(path).exists() else 0.0
 
 
 class JointBatchCollator:
@@ -144,10 +158,7 @@ class JointDataModule(L.LightningDataModule):
     def tokenizer(self) -> Any:
         """The base LM's tokenizer, checked against the fingerprint recorded by `pretrain-lm`."""
         if self._tokenizer is None:
-            from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint
-
-            tokenizer = load_tokenizer(self.lm_path)
-            fingerprint = tokenizer_fingerprint(tokenizer)
+            tokenizer, fingerprint = _load_tokenizer(self.lm_path, _mtime(self.lm_path))
             if self.expected_tokenizer_fingerprint not in (None, fingerprint):
                 raise UserError(
                     f"the tokenizer in {self.lm_path} is not the one its manifest records; re-run `make pretrain-lm`"

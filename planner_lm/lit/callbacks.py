@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 import lightning as L
 from torch import nn
 
+from planner_lm.errors import UserError
+
 __all__ = ["UnfreezeSchedule", "resolve_unfreeze_step"]
 
 
@@ -20,17 +22,17 @@ def resolve_unfreeze_step(at: int | float | None, total_steps: int | float) -> i
     if at is None or at < 0:
         return None
     if isinstance(at, bool):
-        raise ValueError("unfreeze_at must be a step (int) or a fraction (float), not a bool")
+        raise UserError("unfreeze_at must be a step (int) or a fraction (float), not a bool")
     if isinstance(at, float):
         if at >= 1.0:
             if not at.is_integer():
-                raise ValueError(
+                raise UserError(
                     f"unfreeze_at={at}: a float means a fraction of training in [0, 1); "
                     "write an integer for a step number"
                 )
             return int(at)
         if not math.isfinite(total_steps):
-            raise ValueError("a fractional unfreeze_at needs a finite number of training steps (set max_steps or max_epochs)")
+            raise UserError("a fractional unfreeze_at needs a finite number of training steps (set max_steps or max_epochs)")
         return int(round(at * total_steps))
     return int(at)
 

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 
 from planner_lm.data.lm_windows import IGNORE_INDEX
 from planner_lm.errors import UserError
-from planner_lm.lit.callbacks import UnfreezeSchedule
+from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 from planner_lm.models.selection import GRADIENT_SELECTIONS, PLANNER_SELECTIONS, check_selection, select_weights
@@ -102,21 +102,26 @@ class JointPlannerLM(L.LightningModule):
         embedding_dim: int = 0,
     ) -> None:
         super().__init__()
-        check_selection(selection)
+        try:
+            check_selection(selection)
+        except ValueError as err:
+            raise UserError(f"--model.selection: {err}") from err
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UserError(f"--model.temperature must be > 0, got {temperature}")
         if planner_loss_weight < 0:
-            raise ValueError(f"planner_loss_weight must be >= 0, got {planner_loss_weight}")
+            raise UserError(f"--model.planner_loss_weight must be >= 0, got {planner_loss_weight}")
+        for at in (planner_unfreeze_at, codebook_unfreeze_at):
+            resolve_unfreeze_step(at, total_steps=100)  # rejects malformed schedules before any work
         self.save_hyperparameters()
         self.selection = selection
         self.uses_planner = selection in PLANNER_SELECTIONS
         if planner_loss_weight > 0 and not self.uses_planner:
-            raise ValueError(f"planner_loss_weight > 0 needs a planner, but selection {selection!r} uses none")
+            raise UserError(f"--model.planner_loss_weight > 0 needs a planner, but selection {selection!r} uses none")
         self.num_actions = num_actions
 
         codebook = torch.from_numpy(np.load(codebook_path).astype(np.float32))
         if tuple(codebook.shape) != (num_actions, embedding_dim):
-            raise ValueError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
+            raise UserError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
         self.lm = build_conditioned_lm(lm_path, codebook, selection, base_mode, conditioned_layers,
                                        per_layer_codebook, lora_r, lora_alpha)
         self.planner: Planner | None = None
@@ -125,9 +130,9 @@ class JointPlannerLM(L.LightningModule):
                 raise UserError(f"selection {selection!r} needs the pretrained planner; run `make pretrain-planner`")
             self.planner = Planner.from_pretrained(planner_path)
             if (self.planner.num_actions, self.planner.embedding_dim) != (num_actions, embedding_dim):
-                raise ValueError(
+                raise UserError(
                     f"the planner predicts {self.planner.num_actions} actions over {self.planner.embedding_dim}-d "
-                    f"embeddings but the codebook is ({num_actions}, {embedding_dim})"
+                    f"embeddings but the codebook is ({num_actions}, {embedding_dim}); re-run `make pretrain-planner`"
                 )
         # from_pretrained leaves models in eval mode; train like the reference (dropout on).
         self.train()
