@@ -160,8 +160,7 @@ def test_generate_with_one_action_per_sequence():
                                                          pad_token_id=0))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("base_mode", ["frozen", "lora"])
+@pytest.mark.parametrize(("family", "base_mode"), [("gpt2", "frozen"), ("llama", "frozen"), ("gpt2", "lora")])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, family, base_mode):
     """The base is referenced by directory, adapters/codebook/LoRA saved; logits identical."""
     base_dir = tmp_path / "base"

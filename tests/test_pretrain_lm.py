@@ -43,7 +43,7 @@ def tiny_args(run_dir, *extra):
         "--model.n_positions", "64", "--model.lr", "1e-2", "--model.warmup_steps", "2",
         "--model.dropout", "0.0",
         "--data.window", "16", "--data.batch_size", "4",
-        "--trainer.max_steps", "25", "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", "20", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5",
         "--trainer.check_val_every_n_epoch", "100",
         *extra,
@@ -92,7 +92,7 @@ def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared):
     assert nll["trained", "train"] < nll["untrained", "train"] - 3.0  # it learned its data
     assert nll["trained", "val"] < nll["untrained", "val"] - 0.5  # and something that transfers
     assert manifest["metrics"]["val/ppl"] == pytest.approx(np.exp(nll["trained", "val"]), rel=1e-3)
-    assert manifest["metrics"]["steps"] == 25
+    assert manifest["metrics"]["steps"] == 20
 
 
 def test_window_longer_than_positions_is_refused(tiny_prepared):

@@ -118,8 +118,9 @@ class CausalLMPretrainModule(L.LightningModule):
             return
         nll = self.val_nll.compute()
         self.val_nll.reset()
-        self.log("val/loss", nll)
-        self.log("val/ppl", torch.exp(nll), prog_bar=True)
+        # the metric is already reduced over ranks: every rank logs the same value
+        self.log("val/loss", nll, sync_dist=True)
+        self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.last_validation = (self.global_step, {"val/loss": float(nll), "val/ppl": float(torch.exp(nll))})
 
