@@ -11,8 +11,8 @@ Both accept `--config FILE` any number of times (later files override earlier on
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,19 @@ T = TypeVar("T")
 _PARSER_ENV = {"JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning logs a cloud-logging advert on every Trainer; it is not ours to show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
 def _quiet_env() -> None:
     for key, value in _PARSER_ENV.items():
         os.environ.setdefault(key, value)
+    for name in ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
+                 "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdverts())
 
 
 def parse_config(config_class: type[T], description: str, args: Sequence[str] | None = None) -> T:
@@ -143,7 +153,7 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
         spec.model_class,
         spec.datamodule_class,
         run=False,
-        args=list(args) if args is not None else sys.argv[1:],
+        args=list(args) if args is not None else None,  # None: LightningCLI reads sys.argv
         save_config_callback=None,
         seed_everything_default=42,
         trainer_defaults=trainer_defaults,
