@@ -75,6 +75,7 @@ def run(args: list[str] | None = None) -> dict:
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     train_seconds = time.perf_counter() - started
     steps = int(trainer.global_step)
+    exported_step = model.select_export_weights()
     validation = trainer.validate(model, datamodule=data, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}
@@ -83,6 +84,7 @@ def run(args: list[str] | None = None) -> dict:
     trained_steps = max(0, steps - start_step)
     metrics.update(
         steps=steps,
+        exported_step=exported_step,
         train_seconds=round(train_seconds, 1),
         train_examples_per_s=round(trained_steps * data.batch_size * trainer.world_size / max(train_seconds, 1e-9), 1),
     )
@@ -97,8 +99,8 @@ def run(args: list[str] | None = None) -> dict:
     manifest = write_manifest(out, stage=STAGE, config=cli.config_dict, inputs=data.inputs, outputs=[PLANNER_FILE],
                               facts=facts, metrics=metrics, seed=cli.config.get("seed_everything"))
     print(summary_table(metrics))
-    print(f"pretrain-planner: k={data.num_actions}, {facts['num_parameters'] / 1e6:.2f} M parameters, "
-          f"{steps} steps, {metrics['train_examples_per_s']:.0f} examples/s -> {out / PLANNER_FILE}")
+    print(f"pretrain-planner: k={data.num_actions}, {facts['num_parameters']:,} parameters, {steps} steps "
+          f"(weights of step {exported_step}), {metrics['train_examples_per_s']:.0f} examples/s -> {out / PLANNER_FILE}")
     return manifest
 
 

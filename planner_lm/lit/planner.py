@@ -57,6 +57,8 @@ class PlannerModule(L.LightningModule):
         lr: Adam learning rate (paper: 1e-4).
         weight_decay: L2 penalty added by Adam, as in the paper (not decoupled AdamW).
         init_head_from_centroids: start the policy head as the k-means codebook (paper: yes).
+        export_best: hand off the weights of the validation with the lowest NLL (paper: best
+            checkpoint by validation loss) rather than the final ones.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class PlannerModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         init_head_from_centroids: bool = True,
+        export_best: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["centroids"])
@@ -95,6 +98,8 @@ class PlannerModule(L.LightningModule):
         # manifest hashes of the upstream stages, stored in checkpoints so that a resume
         # can tell whether the data changed since (set by the stage)
         self.upstream_hashes: dict[str, str] = {}
+        # lowest validation NLL so far and a CPU copy of the planner weights that reached it
+        self.best: dict[str, Any] = {"nll": float("inf"), "step": -1, "state": None}
 
     def forward(self, context: Tensor, mask: Tensor) -> Tensor:
         return self.planner(context, mask)
@@ -121,6 +126,8 @@ class PlannerModule(L.LightningModule):
         values["val/nll"] = self.val_nll.compute()
         self.val_metrics.reset()
         self.val_nll.reset()
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self._remember_if_best(float(values["val/nll"]))
         datamodule = getattr(self.trainer, "datamodule", None)
         self.baselines = dict(getattr(datamodule, "baselines", {}) or {})
         for name, value in self.baselines.items():
@@ -129,12 +136,25 @@ class PlannerModule(L.LightningModule):
         self.log("val/top1", values.pop("val/top1"), prog_bar=True, sync_dist=True)
         self.log_dict(values, sync_dist=True)
 
+    def _remember_if_best(self, nll: float) -> None:
+        if nll < self.best["nll"]:
+            state = {k: v.detach().cpu().clone() for k, v in self.planner.state_dict().items()}
+            self.best = {"nll": nll, "step": int(self.global_step), "state": state}
+
+    def select_export_weights(self) -> int:
+        """Load the weights to hand off (see `export_best`); returns the step they come from."""
+        if self.hparams.export_best and self.best["state"] is not None:
+            self.planner.load_state_dict(self.best["state"])
+            return self.best["step"]
+        return int(self.global_step)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.planner.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["planner_config"] = dict(self.planner.config)
         checkpoint["planner_upstream"] = dict(self.upstream_hashes)
+        checkpoint["planner_best"] = self.best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a planner with another shape (e.g. k changed since)."""
@@ -147,3 +167,4 @@ class PlannerModule(L.LightningModule):
                 f"the checkpoint to resume was trained with a different planner ({diff}, as saved vs now); "
                 "pass --overwrite true (make: OVERWRITE=1) to start over"
             )
+        self.best = checkpoint.get("planner_best", self.best)
