@@ -42,7 +42,9 @@ def test_plots_and_tensorboard(tmp_path):
     fig = plot_ppl_intervals(
         [("soft", Interval(20, 19, 21)), ("none", Interval(25, 24, 26))], tmp_path / "ppl.png"
     )
-    curve = plot_nll_by_position({"soft": np.array([5.0, 3.0, np.nan, 2.0])}, tmp_path / "pos.png")
+    curve = plot_nll_by_position({"soft": np.array([5.0, 3.0, np.nan, 2.0]), "none": np.array([5.5, 3.1, 2.0, 2.0])},
+                                 tmp_path / "pos.png", reference="none")
+    assert len(curve.axes) == 2
     assert (tmp_path / "ppl.png").stat().st_size > 1000
     assert (tmp_path / "pos.png").stat().st_size > 1000
     log_to_tensorboard(

@@ -484,13 +484,15 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, runs, results, test: TestSet,
     matched_rows = [r for r in metrics["rows"] if "ppl" in r]
     entries = [(r["label"].replace("**", ""), Interval(**r["ppl"])) for r in matched_rows]
     ppl_fig = plot_ppl_intervals(entries, out / "ppl.png")
-    curves = {}
+    curves, reference = {}, None
     for run in runs:
         source = MATCHED_SOURCE.get(run.selection)
         if (run.selection, source) in results:
-            mean, _ = nll_by_position(results[(run.selection, source)], test.documents)
+            mean, _ = nll_by_position(results[(run.selection, source)], test.documents, max_position=32)
             curves[f"{run.selection} · {source}"] = mean
-    position_fig = plot_nll_by_position(curves, out / "nll_by_position.png")
+            if source == "none":
+                reference = f"{run.selection} · {source}"
+    position_fig = plot_nll_by_position(curves, out / "nll_by_position.png", reference=reference)
     protocol = metrics["protocol"]
     notes = (
         f"Test split: {protocol['test_docs']} documents, {protocol['test_tokens']} scored tokens; "

@@ -85,19 +85,16 @@ def _pyplot():
 
 
 def plot_ppl_intervals(entries: Sequence[tuple[str, Interval]], path: Path, title: str = ""):
-    """Horizontal bars of perplexity per run with bootstrap 95 % error bars; returns the figure."""
+    """Perplexity per run as points with bootstrap 95 % error bars; returns the figure."""
     plt = _pyplot()
-    labels = [label for label, _ in entries]
     values = np.array([iv.value for _, iv in entries])
     errors = np.array([[iv.value - iv.low for _, iv in entries], [iv.high - iv.value for _, iv in entries]])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.2))
     y = np.arange(len(entries))
-    ax.barh(y, values, xerr=errors, color="tab:blue", alpha=0.7, capsize=3)
-    ax.set_yticks(y, labels)
+    ax.errorbar(values, y, xerr=errors, fmt="o", color="tab:blue", capsize=3)
+    ax.set_yticks(y, [label for label, _ in entries])
     ax.invert_yaxis()
-    if len(values):
-        span = max(values.max() - values.min(), 1e-6)
-        ax.set_xlim(max(0.0, values.min() - 2 * span), (values + errors[1]).max() + 0.5 * span)
+    ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel("test perplexity per token (95 % bootstrap CI over documents)")
     ax.set_title(title or "Perplexity by run and code source")
     fig.tight_layout()
@@ -106,18 +103,27 @@ def plot_ppl_intervals(entries: Sequence[tuple[str, Interval]], path: Path, titl
 
 
 def plot_nll_by_position(
-    curves: Mapping[str, np.ndarray], path: Path, title: str = ""
+    curves: Mapping[str, np.ndarray], path: Path, title: str = "", reference: str | None = None
 ):
-    """Mean NLL against token position within a sentence, one line per run; returns the figure."""
+    """Mean NLL against token position within a sentence, one line per run; returns the figure.
+
+    With ``reference`` (a key of ``curves``), a second panel shows each curve minus that one,
+    which is where the small differences between runs become visible.
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    panels = 2 if reference in curves else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3.2 * panels + 0.6), sharex=True, squeeze=False)
     for label, mean in curves.items():
-        positions = np.arange(len(mean))
-        ax.plot(positions, mean, marker=".", label=label)
-    ax.set_xlabel("token position within its sentence (last bin pools the rest)")
-    ax.set_ylabel("mean NLL (nats)")
-    ax.set_title(title or "Where in a sentence does the plan help?")
-    ax.legend(fontsize=7)
+        axes[0, 0].plot(np.arange(len(mean)), mean, marker=".", label=label)
+        if panels == 2 and label != reference:
+            axes[1, 0].plot(np.arange(len(mean)), mean - curves[reference], marker=".", label=label)
+    axes[0, 0].set_ylabel("mean NLL (nats)")
+    axes[0, 0].set_title(title or "Where in a sentence does the plan help?")
+    axes[0, 0].legend(fontsize=7)
+    if panels == 2:
+        axes[1, 0].axhline(0.0, color="black", linewidth=0.8)
+        axes[1, 0].set_ylabel(f"NLL − {reference}")
+    axes[-1, 0].set_xlabel("token position within its sentence (last bin pools the rest)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
