@@ -213,8 +213,13 @@ def initial_centroids(
 def accumulate(
     x: torch.Tensor, ids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
 ) -> None:
-    """Add a batch's per-centroid coordinate sums and member counts into `sums` [k, d] and `counts` [k]."""
-    sums.index_add_(0, ids, x.to(sums.dtype))
+    """Add a batch's per-centroid coordinate sums and member counts into `sums` [k, d] and `counts` [k].
+
+    The batch is summed in its own dtype (float32: cheap, exact enough for one batch) and only the
+    [k, d] result is added into the (float64) running sums, which keeps long epochs accurate.
+    """
+    batch_sums = torch.zeros(sums.shape, dtype=x.dtype, device=x.device).index_add_(0, ids, x)
+    sums += batch_sums.to(sums.dtype)
     counts += torch.bincount(ids, minlength=counts.shape[0]).to(counts.dtype)
 
 
