@@ -189,8 +189,8 @@ def load_test_set(prepared: PreparedCorpus, tokenizer: Any, fingerprint: str, ru
     documents, texts, spans, firsts = [], [], [], []
     for doc, row in enumerate(rows):
         lo, hi = int(tokens.doc_offsets[doc]), int(tokens.doc_offsets[doc + 1])
-        documents.append(ScoringDocument(torch.from_numpy(np.asarray(tokens.input_ids[lo:hi], dtype=np.int64)),
-                                         torch.from_numpy(np.asarray(tokens.target_sentence[lo:hi], dtype=np.int64))))
+        documents.append(ScoringDocument(torch.from_numpy(np.array(tokens.input_ids[lo:hi], dtype=np.int64)),
+                                         torch.from_numpy(np.array(tokens.target_sentence[lo:hi], dtype=np.int64))))
         texts.append(row["text"])
         spans.append(list(zip(row["sent_start"], row["sent_end"])))
         firsts.append(int(row["first_sentence"]))
@@ -198,7 +198,7 @@ def load_test_set(prepared: PreparedCorpus, tokenizer: Any, fingerprint: str, ru
     last = firsts[-1] + len(spans[-1])
     ids = torch.arange(first, last)
     doc_first = torch.from_numpy(np.repeat(firsts, [len(s) for s in spans]).astype(np.int64))
-    true = torch.from_numpy(np.asarray(actions[first:last], dtype=np.int64))
+    true = torch.from_numpy(np.array(actions[first:last], dtype=np.int64))
     previous = torch.cat([torch.tensor([-1]), true[:-1]])
     previous[ids == doc_first] = -1
     return TestSet(documents, texts, spans, firsts, first, ids, doc_first, true, previous)
