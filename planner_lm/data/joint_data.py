@@ -150,6 +150,7 @@ class JointDataModule(L.LightningDataModule):
             planner_manifest = read_manifest(planner_dir_path, "pretrain_planner")
             planner_manifest.require("num_actions", self.num_actions, "planner vs codebook")
             planner_manifest.require("embedding_dim", self.embedding_dim, "planner vs sentence embeddings")
+            planner_manifest.check_built_from("cluster", self.cluster_manifest)  # same k, new k-means: stale
             self.context_sentences = int(planner_manifest.fact("context_sentences"))
             self.planner_path = str(planner_manifest.dir / "planner.pt")
             self.inputs["planner"] = planner_manifest.dir
