@@ -32,8 +32,9 @@ export HF_HUB_OFFLINE ?= $(if $(filter demo,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED = 1
 
-# --config files and common options of stage $(1) (config name, with underscores)
-cfg = --config configs/$(1).yaml $(if $(wildcard configs/presets/$(PRESET)/$(1).yaml),--config configs/presets/$(PRESET)/$(1).yaml) --run_dir $(RUN) $(if $(OVERWRITE),--overwrite true)
+# --config files of stage $(1) (config name, with underscores), and its common options
+configs = --config configs/$(1).yaml $(if $(wildcard configs/presets/$(PRESET)/$(1).yaml),--config configs/presets/$(PRESET)/$(1).yaml) --run_dir $(RUN)
+cfg = $(call configs,$(1)) $(if $(OVERWRITE),--overwrite true)
 # ARGS go to the targets named on the command line, ARGS_<stage> always
 args = $(if $(filter $(subst _,-,$(1)),$(MAKECMDGOALS)),$(ARGS)) $(ARGS_$(1))
 
@@ -92,7 +93,7 @@ $(EVAL): $(JOINT) $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json)
 evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every run (5_eval)
 
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
-	$(PY) stages/generate.py $(call cfg,generate) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
+	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
 
 demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the results table
 	@cat $(RUN)/5_eval/results.md
