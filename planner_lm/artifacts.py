@@ -55,12 +55,22 @@ def make_target(stage: str) -> str:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def _atomic_replace(path: Path, write: Any, mode: str = "wb") -> None:
     """Write through a temporary file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes private files; outputs are ordinary files
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()

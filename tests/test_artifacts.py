@@ -93,3 +93,13 @@ def test_hash_changes_when_upstream_is_rebuilt(tmp_path):
     assert manifest_hash(up) != first
     with pytest.raises(UserError, match="built from an older"):
         downstream.check_built_from("cluster", read_manifest(up, "cluster"))
+
+
+def test_atomic_outputs_are_ordinary_files_not_private_temp_files(tmp_path):
+    import os
+    import stat
+
+    atomic_save_npy(tmp_path / "a.npy", np.zeros(2))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.npy").stat().st_mode) == 0o666 & ~mask
