@@ -11,14 +11,18 @@ Both accept `--config FILE` any number of times (later files override earlier on
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from planner_lm.artifacts import _jsonable, stage_dir, start_stage
+from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, manifest_hash, stage_dir, start_stage,
+                                  write_manifest)
+from planner_lm.errors import friendly_errors
 
 T = TypeVar("T")
 
@@ -94,6 +98,12 @@ def _make_stage_cli_class():
                                 help="Run directory holding every stage's output (make: RUN=...).")
             parser.add_argument("--overwrite", type=bool, default=False,
                                 help="Replace a finished run of this stage made with a different config.")
+            parser.add_argument("--checkpoint_every_n_steps", type=int, default=0,
+                                help="Also save checkpoints/last.ckpt every N optimizer steps (0: off). It is "
+                                     "always saved at each validation and epoch end.")
+            parser.add_argument("--checkpoint_every_minutes", type=float, default=10.0,
+                                help="Also save checkpoints/last.ckpt when this many minutes passed since the "
+                                     "last save (0: off), so a crash loses at most that much work.")
             if self.datamodule_class is not None and _has_init_arg(self.datamodule_class, "run_dir"):
                 parser.link_arguments("run_dir", "data.run_dir")
             for source, target in self.spec.links:
@@ -111,8 +121,11 @@ def _make_stage_cli_class():
             return _jsonable(self.config)
 
         def instantiate_trainer(self, **kwargs: Any):
-            from lightning.pytorch.callbacks import ModelCheckpoint
+            from lightning.pytorch.callbacks import Checkpoint
             from lightning.pytorch.loggers import TensorBoardLogger
+
+            from planner_lm.lit.callbacks import LastValidation
+            from planner_lm.lit.checkpointing import FiniteLossGuard, ResumeCheckpoint
 
             trainer_cfg = self.config_init.get("trainer", {})
             kwargs.setdefault("default_root_dir", str(self.output_dir))
@@ -120,12 +133,12 @@ def _make_stage_cli_class():
                 kwargs["logger"] = TensorBoardLogger(save_dir=str(self.output_dir), name="tb", version="")
             callbacks = list(trainer_cfg.get("callbacks") or [])
             if trainer_cfg.get("enable_checkpointing", True) is not False and not any(
-                isinstance(cb, ModelCheckpoint) for cb in callbacks
+                isinstance(cb, Checkpoint) for cb in callbacks
             ):
-                # top-1 without a monitor = the latest state, refreshed at every validation (also
-                # mid-epoch), with last.ckpt linked to it; save_top_k=0 would only save at epoch ends
-                callbacks.append(ModelCheckpoint(dirpath=str(self.output_dir / "checkpoints"), filename="latest",
-                                                 save_last="link", save_top_k=1, enable_version_counter=False))
+                callbacks.append(ResumeCheckpoint(self.output_dir / "checkpoints",
+                                                  every_n_steps=self.config.checkpoint_every_n_steps,
+                                                  every_minutes=self.config.checkpoint_every_minutes))
+            callbacks += [FiniteLossGuard(), LastValidation()]
             kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
 
@@ -142,8 +155,8 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
     """Parse the command line of a Lightning stage and instantiate model, data and trainer.
 
     Returns the CLI object: `.model`, `.datamodule`, `.trainer`, `.output_dir`, `.config_dict`.
-    The caller runs `fit`/`predict` (typically with `ckpt_path=resume_checkpoint(cli.output_dir)`)
-    and writes the manifest.
+    The caller runs `fit`/`predict` (typically with `ckpt_path=resume_checkpoint(cli, data.inputs)`)
+    and ends with `finish_stage`.
     """
     _quiet_env()
     cls = _make_stage_cli_class()
@@ -161,7 +174,71 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
     )
 
 
-def resume_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """`checkpoints/last.ckpt` of an interrupted run, so re-running a target resumes it."""
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+RESUME_RECORD = "resume.json"
+
+
+def _resume_identity(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> dict[str, Any]:
+    """What a checkpoint must have been trained from to be resumed: upstream manifests and config."""
+    config = {k: v for k, v in cli.config_dict.items() if k not in _RESUME_NEUTRAL}
+    return {"upstream": {name: manifest_hash(path) for name, path in sorted(inputs.items())},
+            "config_hash": config_hash(config)}
+
+
+# options that may change between a crash and the re-run without invalidating the checkpoint
+_RESUME_NEUTRAL = ("overwrite", "checkpoint_every_n_steps", "checkpoint_every_minutes")
+
+
+def resume_checkpoint(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> str | None:
+    """`checkpoints/last.ckpt` of an interrupted run of this stage, if it can be resumed, else None.
+
+    The checkpoint directory records the upstream manifests and the config it was trained from
+    (`checkpoints/resume.json`); if either changed since, the stale checkpoints are removed and
+    the stage starts over, so a resumed run never mixes two configurations or two inputs.
+    """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    folder = Path(cli.output_dir) / "checkpoints"
+    record, last = folder / RESUME_RECORD, folder / "last.ckpt"
+    identity = _resume_identity(cli, inputs)
+    if rank_zero_only.rank != 0:  # rank 0 decided (and cleaned up) before launching the others
+        return str(last) if last.is_file() else None
+    if folder.exists():
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved != identity:
+            if last.is_file():
+                print(f"{folder} holds a run from other inputs or another config; starting over")
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(identity, indent=2) + "\n")
     return str(last) if last.is_file() else None
+
+
+def final_validation(trainer: Any, model: Any, datamodule: Any) -> dict[str, float]:
+    """Validation metrics of the final weights: those of fit's last validation if it ran at the
+    final step (no second pass over the validation set), otherwise a fresh `trainer.validate`."""
+    from planner_lm.lit.callbacks import LastValidation
+
+    recorder = next((cb for cb in trainer.callbacks if isinstance(cb, LastValidation)), None)
+    if recorder is not None and recorder.step == trainer.global_step and recorder.metrics:
+        return dict(recorder.metrics)
+    return trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+
+
+def finish_stage(cli: Any, *, inputs: Mapping[str, str | os.PathLike], outputs: Sequence[str],
+                 facts: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the stage's manifest (last, atomically) with the resolved config and seed; return it."""
+    return write_manifest(cli.output_dir, stage=cli.spec.stage, config=cli.config_dict, inputs=inputs,
+                          outputs=list(outputs), facts=facts, metrics=metrics, seed=cli.config.get("seed_everything"))
+
+
+def stage_main(run: Callable[[list[str] | None], Any]) -> Callable[[list[str] | None], None]:
+    """The `main` of a stage script: `run` with user errors shown as one line and exit code 2."""
+    def main(args: list[str] | None = None) -> None:
+        with friendly_errors():
+            run(args)
+
+    main.__doc__ = f"Command-line entry point of `{run.__module__}`: {(run.__doc__ or '').strip()}"
+    return main

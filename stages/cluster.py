@@ -9,18 +9,15 @@ from `checkpoints/last.ckpt`.
 """
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from planner_lm.artifacts import atomic_save_npy, write_manifest
-from planner_lm.cli import StageSpec, build_cli, resume_checkpoint
+from planner_lm.artifacts import atomic_save_npy
+from planner_lm.cli import StageSpec, build_cli, finish_stage, resume_checkpoint, stage_main
 from planner_lm.data.embeddings import ClusterDataModule
-from planner_lm.errors import friendly_errors
 from planner_lm.evaluation.cluster_report import format_summary, write_cluster_report
 from planner_lm.lit.kmeans import KMeansModule
 from planner_lm.prepared import PreparedCorpus
@@ -35,20 +32,6 @@ SPEC = StageSpec(
     links=(("data.embedding_dim", "model.embedding_dim"),),
     trainer_defaults={"max_epochs": 100, "log_every_n_steps": 1},
 )
-
-
-def fresh_or_resume(out: Path, fit_source: str) -> str | None:
-    """`last.ckpt` to resume from, unless it was fitted on other embeddings (then start over)."""
-    ckpt = resume_checkpoint(out)
-    if ckpt is None:
-        return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=False).get("state_dict", {})
-    saved = state.get("_extra_state", {}).get("fit_source")
-    if saved != fit_source:
-        print(f"{out / 'checkpoints'} was fitted on other embeddings; starting over")
-        shutil.rmtree(out / "checkpoints")
-        return None
-    return ckpt
 
 
 def sentence_text_lookup(prepared: PreparedCorpus, split: str):
@@ -91,8 +74,8 @@ def run(args: list[str] | None = None) -> dict:
     trainer, out = cli.trainer, cli.output_dir
     k = model.hparams.num_clusters
     data.validate(k)  # k vs training sentences, NaN/inf: before any heavy work
-    model.fit_source = data.embed_manifest.hash
-    ckpt = fresh_or_resume(out, model.fit_source)
+    inputs = {"prepare": data.prepared.dir, "embed": data.embed_manifest.dir}
+    ckpt = resume_checkpoint(cli, inputs)
     started = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     fit_seconds = time.perf_counter() - started
@@ -138,21 +121,15 @@ def run(args: list[str] | None = None) -> dict:
         "fit_seconds": round(fit_seconds, 2),
         "seconds": round(seconds, 2),
     }
-    manifest = write_manifest(
-        out, stage=STAGE, config=cli.config_dict,
-        inputs={"prepare": data.prepared.dir, "embed": data.embed_manifest.dir},
-        outputs=["centroids.npy", "actions.npy", "report"], facts=facts, metrics=metrics,
-        seed=cli.config.get("seed_everything"),
-    )
+    manifest = finish_stage(cli, inputs=inputs, outputs=["centroids.npy", "actions.npy", "report"], facts=facts,
+                            metrics=metrics)
     print(format_summary(stats))
     print(f"cluster: k={k}, {model.iterations} Lloyd iterations ({'converged' if model.converged else 'max_epochs'}), "
           f"final inertia {final_inertia:.2f}, {seconds:.1f} s -> {out}")
     return manifest
 
 
-def main(args: list[str] | None = None) -> None:
-    with friendly_errors():
-        run(args)
+main = stage_main(run)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ import time
 
 import numpy as np
 
-from planner_lm.artifacts import write_manifest
-from planner_lm.cli import StageSpec, build_cli
+from planner_lm.cli import StageSpec, build_cli, finish_stage, stage_main
 from planner_lm.data.embed_data import EmbedDataModule, reset_shards_if_plan_changed
-from planner_lm.errors import friendly_errors
 from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards, fast_precision
 
 STAGE = "embed"
@@ -60,18 +58,15 @@ def run(args: list[str] | None = None) -> dict:
     metrics = {"seconds": round(seconds, 2), "sentences_per_s": round(data.num_sentences / max(seconds, 1e-9), 1),
                "precision": str(trainer.precision), "devices": trainer.world_size,
                "norm_min": round(float(norms.min()), 4), "norm_max": round(float(norms.max()), 4)}
-    manifest = write_manifest(out, stage=STAGE, config=cli.config_dict, inputs={"prepare": data.prepared.dir},
-                              outputs=[EMBEDDINGS_FILE], facts=facts, metrics=metrics,
-                              seed=cli.config.get("seed_everything"))
+    manifest = finish_stage(cli, inputs={"prepare": data.prepared.dir}, outputs=[EMBEDDINGS_FILE], facts=facts,
+                            metrics=metrics)
     shutil.rmtree(data.shard_dir)  # the consolidated file supersedes them
     print(f"embed: {data.num_sentences:,} × {dim} ({model.hparams.encoder}, {trainer.precision}) in {seconds:.1f} s "
           f"({metrics['sentences_per_s']:.0f} sentences/s over this run) -> {out / EMBEDDINGS_FILE}")
     return manifest
 
 
-def main(args: list[str] | None = None) -> None:
-    with friendly_errors():
-        run(args)
+main = stage_main(run)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from planner_lm.artifacts import write_manifest
-from planner_lm.cli import StageSpec, build_cli, resume_checkpoint
+from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint,
+                            stage_main)
 from planner_lm.data.joint_data import JointDataModule
-from planner_lm.errors import friendly_errors
 from planner_lm.lit.joint import JointPlannerLM
 
 STAGE = "finetune_joint"
@@ -44,11 +43,12 @@ def run(args: list[str] | None = None) -> dict:
     started = time.perf_counter()
     trained = model.has_trainable_parameters()
     if trained:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(out))
+        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
+        validation = final_validation(trainer, model, data)  # fit's last validation if it was at the end
     else:
         print(f"selection '{model.selection}' with {model.hparams.base_mode} base weights has nothing to "
               "train: evaluating the untouched base LM")
-    validation = trainer.validate(model, datamodule=data, verbose=False)[0]
+        validation = trainer.validate(model, datamodule=data, verbose=False)[0]
     seconds = time.perf_counter() - started
 
     outputs = ["lm"]
@@ -75,8 +75,7 @@ def run(args: list[str] | None = None) -> dict:
     }
     manifest: dict = {}
     if trainer.is_global_zero:
-        manifest = write_manifest(out, stage=STAGE, config=cli.config_dict, inputs=data.inputs, outputs=outputs,
-                                  facts=facts, metrics=metrics, seed=cli.config.get("seed_everything"))
+        manifest = finish_stage(cli, inputs=data.inputs, outputs=outputs, facts=facts, metrics=metrics)
         summary = f"{model.selection}: val perplexity {metrics['val/ppl']:.2f}"
         if "val/planner_acc" in metrics:
             summary += f", planner accuracy {100 * metrics['val/planner_acc']:.1f}%"
@@ -86,9 +85,7 @@ def run(args: list[str] | None = None) -> dict:
     return manifest
 
 
-def main(args: list[str] | None = None) -> None:
-    with friendly_errors():
-        run(args)
+main = stage_main(run)
 
 
 if __name__ == "__main__":

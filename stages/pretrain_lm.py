@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 
-from planner_lm.artifacts import write_manifest
-from planner_lm.cli import StageSpec, build_cli, resume_checkpoint
+from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint,
+                            stage_main)
 from planner_lm.data.lm_pretrain_data import LMPretrainDataModule
-from planner_lm.errors import friendly_errors
 from planner_lm.lit.lm_pretrain import CausalLMPretrainModule
 
 STAGE = "pretrain_lm"
@@ -34,13 +33,10 @@ def run(args: list[str] | None = None) -> dict:
     trainer, out = cli.trainer, cli.output_dir
     started = time.perf_counter()
     start_step = trainer.global_step
-    trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(out))
+    trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
     train_seconds = time.perf_counter() - started
     steps = int(trainer.global_step)
-    if model.last_validation is not None and model.last_validation[0] == steps:
-        validation = model.last_validation[1]  # fit already validated the final weights
-    else:
-        validation = trainer.validate(model, datamodule=data, verbose=False)[0]
+    validation = final_validation(trainer, model, data)
     if not trainer.is_global_zero:
         return {}
     files = model.export(out, data.tokenizer)
@@ -63,17 +59,14 @@ def run(args: list[str] | None = None) -> dict:
         "n_positions": arch.n_positions,
         "window": data.window,
     }
-    manifest = write_manifest(out, stage=STAGE, config=cli.config_dict, inputs=data.inputs, outputs=files,
-                              facts=facts, metrics=metrics, seed=cli.config.get("seed_everything"))
+    manifest = finish_stage(cli, inputs=data.inputs, outputs=files, facts=facts, metrics=metrics)
     print(f"pretrain-lm: {facts['lm_name']} ({model.num_parameters / 1e6:.1f} M parameters), "
           f"val perplexity {metrics['val/ppl']:.1f} after {steps} steps "
           f"({metrics['seconds_per_step']:.2f} s/step) -> {out}")
     return manifest
 
 
-def main(args: list[str] | None = None) -> None:
-    with friendly_errors():
-        run(args)
+main = stage_main(run)
 
 
 if __name__ == "__main__":

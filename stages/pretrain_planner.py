@@ -7,16 +7,10 @@ to content-free baselines, TensorBoard events in `tb/` and resumable checkpoints
 """
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
-import torch
-
-from planner_lm.artifacts import write_manifest
-from planner_lm.cli import StageSpec, build_cli, resume_checkpoint
+from planner_lm.cli import StageSpec, build_cli, finish_stage, resume_checkpoint, stage_main
 from planner_lm.data.planner_data import PlannerDataModule
-from planner_lm.errors import friendly_errors
 from planner_lm.lit.planner import PlannerModule
 from planner_lm.models.planner import PLANNER_FILE
 
@@ -31,19 +25,6 @@ SPEC = StageSpec(
     links=tuple((f"data.{name}", f"model.{name}") for name in
                 ("num_actions", "embedding_dim", "centroids", "context_sentences")),
 )
-
-
-def fresh_or_resume(out: Path, upstream: dict[str, str]) -> str | None:
-    """`last.ckpt` to resume from, unless it was trained on other upstream data (then start over)."""
-    ckpt = resume_checkpoint(out)
-    if ckpt is None:
-        return None
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False).get("planner_upstream")
-    if saved is not None and saved != upstream:
-        print(f"{out / 'checkpoints'} was trained on other prepare/embed/cluster outputs; starting over")
-        shutil.rmtree(out / "checkpoints")
-        return None
-    return ckpt
 
 
 def summary_table(metrics: dict[str, float]) -> str:
@@ -68,8 +49,7 @@ def run(args: list[str] | None = None) -> dict:
     model: PlannerModule = cli.model
     data: PlannerDataModule = cli.datamodule
     trainer, out = cli.trainer, cli.output_dir
-    model.upstream_hashes = dict(data.upstream_hashes)
-    ckpt = fresh_or_resume(out, model.upstream_hashes)
+    ckpt = resume_checkpoint(cli, data.inputs)
     started = time.perf_counter()
     start_step = trainer.global_step
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
@@ -96,17 +76,14 @@ def run(args: list[str] | None = None) -> dict:
         "train_sentences": data.num_train,
         "val_sentences": data.num_val,
     }
-    manifest = write_manifest(out, stage=STAGE, config=cli.config_dict, inputs=data.inputs, outputs=[PLANNER_FILE],
-                              facts=facts, metrics=metrics, seed=cli.config.get("seed_everything"))
+    manifest = finish_stage(cli, inputs=data.inputs, outputs=[PLANNER_FILE], facts=facts, metrics=metrics)
     print(summary_table(metrics))
     print(f"pretrain-planner: k={data.num_actions}, {facts['num_parameters']:,} parameters, {steps} steps "
           f"(weights of step {exported_step}), {metrics['train_examples_per_s']:.0f} examples/s -> {out / PLANNER_FILE}")
     return manifest
 
 
-def main(args: list[str] | None = None) -> None:
-    with friendly_errors():
-        run(args)
+main = stage_main(run)
 
 
 if __name__ == "__main__":

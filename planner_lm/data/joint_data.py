@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from planner_lm.artifacts import read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, load_or_build_token_cache
+from planner_lm.data.resumable import resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -199,12 +200,10 @@ class JointDataModule(L.LightningDataModule):
         actions = np.load(self.cluster_manifest.dir / "actions.npy", mmap_mode="r")
         self.collate = JointBatchCollator(embeddings, actions, self.context_sentences)
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(self._windows[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return resumable_train_loader(self._windows["train"], self.batch_size, None, collate_fn=self.collate,
+                                      num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return DataLoader(self._windows["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.artifacts import stage_dir
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, load_or_build_token_cache
+from planner_lm.data.resumable import resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -166,16 +167,13 @@ class LMPretrainDataModule(L.LightningDataModule):
         """Tokens in the training stream (for throughput figures)."""
         return self._tokens("train").num_tokens
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(self._datasets[split], batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=collate_lm, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return resumable_train_loader(self._datasets["train"], self.batch_size, None, collate_fn=collate_lm,
+                                      num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return DataLoader(self._datasets["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_lm,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def describe(self) -> dict[str, Any]:
         """Sizes recorded in the manifest."""

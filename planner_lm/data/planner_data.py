@@ -15,10 +15,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.artifacts import Manifest, read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
+from planner_lm.data.resumable import resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -92,58 +93,6 @@ class PlannerBatchCollator:
             "target": torch.from_numpy(np.asarray(actions[ids], dtype=np.int64)),
             "previous": torch.from_numpy(previous.astype(np.int64)),
         }
-
-
-class EpochSeededSampler(RandomSampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
-
-    `start` skips the first examples of the next pass (set when resuming mid-epoch). It is a
-    `RandomSampler`, so under DDP Lightning swaps in a `DistributedSampler` (which then restarts
-    an interrupted epoch from its beginning).
-    """
-
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.data_source), generator=generator).tolist()
-        start, self.start = self.start, 0
-        yield from order[start:]
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning can checkpoint mid-epoch (`state_dict` / `load_state_dict`).
-
-    It counts the batches handed to training in the current pass; after a restore the sampler
-    skips that many batches, so a resumed run continues with the very batches it would have seen.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._batches_done = 0
-        self._resume_from = 0
-
-    def __iter__(self):
-        done, self._resume_from = self._resume_from, 0
-        if done and isinstance(self.sampler, EpochSeededSampler):
-            self.sampler.start = done * self.batch_size
-        self._batches_done = done
-        for batch in super().__iter__():
-            self._batches_done += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self._batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_from = int(state.get("batches_done", 0))
 
 
 def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray, doc_first: np.ndarray,
@@ -297,9 +246,8 @@ class PlannerDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = SentenceTargets(self._ids["train"])
-        return ResumableLoader(data, batch_size=self.batch_size, sampler=EpochSeededSampler(data, self.seed),
-                          collate_fn=self.collate, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return resumable_train_loader(data, self.batch_size, self.seed, collate_fn=self.collate,
+                                      num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(SentenceTargets(self._ids["val"]), batch_size=self.eval_batch_size, shuffle=False,

@@ -1,4 +1,4 @@
-"""Training-schedule callbacks for joint planner + LM fine-tuning."""
+"""Training callbacks: the unfreeze schedule of joint fine-tuning and the last-validation record."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from planner_lm.errors import UserError
 
-__all__ = ["UnfreezeSchedule", "resolve_unfreeze_step"]
+__all__ = ["LastValidation", "UnfreezeSchedule", "resolve_unfreeze_step"]
 
 
 def resolve_unfreeze_step(at: int | float | None, total_steps: int | float) -> int | None:
@@ -71,3 +71,22 @@ class UnfreezeSchedule(L.Callback):
             if trainer.global_step > 0:
                 print(f"[step {trainer.global_step}] {self.name} unfrozen")
         pl_module.log(f"train/{self.name}_trainable", float(self.trainable), on_step=True, on_epoch=False)
+
+
+class LastValidation(L.Callback):
+    """Remembers the metrics of the latest validation during fit and the step it ran at.
+
+    Lets a stage report the final weights' validation metrics without validating them twice when
+    fit's schedule already ended with a validation (`planner_lm.cli.final_validation`).
+    """
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.step = trainer.global_step
+        self.metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+                        if key.startswith("val/")}

@@ -70,7 +70,6 @@ class KMeansModule(LightningModule):
         self.inertia_curve: list[float] = []
         self.reseeded_curve: list[int] = []
         self.converged = False
-        self.fit_source: str | None = None  # identifies the fit data (embed manifest hash); checked on resume
         self._assigner: Assigner | None = None
         self._assigner_device: torch.device | None = None
 
@@ -166,13 +165,12 @@ class KMeansModule(LightningModule):
     # from spawned processes (strategy "ddp_spawn" returns rank 0's state dict to the caller).
     def get_extra_state(self) -> dict[str, Any]:
         return {"inertia_curve": list(self.inertia_curve), "reseeded_curve": list(self.reseeded_curve),
-                "converged": self.converged, "fit_source": self.fit_source}
+                "converged": self.converged}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.inertia_curve = list(state.get("inertia_curve", []))
         self.reseeded_curve = list(state.get("reseeded_curve", []))
         self.converged = bool(state.get("converged", False))
-        self.fit_source = state.get("fit_source")
 
     @property
     def iterations(self) -> int:

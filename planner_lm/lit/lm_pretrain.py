@@ -78,8 +78,6 @@ class CausalLMPretrainModule(L.LightningModule):
         )
         self.lm = GPT2LMHeadModel(self.config)
         self.val_nll = MeanMetric()
-        # the last real (not sanity-check) validation: (global step, {"val/loss": ..., "val/ppl": ...})
-        self.last_validation: tuple[int, dict[str, float]] | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -121,8 +119,6 @@ class CausalLMPretrainModule(L.LightningModule):
         # the metric is already reduced over ranks: every rank logs the same value
         self.log("val/loss", nll, sync_dist=True)
         self.log("val/ppl", torch.exp(nll), prog_bar=True, sync_dist=True)
-        if not self.trainer.sanity_checking:
-            self.last_validation = (self.global_step, {"val/loss": float(nll), "val/ppl": float(torch.exp(nll))})
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []

@@ -97,7 +97,6 @@ class PlannerModule(L.LightningModule):
         self.baselines: dict[str, float] = {}
         # manifest hashes of the upstream stages, stored in checkpoints so that a resume
         # can tell whether the data changed since (set by the stage)
-        self.upstream_hashes: dict[str, str] = {}
         # lowest validation NLL so far and a CPU copy of the planner weights that reached it
         self.best: dict[str, Any] = {"nll": float("inf"), "step": -1, "state": None}
 
@@ -153,7 +152,6 @@ class PlannerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["planner_config"] = dict(self.planner.config)
-        checkpoint["planner_upstream"] = dict(self.upstream_hashes)
         checkpoint["planner_best"] = self.best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,75 @@
+"""Training loaders that resume mid-epoch on the very batch an interrupted run would have seen next.
+
+Lightning checkpoints the state of a loader that has `state_dict`/`load_state_dict`; with the
+shuffle depending only on (seed, epoch), a run killed mid-epoch and resumed from its checkpoint
+trains on the same batches, in the same order, as one that was never interrupted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class EpochSeededSampler(RandomSampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
+
+    `start` skips the first examples of the next pass (set when resuming mid-epoch). It is a
+    `RandomSampler`, so under DDP Lightning swaps in a `DistributedSampler` (which then restarts
+    an interrupted epoch from its beginning).
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        start, self.start = self.start, 0
+        yield from order[start:]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch (`state_dict` / `load_state_dict`).
+
+    It counts the batches handed to training in the current pass; after a restore the sampler
+    skips that many batches, so a resumed run continues with the very batches it would have seen.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = 0
+        self._resume_from = 0
+
+    def __iter__(self):
+        done, self._resume_from = self._resume_from, 0
+        if done and isinstance(self.sampler, EpochSeededSampler):
+            self.sampler.start = done * self.batch_size
+        self._batches_done = done
+        for batch in super().__iter__():
+            self._batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self._batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_from = int(state.get("batches_done", 0))
+
+
+def resumable_train_loader(data: Dataset, batch_size: int, seed: int | None, *, collate_fn: Callable | None = None,
+                           num_workers: int = 0) -> ResumableLoader:
+    """Shuffled training loader that resumes mid-epoch; `seed` None: torch's seed (the run's
+    `seed_everything`, which LightningCLI applies before building the data module)."""
+    if seed is None:
+        seed = torch.initial_seed() % 2**31
+    return ResumableLoader(data, batch_size=batch_size, sampler=EpochSeededSampler(data, seed), collate_fn=collate_fn,
+                           num_workers=num_workers, persistent_workers=num_workers > 0, drop_last=False)

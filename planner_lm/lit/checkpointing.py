@@ -1,0 +1,148 @@
+"""Crash safety for every training stage: atomic resumable checkpoints and a non-finite loss stop.
+
+`ResumeCheckpoint` replaces Lightning's `ModelCheckpoint` for our stages because resuming after a
+SIGKILL needs three things that one does not give together:
+
+- the file is replaced atomically (written beside `last.ckpt`, then renamed), so a kill while
+  saving leaves the previous checkpoint intact instead of a truncated one;
+- saves happen every N optimizer steps and/or every few minutes, at each validation and at each
+  epoch end, so a kill loses little work whatever the schedule;
+- the random number generators travel in the checkpoint, so a resumed run draws the same dropout
+  masks / Gumbel noise as an uninterrupted one (with the stateful loaders of `data/resumable.py`
+  it then sees the same batches too, and ends with the same weights).
+
+`FiniteLossGuard` stops training at the first NaN/inf training loss, naming the step, before the
+checkpoint of that step is written: the last checkpoint on disk is the last good one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from planner_lm.errors import UserError
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` saved."""
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ResumeCheckpoint(Checkpoint):
+    """Keep `<dirpath>/last.ckpt` = the latest training state, replaced atomically.
+
+    Args:
+        dirpath: the stage's `checkpoints/` directory.
+        every_n_steps: also save every this many optimizer steps (0: not by step count).
+        every_minutes: also save when this many minutes passed since the last save (0: not by time).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, every_n_steps: int = 0, every_minutes: float = 10.0) -> None:
+        if every_n_steps < 0 or every_minutes < 0:
+            raise UserError("checkpoint intervals must be >= 0 (0 turns that trigger off)")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = int(every_n_steps)
+        self.every_minutes = float(every_minutes)
+        self.saved_step: int | None = None
+        self._saved_at = time.monotonic()
+
+    @property
+    def last_path(self) -> Path:
+        return self.dirpath / LAST_CHECKPOINT
+
+    # ------------------------------------------------------------------ triggers
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self.saved_step:
+            return
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        due = due or (self.every_minutes > 0 and time.monotonic() - self._saved_at >= 60 * self.every_minutes)
+        if trainer.strategy.broadcast(due):  # rank 0's clock decides, so every rank saves together
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and trainer.global_step != self.saved_step:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # the epoch loop's own progress changes here even if the step did not
+
+    # ------------------------------------------------------------------ saving
+    def save(self, trainer: L.Trainer) -> None:
+        """Write the checkpoint beside `last.ckpt`, then rename it over (rank 0 writes)."""
+        partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.last_path)
+        trainer.strategy.barrier("resume checkpoint saved")
+        self.saved_step = trainer.global_step
+        self._saved_at = time.monotonic()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+        self.saved_step = int(checkpoint.get("global_step", 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps, "every_minutes": self.every_minutes}
+
+
+class FiniteLossGuard(L.Callback):
+    """Stop at the first non-finite training loss with a message that names the step.
+
+    Runs before `ResumeCheckpoint` (Lightning calls checkpoint callbacks last), so the weights
+    that produced the NaN are never saved over the last good checkpoint.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if not trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return
+        value = "nan" if bool(torch.isnan(loss.detach()).any()) else "inf"
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoint)), None)
+        if saver is not None and saver.saved_step is not None and saver.last_path.is_file():
+            kept = f"the last good checkpoint (step {saver.saved_step}) is kept at {saver.last_path}"
+        else:
+            kept = "no checkpoint had been written yet"
+        raise UserError(
+            f"the training loss became {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
+            f"batch {batch_idx}); training stopped and {kept}. Lower the learning rate (--model.lr) or check the "
+            "inputs, then run the stage again"
+        )
