@@ -274,6 +274,20 @@ class Manifest:
             )
 
 
+def _check_recorded_shape(path: Path, info: dict[str, Any], target: str) -> None:
+    """An array replaced or truncated after its stage finished is refused (read from the header only)."""
+    if "shape" not in info or path.suffix != ".npy":
+        return
+    try:
+        array = np.load(path, mmap_mode="r")
+        found = (list(array.shape), str(array.dtype))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); re-run `make {target}`") from err
+    if found != (info["shape"], info.get("dtype", found[1])):
+        raise UserError(f"{path} is {found[1]} {found[0]} but its manifest recorded {info.get('dtype')} "
+                        f"{info['shape']}: it changed after the stage finished; re-run `make {target}`")
+
+
 def read_manifest(stage_dir: str | os.PathLike, stage: str | None = None) -> Manifest:
     """Load and validate a finished stage's manifest, or explain which target to run."""
     stage_dir = Path(stage_dir)
@@ -297,9 +311,10 @@ def read_manifest(stage_dir: str | os.PathLike, stage: str | None = None) -> Man
             f"{path} has schema version {data.get('schema_version')}, this planner-lm writes "
             f"{SCHEMA_VERSION}; re-run `make {target}`"
         )
-    for rel in data.get("outputs", {}):
+    for rel, info in data.get("outputs", {}).items():
         if not (stage_dir / rel).exists():
             raise UserError(f"{stage_dir} is incomplete: {rel} is missing; re-run `make {target}`")
+        _check_recorded_shape(stage_dir / rel, info, target)
     return Manifest(path=path, data=data)
 
 

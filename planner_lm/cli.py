@@ -125,7 +125,7 @@ def _make_stage_cli_class():
             from lightning.pytorch.loggers import TensorBoardLogger
 
             from planner_lm.lit.callbacks import LastValidation
-            from planner_lm.lit.checkpointing import FiniteLossGuard, ResumeCheckpoint
+            from planner_lm.lit.checkpointing import FiniteLossGuard, ResumeCheckpoint, StepSeed
 
             trainer_cfg = self.config_init.get("trainer", {})
             kwargs.setdefault("default_root_dir", str(self.output_dir))
@@ -138,7 +138,7 @@ def _make_stage_cli_class():
                 callbacks.append(ResumeCheckpoint(self.output_dir / "checkpoints",
                                                   every_n_steps=self.config.checkpoint_every_n_steps,
                                                   every_minutes=self.config.checkpoint_every_minutes))
-            callbacks += [FiniteLossGuard(), LastValidation()]
+            callbacks += [StepSeed(), FiniteLossGuard(), LastValidation()]
             kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from planner_lm.cli import StageSpec, build_cli, finish_stage, stage_main
-from planner_lm.data.embed_data import EmbedDataModule, reset_shards_if_plan_changed
+from planner_lm.data.embed_data import EmbedDataModule, count_truncated, reset_shards_if_plan_changed
 from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards, fast_precision
 
 STAGE = "embed"
@@ -55,7 +55,13 @@ def run(args: list[str] | None = None) -> dict:
     norms = np.linalg.norm(np.load(out / EMBEDDINGS_FILE, mmap_mode="r")[:4096].astype(np.float32), axis=1)
     facts = {"encoder": model.hparams.encoder, "embedding_dim": dim, "num_sentences": data.num_sentences,
              "dtype": "float16", "max_seq_length": model.encoder.max_seq_length}
+    window = int(model.encoder.max_seq_length)
+    truncated = count_truncated(data.texts, model.encoder.tokenizer, window)
+    if truncated:
+        print(f"embed: note: {truncated:,} sentences ({100 * truncated / data.num_sentences:.2f}%) are longer than "
+              f"the encoder's window of {window} tokens; only their first {window} tokens are embedded")
     metrics = {"seconds": round(seconds, 2), "sentences_per_s": round(data.num_sentences / max(seconds, 1e-9), 1),
+               "truncated_sentences": truncated,
                "precision": str(trainer.precision), "devices": trainer.world_size,
                "norm_min": round(float(norms.min()), 4), "norm_max": round(float(norms.max()), 4)}
     manifest = finish_stage(cli, inputs={"prepare": data.prepared.dir}, outputs=[EMBEDDINGS_FILE], facts=facts,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 # before any Hugging Face import: tests never touch the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,26 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+class NetworkBlocked(OSError):
+    """Raised by any test that tries to reach a host other than this machine."""
+
+
+_local_connect = socket.socket.connect
+
+
+def _connect_locally_only(self, address):  # noqa: ANN001 - socket.connect's own signature
+    host = address[0] if isinstance(address, tuple) else address
+    if self.family == socket.AF_UNIX or host in ("127.0.0.1", "localhost", "::1"):
+        return _local_connect(self, address)  # DDP's gloo rendezvous on loopback is fine
+    raise NetworkBlocked(f"a test tried to reach {address!r}; the suite must run offline")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with outbound connections refused, so a hidden download fails loudly."""
+    monkeypatch.setattr(socket.socket, "connect", _connect_locally_only)
 
 TINY_DOCS = [
     {"title": "Moon", "text": "The Moon is Earth's only natural satellite. It orbits at about 384,400 km. "

@@ -50,6 +50,16 @@ def test_incomplete_or_foreign_stage_is_refused_with_the_target_to_run(tmp_path)
         read_manifest(out, "cluster")
 
 
+def test_an_array_changed_after_its_stage_finished_is_refused(tmp_path):
+    out = tmp_path / "2_cluster"
+    out.mkdir()
+    _finish(out, {"k": 4})
+    read_manifest(out, "cluster")
+    np.save(out / "x.npy", np.zeros((3, 2), dtype=np.float32))  # e.g. a later partial copy
+    with pytest.raises(UserError, match="changed after the stage finished; re-run `make cluster`"):
+        read_manifest(out, "cluster")
+
+
 def test_old_schema_is_refused(tmp_path):
     out = tmp_path / "2_cluster"
     out.mkdir()

@@ -6,6 +6,8 @@ import datasets
 import numpy as np
 import pytest
 
+from planner_lm.errors import UserError
+
 from planner_lm.data.lm_windows import IGNORE_INDEX, LMWindows, load_or_build_token_cache
 from planner_lm.tokenization import tokenize_documents
 
@@ -113,5 +115,5 @@ def test_token_cache_is_reused_and_keyed_by_fingerprint(gpt2_tokenizer, tmp_path
 
 def test_stride_must_leave_an_overlap_token(gpt2_tokenizer, tmp_path):
     tokens = load_or_build_token_cache(make_split(["a b"]), gpt2_tokenizer, tmp_path, "train", "fp")
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(UserError, match="stride"):
         LMWindows(tokens, window=8, stride=8)

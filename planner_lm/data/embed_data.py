@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,17 @@ class EmbedDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=None, collate_fn=_collate_one, num_workers=self.num_workers)
+
+
+def count_truncated(texts: Sequence[str], tokenizer: Any, max_tokens: int) -> int:
+    """How many sentences exceed the encoder's window of `max_tokens` (special tokens included).
+
+    Only sentences whose UTF-8 length could reach the window are tokenized (a token covers at
+    least one byte), so this costs little even on millions of sentences.
+    """
+    candidates = [text for text in texts if len(text.encode("utf-8")) + 4 > max_tokens]
+    count = 0
+    for start in range(0, len(candidates), 1024):
+        encoded = tokenizer(candidates[start:start + 1024], add_special_tokens=True, truncation=False)["input_ids"]
+        count += sum(len(ids) > max_tokens for ids in encoded)
+    return count

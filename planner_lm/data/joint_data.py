@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from planner_lm.artifacts import read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
-from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, load_or_build_token_cache
+from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
@@ -103,10 +103,7 @@ class JointDataModule(L.LightningDataModule):
         token_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if window < 2:
-            raise UserError(f"data.window must be at least 2 tokens, got {window}")
-        if stride is not None and not 1 <= stride <= window - 1:
-            raise UserError(f"data.stride must be between 1 and window - 1 = {window - 1}, got {stride}")
+        check_window(window, stride)
         self.run_dir = Path(run_dir)
         self.window, self.stride = window, stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size

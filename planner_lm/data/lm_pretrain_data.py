@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.artifacts import stage_dir
-from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, load_or_build_token_cache
+from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
@@ -37,8 +37,7 @@ class PackedWindows(Dataset):
     """
 
     def __init__(self, tokens: TokenizedSplit, window: int = 128) -> None:
-        if window < 2:
-            raise ValueError(f"window must be at least 2 tokens, got {window}")
+        check_window(window)
         self.ids, self.window = tokens.input_ids, window
         self._count = max(0, (tokens.num_tokens - 1) // (window - 1))
         if self._count and (self._count - 1) * (window - 1) + window > tokens.num_tokens:
@@ -93,8 +92,7 @@ class LMPretrainDataModule(L.LightningDataModule):
         token_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if window < 2:
-            raise UserError(f"data.window must be at least 2 tokens, got {window}")
+        check_window(window)
         if batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
         from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from planner_lm.errors import UserError
 from planner_lm.tokenization import tokenize_documents
 
 __all__ = ["IGNORE_INDEX", "TokenizedSplit", "build_token_cache", "load_or_build_token_cache", "LMWindows"]
@@ -122,6 +123,14 @@ def load_or_build_token_cache(
                              desc=f"tokenize {split}")
 
 
+def check_window(window: int, stride: int | None = None) -> None:
+    """Refuse window/stride settings that cannot label every token once (a `UserError` naming the option)."""
+    if window < 2:
+        raise UserError(f"data.window must be at least 2 tokens, got {window}")
+    if stride is not None and not 1 <= stride <= window - 1:
+        raise UserError(f"data.stride must be between 1 and window - 1 = {window - 1}, got {stride}")
+
+
 class LMWindows(Dataset):
     """Fixed-length windows over the documents of a :class:`TokenizedSplit`.
 
@@ -133,11 +142,8 @@ class LMWindows(Dataset):
 
     def __init__(self, tokens: TokenizedSplit, window: int = 128, stride: int | None = None,
                  pad_token_id: int = 0) -> None:
+        check_window(window, stride)
         stride = window - 1 if stride is None else stride
-        if window < 2:
-            raise ValueError(f"window must be at least 2 tokens, got {window}")
-        if not 1 <= stride <= window - 1:
-            raise ValueError(f"stride must be in [1, window - 1 = {window - 1}], got {stride}")
         self.tokens, self.window, self.stride, self.pad_token_id = tokens, window, stride, pad_token_id
         docs, starts = [], []
         for doc in range(tokens.num_docs):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from planner_lm.artifacts import atomic_write_text, read_manifest, stage_dir, start_stage, write_manifest
+from planner_lm.data.planner_data import action_baselines
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
 from planner_lm.evaluation.perplexity import (
@@ -31,7 +32,7 @@ from planner_lm.evaluation.perplexity import (
     nll_by_position,
     sliding_window_nll,
 )
-from planner_lm.evaluation.planner_metrics import baseline_scores, planner_logits, planner_scores
+from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
 from planner_lm.evaluation.report import (
     Column,
     log_to_tensorboard,
@@ -171,7 +172,6 @@ class TestSet:
     sentence_ids: torch.Tensor
     sentence_doc_first: torch.Tensor
     actions: torch.Tensor
-    previous_actions: torch.Tensor
 
 
 def load_test_set(prepared: PreparedCorpus, tokenizer: Any, fingerprint: str, run_dir: Path,
@@ -199,9 +199,7 @@ def load_test_set(prepared: PreparedCorpus, tokenizer: Any, fingerprint: str, ru
     ids = torch.arange(first, last)
     doc_first = torch.from_numpy(np.repeat(firsts, [len(s) for s in spans]).astype(np.int64))
     true = torch.from_numpy(np.array(actions[first:last], dtype=np.int64))
-    previous = torch.cat([torch.tensor([-1]), true[:-1]])
-    previous[ids == doc_first] = -1
-    return TestSet(documents, texts, spans, firsts, first, ids, doc_first, true, previous)
+    return TestSet(documents, texts, spans, firsts, first, ids, doc_first, true)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -308,7 +306,8 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
               for name, p in planners.items()}
     planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
     train_lo, train_hi = prepared.sentence_range("train")
-    baselines = baseline_scores(np.asarray(actions[train_lo:train_hi]), test.actions, test.previous_actions)
+    baselines = action_baselines(np.asarray(actions), np.arange(train_lo, train_hi), test.sentence_ids.numpy(),
+                                 prepared.sentence_doc_first, num_actions)
 
     structure_eval = _structure_evaluator(cfg, test, embed, cluster, actions, tokenizer, device, encoder)
     structure: dict[str, dict[str, float]] = {}
@@ -503,8 +502,9 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, runs, results, test: TestSet,
         "source the run was trained with; best value per column in bold.\n"
     )
     baselines = metrics["planner_baselines"]
-    notes += (f"\nPlanner reference accuracies on the same test sentences: majority action "
-              f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}.\n")
+    notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
+              f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
+              f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + metrics["table"] + "\n" + notes
     atomic_write_text(out / "results.md", body)
     atomic_write_text(out / "metrics.json", json.dumps(_finite({k: v for k, v in metrics.items() if k != "table"}),

@@ -54,16 +54,3 @@ def planner_scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
         "mean_rank": float(rank.float().mean()),
         "nll": float(torch.nn.functional.cross_entropy(logits, targets)),
     }
-
-
-def baseline_scores(train_actions: np.ndarray, targets: Tensor, previous: Tensor) -> dict[str, float]:
-    """Content-free references: always the most frequent train action; repeat the previous one.
-
-    ``previous[i]`` is the action of the sentence before target ``i`` (-1 at a document start).
-    """
-    majority = int(np.bincount(np.asarray(train_actions)).argmax()) if len(train_actions) else 0
-    targets = targets.long()
-    return {
-        "majority_top1": float((targets == majority).float().mean()) if len(targets) else float("nan"),
-        "previous_top1": float((targets == previous).float().mean()) if len(targets) else float("nan"),
-    }

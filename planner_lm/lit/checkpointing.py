@@ -1,4 +1,4 @@
-"""Crash safety for every training stage: atomic resumable checkpoints and a non-finite loss stop.
+"""Crash safety for every training stage: atomic resumable checkpoints, per-batch seeding, NaN stops.
 
 `ResumeCheckpoint` replaces Lightning's `ModelCheckpoint` for our stages because resuming after a
 SIGKILL needs three things that one does not give together:
@@ -7,15 +7,16 @@ SIGKILL needs three things that one does not give together:
   saving leaves the previous checkpoint intact instead of a truncated one;
 - saves happen every N optimizer steps and/or every few minutes, at each validation and at each
   epoch end, so a kill loses little work whatever the schedule;
-- the random number generators travel in the checkpoint, so a resumed run draws the same dropout
-  masks / Gumbel noise as an uninterrupted one (with the stateful loaders of `data/resumable.py`
-  it then sees the same batches too, and ends with the same weights).
+- with `StepSeed` (random numbers drawn per batch from the batch's position) and the stateful
+  loaders of `data/resumable.py` (the same batches in the same order), a resumed run ends with
+  the weights of an uninterrupted one.
 
 `FiniteLossGuard` stops training at the first NaN/inf training loss, naming the step, before the
 checkpoint of that step is written: the last checkpoint on disk is the last good one.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -32,24 +33,26 @@ from planner_lm.errors import UserError
 LAST_CHECKPOINT = "last.ckpt"
 
 
-def rng_states() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states in types `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
-                              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+class StepSeed(L.Callback):
+    """Seed Python, NumPy and torch from (run seed, epoch, batch, rank) before every training batch.
 
+    Dropout masks and Gumbel noise then depend only on where training is, not on everything that
+    drew random numbers before (data loader iterators, sanity checks, validation): a run resumed
+    from any checkpoint draws exactly what the uninterrupted run drew at the same batch.
+    """
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what `rng_states` saved."""
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    def __init__(self) -> None:
+        self.base_seed = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**32))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        key = f"{self.base_seed}:{trainer.current_epoch}:{batch_idx}:{trainer.global_rank}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 class ResumeCheckpoint(Checkpoint):
@@ -108,12 +111,7 @@ class ResumeCheckpoint(Checkpoint):
         self.saved_step = trainer.global_step
         self._saved_at = time.monotonic()
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = rng_states()
-
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
         self.saved_step = int(checkpoint.get("global_step", 0))
 
     def state_dict(self) -> dict[str, Any]:
