@@ -88,12 +88,16 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(upstr
 
 
 def test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights(tiny_prepared, tmp_path, monkeypatch):
-    """Dropout on, a shuffled loader, a crash between two step checkpoints: same final weights."""
+    """Dropout on, a shuffled loader, a crash between two step checkpoints: same final weights.
+
+    With max_epochs set, the LR schedule needs the number of batches per epoch; asking for it too
+    early once made resumed runs start their epoch over (they trained on other batches).
+    """
     from safetensors.torch import load_file
 
     args = ["--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2", "--model.n_positions", "64",
             "--model.dropout", "0.2", "--model.warmup_steps", "2", "--data.window", "16", "--data.batch_size", "2",
-            "--trainer.max_steps", "16", "--trainer.check_val_every_n_epoch", "100", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "16", "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "100", "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--checkpoint_every_n_steps", "4"]
     reference_dir = tmp_path / "reference"
     shutil.copytree(tiny_prepared, reference_dir)
@@ -113,7 +117,7 @@ def test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights(tiny_pr
     # 5 batches per epoch: saves at steps 4, 5 (epoch end), 8, 10 (epoch end), 12 (mid-epoch)
     assert saved["global_step"] == 12 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 2
     manifest = pretrain_lm.run(["--run_dir", str(tiny_prepared), *args])
-    assert manifest["metrics"]["steps"] == 16
+    assert manifest["metrics"]["steps"] == 15  # 3 epochs of 5 batches
     a, b = load_file(out / "model.safetensors"), load_file(reference_dir / "lm" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)

@@ -129,13 +129,20 @@ class CausalLMPretrainModule(L.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        total: list[int] = []  # resolved at the first step past warm-up, see below
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if step == warmup:
+                return 1.0
+            # Asked here rather than in configure_optimizers: asking Lightning for the step count
+            # there builds the training loader before a checkpoint is restored, and a resumed run
+            # would then start its epoch over instead of continuing from the saved batch.
+            if not total:
+                total.append(max(1, int(self.trainer.estimated_stepping_batches)))
+            progress = min(1.0, (step - warmup) / max(1, total[0] - warmup))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
