@@ -223,3 +223,25 @@ def test_documents_of_a_single_sentence_train_a_planner(tmp_path):
 def test_the_suite_cannot_reach_the_network():
     with pytest.raises(NetworkBlocked):
         socket.create_connection(("203.0.113.7", 443), timeout=1)
+
+
+@pytest.mark.parametrize("stage_name, args", [
+    ("prepare", ["--split.no_such_option", "3"]),
+    ("pretrain_planner", ["--model.no_such_option", "3"]),
+    ("finetune_joint", ["--trainer.no_such_option", "3"]),
+])
+def test_an_option_that_does_not_exist_is_named_without_a_traceback(stage_name, args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        stage(stage_name).main(["--run_dir", str(tmp_path / "run"), *args])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "no_such_option" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_a_yaml_key_that_does_not_exist_is_named(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("model:\n  learning_rate: 0.1\n")  # the option is model.lr
+    with pytest.raises(SystemExit) as exit_info:
+        stage("pretrain_planner").main(["--run_dir", str(tmp_path / "run"), "--config", str(config)])
+    assert exit_info.value.code != 0 and "learning_rate" in capsys.readouterr().err
