@@ -136,7 +136,8 @@ def config_hash(config: Any) -> str:
 
 
 # keys that may differ between a run and its resume without changing the outputs
-_CONFIG_KEYS_NOT_HASHED = {"overwrite", "config", "run_dir", "progress"}
+_CONFIG_KEYS_NOT_HASHED = {"overwrite", "config", "run_dir", "progress", "checkpoint_every_n_steps",
+                           "checkpoint_every_minutes"}
 
 
 def _describe_output(path: Path) -> dict[str, Any]:

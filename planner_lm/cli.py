@@ -178,14 +178,10 @@ RESUME_RECORD = "resume.json"
 
 
 def _resume_identity(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> dict[str, Any]:
-    """What a checkpoint must have been trained from to be resumed: upstream manifests and config."""
-    config = {k: v for k, v in cli.config_dict.items() if k not in _RESUME_NEUTRAL}
+    """What a checkpoint must have been trained from to be resumed: upstream manifests and config
+    (`config_hash` ignores options that do not change the outputs, such as checkpoint intervals)."""
     return {"upstream": {name: manifest_hash(path) for name, path in sorted(inputs.items())},
-            "config_hash": config_hash(config)}
-
-
-# options that may change between a crash and the re-run without invalidating the checkpoint
-_RESUME_NEUTRAL = ("overwrite", "checkpoint_every_n_steps", "checkpoint_every_minutes")
+            "config_hash": config_hash(cli.config_dict)}
 
 
 def resume_checkpoint(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> str | None:

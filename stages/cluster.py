@@ -74,8 +74,7 @@ def run(args: list[str] | None = None) -> dict:
     trainer, out = cli.trainer, cli.output_dir
     k = model.hparams.num_clusters
     data.validate(k)  # k vs training sentences, NaN/inf: before any heavy work
-    inputs = {"prepare": data.prepared.dir, "embed": data.embed_manifest.dir}
-    ckpt = resume_checkpoint(cli, inputs)
+    ckpt = resume_checkpoint(cli, data.inputs)
     started = time.perf_counter()
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
     fit_seconds = time.perf_counter() - started
@@ -121,7 +120,7 @@ def run(args: list[str] | None = None) -> dict:
         "fit_seconds": round(fit_seconds, 2),
         "seconds": round(seconds, 2),
     }
-    manifest = finish_stage(cli, inputs=inputs, outputs=["centroids.npy", "actions.npy", "report"], facts=facts,
+    manifest = finish_stage(cli, inputs=data.inputs, outputs=["centroids.npy", "actions.npy", "report"], facts=facts,
                             metrics=metrics)
     print(format_summary(stats))
     print(f"cluster: k={k}, {model.iterations} Lloyd iterations ({'converged' if model.converged else 'max_epochs'}), "

@@ -64,7 +64,7 @@ def run(args: list[str] | None = None) -> dict:
                "truncated_sentences": truncated,
                "precision": str(trainer.precision), "devices": trainer.world_size,
                "norm_min": round(float(norms.min()), 4), "norm_max": round(float(norms.max()), 4)}
-    manifest = finish_stage(cli, inputs={"prepare": data.prepared.dir}, outputs=[EMBEDDINGS_FILE], facts=facts,
+    manifest = finish_stage(cli, inputs=data.inputs, outputs=[EMBEDDINGS_FILE], facts=facts,
                             metrics=metrics)
     shutil.rmtree(data.shard_dir)  # the consolidated file supersedes them
     print(f"embed: {data.num_sentences:,} × {dim} ({model.hparams.encoder}, {trainer.precision}) in {seconds:.1f} s "

@@ -141,6 +141,7 @@ class EmbedDataModule(LightningDataModule):
         self.run_dir, self.batch_size, self.shard_batches, self.num_workers = run_dir, batch_size, shard_batches, num_workers
         self.prepared = PreparedCorpus(stage_dir(run_dir, "prepare"))
         self.num_sentences = self.prepared.num_sentences
+        self.inputs = {"prepare": self.prepared.dir}
         if self.num_sentences == 0:
             raise UserError(f"{self.prepared.dir} has no sentences; check the corpus and re-run `make prepare`")
         self.shard_dir = stage_dir(run_dir, "embed") / SHARD_DIR

@@ -172,6 +172,7 @@ class ClusterDataModule(LightningDataModule):
         self.embed_manifest: Manifest = read_manifest(stage_dir(run_dir, "embed"), "embed")
         self.embed_manifest.check_built_from("prepare", self.prepared.manifest)
         self.embed_manifest.require("num_sentences", self.prepared.num_sentences, "embeddings vs prepared corpus")
+        self.inputs = {"prepare": self.prepared.dir, "embed": self.embed_manifest.dir}
         self.embeddings_path = self.embed_manifest.dir / EMBEDDINGS_FILE
         self.embedding_dim = int(self.embed_manifest.fact("embedding_dim"))
         self.num_sentences = int(self.embed_manifest.fact("num_sentences"))

@@ -114,9 +114,6 @@ class ResumeCheckpoint(Checkpoint):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.saved_step = int(checkpoint.get("global_step", 0))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "every_minutes": self.every_minutes}
-
 
 class FiniteLossGuard(L.Callback):
     """Stop at the first non-finite training loss with a message that names the step.
