@@ -8,13 +8,24 @@ that learns anything should beat every content-free baseline by a wide margin.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from planner_lm.artifacts import atomic_save_npy, stage_dir, write_manifest
 
 SPLITS = ("train", "val", "test")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_stage(name: str) -> ModuleType:
+    """The module of `stages/<name>.py` (its `run` and `main`): tests call the real entry points."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def planted_next_action(action: np.ndarray | int, k: int) -> np.ndarray | int:

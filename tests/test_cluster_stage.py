@@ -1,7 +1,6 @@
 """The `cluster` stage end to end on fabricated upstream stages (real entry point, real files)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -10,19 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures_stages import make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream
 from planner_lm.artifacts import read_manifest
 from planner_lm.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("cluster_stage", ROOT / "stages" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def fake_run(tmp_path: Path, **kwargs) -> tuple[Path, np.ndarray]:
     """Fabricated 0_prepare + 1_embed, and the planted actions (its fake 2_cluster is removed)."""
@@ -35,7 +24,7 @@ def fake_run(tmp_path: Path, **kwargs) -> tuple[Path, np.ndarray]:
 def run_stage(run_dir: Path, *extra: str) -> dict:
     args = ["--run_dir", str(run_dir), "--model.num_clusters", "8", "--data.batch_size", "256",
             "--trainer.max_epochs", "30", "--trainer.enable_progress_bar", "false", *extra]
-    return load_stage().run(args)
+    return load_stage("cluster").run(args)
 
 
 def test_cluster_stage_writes_codebook_actions_and_report(tmp_path):

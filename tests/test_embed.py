@@ -1,13 +1,13 @@
 """The `embed` stage: encoder resolution, length-sorted plan, aligned vectors, resume after a kill."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fixtures_stages import load_stage
 from planner_lm.artifacts import read_manifest
 from planner_lm.data.embed_data import EmbedPlan, length_sorted_batches
 from planner_lm.errors import UserError
@@ -15,20 +15,10 @@ from planner_lm.lit import embed as lit_embed
 from planner_lm.lit.embed import resolve_encoder_path
 from planner_lm.prepared import PreparedCorpus
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("embed_stage", ROOT / "stages" / "embed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_stage(run_dir: Path, encoder: Path, *extra: str) -> dict:
     args = ["--run_dir", str(run_dir), "--model.encoder", str(encoder), "--data.batch_size", "3",
             "--data.shard_batches", "2", "--trainer.enable_progress_bar", "false", *extra]
-    return load_stage().run(args)
+    return load_stage("embed").run(args)
 
 
 def reference_vectors(run_dir: Path, encoder: Path) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_stages import make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream
 from planner_lm.artifacts import read_manifest, stage_dir, write_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.evaluate import EvaluateConfig, StructureConfig, run_evaluate
@@ -153,13 +153,7 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path):
 
 def load_entry_point(name: str):
     """`main` of `stages/<name>.py`, the real command-line entry point."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_stage(name).main
 
 
 def test_generate_stage_prints_text_with_its_plan(run_dir, monkeypatch, capsys):

@@ -1,7 +1,6 @@
 """The `pretrain-planner` stage end to end on fabricated upstream stages with a planted rule."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_stages import make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream
 from planner_lm.artifacts import read_manifest, write_manifest
 from planner_lm.data.planner_data import PlannerDataModule, action_baselines
 from planner_lm.errors import UserError
@@ -20,14 +19,7 @@ from planner_lm.models.planner import Planner
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("stage_pretrain_planner", ROOT / "stages" / "pretrain_planner.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pretrain_planner = _load_stage()
+pretrain_planner = load_stage("pretrain_planner")
 
 K, DIM = 8, 16
 FAST = ["--model.ffn_dim", "32", "--model.dropout", "0.0", "--model.lr", "1e-2", "--data.batch_size", "32",

@@ -5,7 +5,6 @@ random points is in `test_crash_resume.py` (slow).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import socket
@@ -17,19 +16,12 @@ import pytest
 import torch
 
 from conftest import NetworkBlocked
-from fixtures_stages import make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream
 from planner_lm.lit.lm_pretrain import CausalLMPretrainModule
 from planner_lm.lit.planner import PlannerModule
 from planner_lm.models.planner import Planner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +50,7 @@ PLANNER_ARGS = ["--config", "configs/pretrain_planner.yaml", "--model.ffn_dim", 
 
 
 def planner_run(run_dir: Path, *extra: str) -> dict:
-    return stage("pretrain_planner").run(["--run_dir", str(run_dir), *PLANNER_ARGS, *extra])
+    return load_stage("pretrain_planner").run(["--run_dir", str(run_dir), *PLANNER_ARGS, *extra])
 
 
 def planner_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +68,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(upstr
 
     monkeypatch.setattr(PlannerModule, "training_step", poisoned)
     with pytest.raises(SystemExit) as exit_info:
-        stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
+        load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "nan at step 7" in err and "step 6" in err and "Traceback" not in err
@@ -101,7 +93,7 @@ def test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights(tiny_pr
             "--trainer.enable_progress_bar", "false", "--checkpoint_every_n_steps", "4"]
     reference_dir = tmp_path / "reference"
     shutil.copytree(tiny_prepared, reference_dir)
-    pretrain_lm = stage("pretrain_lm")
+    pretrain_lm = load_stage("pretrain_lm")
     pretrain_lm.run(["--run_dir", str(reference_dir), *args])
 
     def crash(self, batch, batch_idx):
@@ -156,7 +148,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(upstream, tmp_path, 
     with monkeypatch.context() as patch:
         patch.setattr(L.Trainer, "save_checkpoint", dies_on_third_save)
         with pytest.raises(SystemExit):
-            stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
+            load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
     checkpoint = torch.load(run_dir / "3_planner" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == steps[1] > 0  # the second save, intact
     manifest = planner_run(run_dir, "--checkpoint_every_n_steps", "2")  # and the run resumes from it
@@ -169,9 +161,9 @@ def test_same_seed_gives_byte_identical_embeddings_and_clusters_and_equal_planne
     runs = [tiny_prepared, tmp_path / "again"]
     shutil.copytree(tiny_prepared, runs[1])
     for run_dir in runs:
-        stage("embed").run(["--run_dir", str(run_dir), "--model.encoder", str(tiny_encoder_dir),
+        load_stage("embed").run(["--run_dir", str(run_dir), "--model.encoder", str(tiny_encoder_dir),
                             "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"])
-        stage("cluster").run(["--run_dir", str(run_dir), "--model.num_clusters", "4", "--trainer.max_epochs", "10",
+        load_stage("cluster").run(["--run_dir", str(run_dir), "--model.num_clusters", "4", "--trainer.max_epochs", "10",
                               "--trainer.enable_progress_bar", "false"])
         planner_run(run_dir, "--data.batch_size", "4", "--data.context_sentences", "3")
     for name in ("1_embed/embeddings.npy", "2_cluster/centroids.npy", "2_cluster/actions.npy"):
@@ -202,7 +194,7 @@ def test_sentences_longer_than_the_encoder_window_are_embedded_and_counted(tmp_p
     run_dir = tmp_path / "run"
     run_prepare(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(corpus)),
                               split=SplitConfig(val_docs=1, test_docs=1), workers=1))
-    manifest = stage("embed").run(["--run_dir", str(run_dir), "--model.encoder", str(tiny_encoder_dir),
+    manifest = load_stage("embed").run(["--run_dir", str(run_dir), "--model.encoder", str(tiny_encoder_dir),
                                    "--trainer.enable_progress_bar", "false"])
     assert manifest["metrics"]["truncated_sentences"] == 1
     assert "longer than the encoder's window of 48 tokens" in capsys.readouterr().out
@@ -232,7 +224,7 @@ def test_the_suite_cannot_reach_the_network():
 ])
 def test_an_option_that_does_not_exist_is_named_without_a_traceback(stage_name, args, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        stage(stage_name).main(["--run_dir", str(tmp_path / "run"), *args])
+        load_stage(stage_name).main(["--run_dir", str(tmp_path / "run"), *args])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "no_such_option" in err and "Traceback" not in err
@@ -243,5 +235,5 @@ def test_a_yaml_key_that_does_not_exist_is_named(tmp_path, capsys):
     config = tmp_path / "typo.yaml"
     config.write_text("model:\n  learning_rate: 0.1\n")  # the option is model.lr
     with pytest.raises(SystemExit) as exit_info:
-        stage("pretrain_planner").main(["--run_dir", str(tmp_path / "run"), "--config", str(config)])
+        load_stage("pretrain_planner").main(["--run_dir", str(tmp_path / "run"), "--config", str(config)])
     assert exit_info.value.code != 0 and "learning_rate" in capsys.readouterr().err
