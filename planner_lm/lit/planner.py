@@ -8,7 +8,7 @@ reader sees whether the planner learned more than action frequencies.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from planner_lm.lit.best_weights import BestWeights
 from planner_lm.models.planner import DEFAULT_CONTEXT_SENTENCES, Planner
 
 
@@ -54,6 +55,10 @@ class PlannerModule(L.LightningModule):
         num_heads: attention heads (paper: 2).
         ffn_dim: feed-forward size of each layer (paper: 2048).
         dropout: dropout inside the encoder layers.
+        pooling: read the context out at the previous sentence (`last`, starts as "copy the previous
+            sentence's action") or as a mean over all context sentences (`mean`, the reference).
+        copy_prior: add a learned-scale "distance of the previous sentence to each centroid" term
+            to the logits, so the planner starts near copying the previous action (reference: no).
         lr: Adam learning rate (paper: 1e-4).
         weight_decay: L2 penalty added by Adam, as in the paper (not decoupled AdamW).
         init_head_from_centroids: start the policy head as the k-means codebook (paper: yes).
@@ -72,6 +77,8 @@ class PlannerModule(L.LightningModule):
         num_heads: int = 2,
         ffn_dim: int = 2048,
         dropout: float = 0.1,
+        pooling: Literal["last", "mean"] = "last",
+        copy_prior: bool = True,
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         init_head_from_centroids: bool = True,
@@ -88,6 +95,8 @@ class PlannerModule(L.LightningModule):
             num_heads=num_heads,
             ffn_dim=ffn_dim,
             dropout=dropout,
+            pooling=pooling,
+            copy_prior=copy_prior,
         )
         if init_head_from_centroids and centroids is not None:
             self.planner.init_head_from_centroids(centroids)
@@ -95,10 +104,7 @@ class PlannerModule(L.LightningModule):
         self.val_metrics = _metrics(num_actions, "val/")
         self.val_nll = MeanMetric()
         self.baselines: dict[str, float] = {}
-        # manifest hashes of the upstream stages, stored in checkpoints so that a resume
-        # can tell whether the data changed since (set by the stage)
-        # lowest validation NLL so far and a CPU copy of the planner weights that reached it
-        self.best: dict[str, Any] = {"nll": float("inf"), "step": -1, "state": None}
+        self.best = BestWeights()
 
     def forward(self, context: Tensor, mask: Tensor) -> Tensor:
         return self.planner(context, mask)
@@ -126,7 +132,7 @@ class PlannerModule(L.LightningModule):
         self.val_metrics.reset()
         self.val_nll.reset()
         if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-            self._remember_if_best(float(values["val/nll"]))
+            self.best.offer(float(values["val/nll"]), self.global_step, self.planner)
         datamodule = getattr(self.trainer, "datamodule", None)
         self.baselines = dict(getattr(datamodule, "baselines", {}) or {})
         for name, value in self.baselines.items():
@@ -135,16 +141,10 @@ class PlannerModule(L.LightningModule):
         self.log("val/top1", values.pop("val/top1"), prog_bar=True, sync_dist=True)
         self.log_dict(values, sync_dist=True)
 
-    def _remember_if_best(self, nll: float) -> None:
-        if nll < self.best["nll"]:
-            state = {k: v.detach().cpu().clone() for k, v in self.planner.state_dict().items()}
-            self.best = {"nll": nll, "step": int(self.global_step), "state": state}
-
     def select_export_weights(self) -> int:
         """Load the weights to hand off (see `export_best`); returns the step they come from."""
-        if self.hparams.export_best and self.best["state"] is not None:
-            self.planner.load_state_dict(self.best["state"])
-            return self.best["step"]
+        if self.hparams.export_best and self.best.restore(self.planner):
+            return self.best.step
         return int(self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -152,7 +152,7 @@ class PlannerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["planner_config"] = dict(self.planner.config)
-        checkpoint["planner_best"] = self.best
+        checkpoint["planner_best"] = self.best.to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of a planner with another shape (e.g. k changed since)."""
@@ -165,4 +165,4 @@ class PlannerModule(L.LightningModule):
                 f"the checkpoint to resume was trained with a different planner ({diff}, as saved vs now); "
                 "pass --overwrite true (make: OVERWRITE=1) to start over"
             )
-        self.best = checkpoint.get("planner_best", self.best)
+        self.best.load_checkpoint(checkpoint.get("planner_best"))
