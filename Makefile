@@ -23,7 +23,10 @@ PYTHON ?= python3
 PROMPT ?= The Moon is
 PLAN ?=
 SELECTION ?= soft
-BASELINES ?= none fixed uniform oracle hard straight_through
+BASELINES ?= none fixed boundary uniform oracle hard straight_through
+# the runs `make evaluate` (and so `make demo`) needs besides soft: the demo keeps the controls that
+# answer "does planning help?" (oracle = upper bound, fixed and boundary = content-free, none = plain LM)
+COMPARED ?= $(if $(filter demo,$(PRESET)),none fixed boundary oracle,$(BASELINES))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
@@ -88,9 +91,9 @@ finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft
 
 baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## the comparison set: $(BASELINES)
 
-$(EVAL): $(JOINT) $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json)
+$(EVAL): $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
 	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
-evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every run (5_eval)
+evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every finished run (5_eval)
 
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
 	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)

@@ -34,7 +34,19 @@ from planner_lm.tokenization import bos_token_id, tokenize_documents
 SentenceEncoder = Callable[[Sequence[str]], Tensor]
 """Texts → unit-norm sentence vectors ``[n, D]`` (the encoder of the embed stage)."""
 
-GENERATION_SELECTIONS = ("soft", "hard", "fixed", "uniform", "none")
+GENERATION_SELECTIONS = ("soft", "hard", "fixed", "boundary", "uniform", "none")
+
+GENERATION_CONDITIONING = {
+    "soft": "soft", "gumbel": "soft", "hard": "hard", "straight_through": "hard",
+    "oracle": "hard", "fixed": "fixed", "boundary": "boundary", "uniform": "uniform", "none": "none",
+}
+"""How a run trained with each selection is conditioned while generating (oracle codes do not
+exist for new text: an oracle run follows the planner's argmax)."""
+
+
+def run_temperature(joint_manifest: Any) -> float:
+    """The planner softmax temperature a joint run was trained with (evaluate and generate use it)."""
+    return float(joint_manifest.config.get("model.temperature", 1.0))
 """What the LM can be conditioned on while generating (oracle needs the true text)."""
 
 PROBE = " The"
@@ -219,7 +231,7 @@ class PlannerGenerator:
             return self.planner(context.to(device), mask.to(device)).float().cpu()
 
     def _decide(
-        self, logits: Tensor | None, forced: int | None, config: SamplingConfig, what: str
+        self, logits: Tensor | None, forced: int | None, config: SamplingConfig, what: str, sentence_index: int
     ) -> tuple[PlannedSentence, Tensor]:
         """The open sentence's plan entry and action weights (all zero for ``none``)."""
         probs = None if logits is None else torch.softmax(logits / config.planner_temperature, -1)
@@ -230,11 +242,15 @@ class PlannerGenerator:
         if forced is not None:
             weights = torch.nn.functional.one_hot(torch.tensor(forced), self.num_actions).float()
             return PlannedSentence("", forced, probability(forced), "forced"), weights
-        if config.selection in ("fixed", "uniform", "none"):
-            weights = select_weights(None, config.selection, num_actions=self.num_actions, batch_shape=())
+        if config.selection in ("fixed", "boundary", "uniform", "none"):
+            weights = select_weights(None, config.selection, num_actions=self.num_actions, batch_shape=(),
+                                     sentence_index=torch.tensor(sentence_index))
             weights = torch.zeros(self.num_actions) if weights is None else weights.float()
-            # fixed is conditioned on action 0; otherwise show what the planner would have chosen
-            action = 0 if config.selection == "fixed" else (int(logits.argmax()) if logits is not None else -1)
+            # fixed and boundary are conditioned on one action; otherwise show what the planner would have chosen
+            if config.selection in ("fixed", "boundary"):
+                action = int(weights.argmax())
+            else:
+                action = int(logits.argmax()) if logits is not None else -1
             return PlannedSentence("", action, probability(action), config.selection), weights
         if logits is None:
             raise ValueError(f"no planner loaded to choose the action of {what}; force it with a plan")
@@ -263,7 +279,7 @@ class PlannerGenerator:
         for j in range(len(closed) + 1):
             entry, weights = self._decide(
                 None if logits is None else logits[j], self._forced(row, j), config,
-                f"prompt sentence {j + 1}" if j < len(closed) else "the first sentence",
+                f"prompt sentence {j + 1}" if j < len(closed) else "the first sentence", j,
             )
             entry.text = texts[j] if j < len(closed) else ""
             entry.in_prompt = j < len(closed)
@@ -391,7 +407,7 @@ class PlannerGenerator:
             index = len(row.sentences)
             entry, weights = self._decide(
                 None if logits is None else logits[i], self._forced(row, index), config,
-                f"sentence {index - row.prompt_sentences + 1}",
+                f"sentence {index - row.prompt_sentences + 1}", index,
             )
             row.sentences.append(entry)
             row.weights.append(weights)

@@ -19,6 +19,7 @@ import torch
 from planner_lm.artifacts import atomic_write_text, read_manifest, stage_dir
 from planner_lm.errors import UserError
 from planner_lm.generation import (
+    GENERATION_CONDITIONING,
     GENERATION_SELECTIONS,
     ActionExamples,
     Generation,
@@ -26,13 +27,9 @@ from planner_lm.generation import (
     SamplingConfig,
     format_plan,
     load_sentence_encoder,
+    run_temperature,
 )
 
-DEFAULT_CONDITIONING = {
-    "soft": "soft", "gumbel": "soft", "hard": "hard", "straight_through": "hard",
-    "oracle": "hard", "fixed": "fixed", "uniform": "uniform", "none": "none",
-}
-"""How each trained run is conditioned at generation time by default (oracle: the planner's argmax)."""
 
 
 @dataclass
@@ -49,7 +46,7 @@ class GenerateConfig:
         max_new_tokens: tokens to generate per sample.
         temperature: token sampling temperature; 0 = greedy.
         top_p: nucleus sampling threshold (1 = off).
-        conditioning: soft, hard, fixed, uniform or none; default: what the run was trained with.
+        conditioning: soft, hard, fixed, boundary, uniform or none; default: what the run was trained with.
         examples: example training sentences shown per action (0 = none, faster start).
         seed: sampling seed.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
@@ -87,8 +84,9 @@ def parse_plan(text: str, num_actions: int) -> list[int | None]:
 
 
 def load_generator(run_dir: str | Path, selection: str = "soft", device: str = "auto",
-                   examples: int = 2) -> tuple[PlannerGenerator, str]:
-    """A ready `PlannerGenerator` for `<run_dir>/4_joint-<selection>` and its default conditioning."""
+                   examples: int = 2) -> tuple[PlannerGenerator, str, float]:
+    """A ready `PlannerGenerator` for `<run_dir>/4_joint-<selection>`, its default conditioning and
+    the planner temperature the run was trained with."""
     from planner_lm.evaluation.evaluate import resolve_device
     from planner_lm.models.base_lm import load_tokenizer
     from planner_lm.models.conditioning import ActionConditionedLM
@@ -131,7 +129,7 @@ def load_generator(run_dir: str | Path, selection: str = "soft", device: str = "
             per_action=examples,
         )
     generator = PlannerGenerator(lm, tokenizer, encode, num_actions, planner=planner, action_examples=lookup)
-    return generator, DEFAULT_CONDITIONING.get(selection, "soft")
+    return generator, GENERATION_CONDITIONING.get(selection, "soft"), run_temperature(joint)
 
 
 def run_generate(cfg: GenerateConfig) -> list[Generation]:
@@ -140,14 +138,15 @@ def run_generate(cfg: GenerateConfig) -> list[Generation]:
         raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
     if cfg.conditioning is not None and cfg.conditioning not in GENERATION_SELECTIONS:
         raise UserError(f"conditioning must be one of {', '.join(GENERATION_SELECTIONS)}, got {cfg.conditioning!r}")
-    generator, default = load_generator(cfg.run_dir, cfg.selection, cfg.device, cfg.examples)
+    generator, default, planner_temperature = load_generator(cfg.run_dir, cfg.selection, cfg.device, cfg.examples)
     plan = parse_plan(cfg.plan, generator.num_actions)
     conditioning = cfg.conditioning or default
     if plan and conditioning == "none":
         raise UserError("a plan cannot steer the unconditioned LM (SELECTION=none); pick a conditioned run")
     try:
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  selection=conditioning, seed=cfg.seed)
+                                  selection=conditioning, planner_temperature=planner_temperature,
+                                  seed=cfg.seed)
         generations = generator.generate([cfg.prompt] * cfg.num_samples, [plan] * cfg.num_samples, sampling)
     except ValueError as err:  # bad sampling settings, or a plan needed without a planner
         raise UserError(str(err)) from err

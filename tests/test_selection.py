@@ -34,7 +34,8 @@ def test_hard_modes_pick_the_argmax(logits, mode):
 @pytest.mark.parametrize("mode", SELECTIONS[:-1])
 def test_weights_are_distributions(logits, mode):
     oracle = torch.randint(0, K, (2, 5))
-    weights = select_weights(logits, mode, training=True, oracle_actions=oracle)
+    positions = torch.arange(10).reshape(2, 5)
+    weights = select_weights(logits, mode, training=True, oracle_actions=oracle, sentence_index=positions)
     assert weights.shape == (2, 5, K)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
     assert (weights >= 0).all()
@@ -112,3 +113,14 @@ def test_bad_inputs_raise(logits):
         select_weights(logits, "oracle")
     with pytest.raises(ValueError, match="temperature"):
         select_weights(logits, "soft", temperature=0.0)
+
+
+def test_boundary_alternates_two_actions_by_sentence_and_ignores_content(logits):
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 1, 2]])
+    weights = select_weights(logits, "boundary", sentence_index=positions)
+    assert weights.argmax(-1).tolist() == [[0, 1, 0, 1, 0], [0, 0, 1, 1, 0]]
+    other = select_weights(torch.randn_like(logits), "boundary", sentence_index=positions)
+    torch.testing.assert_close(weights, other)  # planner logits do not matter
+    assert not weights.requires_grad
+    with pytest.raises(ValueError, match="sentence_index"):
+        select_weights(logits, "boundary")

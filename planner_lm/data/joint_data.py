@@ -8,8 +8,9 @@ that the stage CLI links into the model, so the user never types them.
 A batch holds the windows (``input_ids``, ``attention_mask``, ``labels``) and, for the planner,
 the batch's DISTINCT target sentences: ``plan_sentence [U]`` (global ids), ``token_plan [B, T]``
 (index into them per position), ``plan_context [U, S, D]`` / ``plan_context_mask [U, S]`` (cached
-embeddings of the previous sentences) and ``plan_action [U]`` (k-means action ids: oracle
-selection, planner loss and accuracy). The planner thus runs once per sentence, not per token.
+embeddings of the previous sentences), ``plan_action [U]`` (k-means action ids: oracle
+selection, planner loss and accuracy) and ``plan_position [U]`` (each sentence's index in its
+document: the boundary control). The planner thus runs once per sentence, not per token.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class JointBatchCollator:
         batch["plan_sentence"] = plan_sentence
         batch["token_plan"] = token_plan
         batch["plan_action"] = torch.from_numpy(np.asarray(self.actions[plan_sentence.numpy()], dtype=np.int64))
+        batch["plan_position"] = plan_sentence - plan_doc_first
         if self.embeddings is not None:
             context, mask = gather_contexts(self.embeddings, plan_sentence, plan_doc_first, self.context_sentences)
             batch["plan_context"], batch["plan_context_mask"] = context, mask

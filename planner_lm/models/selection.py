@@ -13,8 +13,14 @@ same code path, so comparisons between them are fair.
 | gumbel           | softmax((logits + s*g) / T) in training, soft eval | yes                |
 | oracle           | one_hot(k-means id of the true sentence)           | no planner         |
 | fixed            | one_hot(action 0) everywhere                       | no planner         |
+| boundary         | one_hot(sentence index in its document mod 2)      | no planner         |
 | uniform          | 1 / K everywhere (the mean codebook vector)        | no planner         |
 | none             | ``None``: no conditioning, the plain LM            | no planner         |
+
+``boundary`` is the control for *where* sentences start: per-sentence codes tell the LM that the
+next token opens a new sentence (a boundary the splitter drew by looking ahead), which fixed,
+uniform and none do not. It alternates between actions 0 and 1 at every sentence start and says
+nothing about content, so "planner vs boundary" is the gain from content alone.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ SELECTIONS: tuple[str, ...] = (
     "gumbel",
     "oracle",
     "fixed",
+    "boundary",
     "uniform",
     "none",
 )
@@ -58,6 +65,7 @@ def select_weights(
     temperature: float = 1.0,
     training: bool = False,
     oracle_actions: Tensor | None = None,
+    sentence_index: Tensor | None = None,
     num_actions: int | None = None,
     gumbel_scale: float = 1.0,
     batch_shape: Sequence[int] | None = None,
@@ -72,6 +80,8 @@ def select_weights(
         training: Gumbel noise is only added in training; evaluation uses the plain softmax.
         oracle_actions: true action ids ``[...]`` (mode ``oracle``); a negative id (padding)
             gives an all-zero row, i.e. no conditioning at that position.
+        sentence_index: position of each sentence in its document ``[...]`` (0 = first;
+            mode ``boundary``).
         num_actions: ``K`` when no logits are given.
         gumbel_scale: multiplier of the Gumbel noise.
         batch_shape: the ``[...]`` shape for ``fixed``/``uniform`` when neither logits nor
@@ -100,6 +110,13 @@ def select_weights(
         valid = oracle_actions >= 0
         onehot = F.one_hot(oracle_actions.clamp(min=0).long(), k).to(dtype)
         return onehot * valid.unsqueeze(-1).to(dtype)
+
+    if mode == "boundary":
+        if sentence_index is None:
+            raise ValueError("selection 'boundary' needs sentence_index (each sentence's position in its document)")
+        if k < 2:
+            raise ValueError("selection 'boundary' needs at least 2 actions")
+        return F.one_hot(sentence_index.long().remainder(2), k).to(dtype)
 
     shape, device = _reference_shape(logits, oracle_actions, batch_shape, mode)
     if mode == "fixed":
