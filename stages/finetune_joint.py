@@ -42,9 +42,12 @@ def run(args: list[str] | None = None) -> dict:
     trainer, out = cli.trainer, cli.output_dir
     started = time.perf_counter()
     trained = model.has_trainable_parameters()
+    best = None
     if trained:
         trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
-        validation = final_validation(trainer, model, data)  # fit's last validation if it was at the end
+        best = model.select_export_weights()
+        # the best weights were validated during fit; the final ones by fit's last validation
+        validation = best[1] if best else final_validation(trainer, model, data)
     else:
         print(f"selection '{model.selection}' with {model.hparams.base_mode} base weights has nothing to "
               "train: evaluating the untouched base LM")
@@ -61,7 +64,8 @@ def run(args: list[str] | None = None) -> dict:
     metrics = {key: round(float(value), 6) for key, value in validation.items()}
     if model.planner_acc_start is not None:
         metrics["val/planner_acc_start"] = round(model.planner_acc_start, 6)
-    metrics.update(seconds=round(seconds, 1), steps=int(trainer.global_step))
+    metrics.update(seconds=round(seconds, 1), steps=int(trainer.global_step),
+                   exported_step=best[0] if best else int(trainer.global_step))
     facts = {
         "selection": model.selection,
         "num_actions": data.num_actions,

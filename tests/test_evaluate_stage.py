@@ -63,7 +63,7 @@ def run_dir(tmp_path_factory) -> Path:
     Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(planner_dir)
     write_manifest(planner_dir, stage="pretrain_planner", config={}, outputs=["planner.pt"],
                    facts={"num_actions": K, "embedding_dim": DIM, "context_sentences": 3})
-    for selection, with_planner in (("soft", True), ("fixed", False), ("none", False)):
+    for selection, with_planner in (("soft", True), ("fixed", False), ("boundary", False), ("none", False)):
         write_joint_run(run, selection, tokenizer, with_planner)
     return run
 
@@ -90,8 +90,8 @@ def metrics(run_dir):
 
 def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
     rows = {(r["run"], r["source"]): r for r in metrics["rows"]}
-    expected = {("soft", s) for s in ("planner_soft", "planner_hard", "oracle", "fixed", "uniform", "none")}
-    expected |= {("fixed", s) for s in ("planner_soft", "planner_hard", "oracle", "fixed", "uniform", "none")}
+    sources = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
+    expected = {(run, s) for run in ("soft", "fixed", "boundary") for s in sources}
     expected |= {("none", "none"), ("pretrained", "-")}
     assert set(rows) == expected
     assert rows[("soft", "planner_soft")]["matched"] and not rows[("soft", "oracle")]["matched"]
@@ -104,6 +104,8 @@ def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
     assert rows[("soft", "none")]["ppl"] == rows[("none", "none")]["ppl"]
     assert rows[("none", "none")]["vs_none"]["value"] == pytest.approx(0.0, abs=1e-12)
     assert rows[("fixed", "fixed")]["vs_fixed"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[("boundary", "boundary")]["vs_boundary"]["value"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[("boundary", "boundary")]["matched"] and rows[("soft", "planner_soft")]["vs_boundary"] is not None
     # actions change the scores (random adapters)
     assert rows[("soft", "oracle")]["ppl"]["value"] != rows[("soft", "none")]["ppl"]["value"]
     # planner metrics for the pretrained and the jointly tuned planner
@@ -112,12 +114,12 @@ def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
 
 
 def test_structure_metrics_and_generations(metrics, run_dir):
-    assert set(metrics["structure"]) == {"soft", "fixed", "none"}
+    assert set(metrics["structure"]) == {"soft", "fixed", "boundary", "none"}
     for values in metrics["structure"].values():
         assert values["docs"] == 3 and 0 <= values["rouge2"] <= 1 and values["edit"] >= 0
     assert metrics["structure"]["none"]["follow"] is None  # nothing to follow without actions
     lines = (stage_dir(run_dir, "evaluate") / "generations.jsonl").read_text().splitlines()
-    assert len(lines) == 9 and json.loads(lines[0])["run"] == "soft"
+    assert len(lines) == 12 and json.loads(lines[0])["run"] == "soft"
 
 
 def test_outputs_and_manifest(metrics, run_dir):
@@ -125,9 +127,13 @@ def test_outputs_and_manifest(metrics, run_dir):
     manifest = read_manifest(out, "evaluate")
     assert set(manifest.outputs) >= {"metrics.json", "results.md", "ppl.png", "nll_by_position.png"}
     table = (out / "results.md").read_text()
-    assert "| run · code source |" in table and "**soft** · planner_soft" in table
-    assert table.count("\n| ") == 1 + 14  # header + 14 rows
-    assert metrics["protocol"]["stride"] == 8 and metrics["protocol"]["test_docs"] == 3
+    assert "| run · code source |" in table and "| soft · planner_soft |" in table
+    # one row per run with its own code source, plus the pretrained planner; the grid is in metrics.json
+    assert table.count("\n| ") == 1 + 5
+    assert "Δ vs boundary [95 % CI]" in table and "Setting: base LM tiny (" in table
+    protocol = metrics["protocol"]
+    assert protocol["stride"] == 8 and protocol["test_docs"] == 3 and protocol["precision"] == "32"
+    assert protocol["num_actions"] == K and protocol["base_lm"] == "tiny"
     assert list((out / "tb").glob("events.*"))
 
 
@@ -185,3 +191,20 @@ def test_generate_stage_errors(run_dir, monkeypatch):
     with pytest.raises(UserError, match="steer"):
         stage.run_generate(stage.GenerateConfig(run_dir=str(run_dir), selection="none", plan="1", examples=0,
                                                 device="cpu"))
+
+
+def test_planner_codes_use_the_temperature_the_run_was_trained_with():
+    from planner_lm.evaluation.evaluate import code_weights
+    from planner_lm.generation import run_temperature
+
+    logits = torch.randn(5, K)
+    positions, actions = torch.arange(5), torch.zeros(5, dtype=torch.long)
+    weights = code_weights("planner_soft", logits, actions, K, positions, temperature=0.5)
+    torch.testing.assert_close(weights, torch.softmax(logits / 0.5, -1))
+
+    class Trained:
+        config = {"model.temperature": 0.5}
+
+    assert run_temperature(Trained()) == 0.5
+    boundary = code_weights("boundary", logits, actions, K, positions)
+    assert boundary.argmax(-1).tolist() == [0, 1, 0, 1, 0]

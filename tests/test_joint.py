@@ -73,7 +73,8 @@ def make_data(run_dir: Path, needs_planner: bool = True, **kwargs) -> JointDataM
 
 def make_model(data: JointDataModule, selection: str, **kwargs) -> JointPlannerLM:
     torch.manual_seed(0)
-    return JointPlannerLM(selection=selection, lm_path=data.lm_path, planner_path=data.planner_path,
+    kwargs.setdefault("planner_path", data.planner_path)
+    return JointPlannerLM(selection=selection, lm_path=data.lm_path,
                           codebook_path=data.codebook_path, num_actions=data.num_actions,
                           embedding_dim=data.embedding_dim, conditioned_layers=[2, 3], **kwargs)
 
@@ -248,3 +249,49 @@ def test_plain_lm_with_frozen_weights_is_evaluated_untouched(run_dir):
     assert manifest["facts"]["trained"] is False and manifest["metrics"]["steps"] == 0
     assert "planner.pt" not in manifest["outputs"]
     assert not (run_dir / "4_joint-none" / "planner.pt").exists()
+
+
+def test_best_validation_weights_are_handed_off(data):
+    model = make_model(data, "soft")
+    names = model._handed_off_names()
+    assert any(n.startswith("planner.") for n in names) and any("adapter" in n for n in names)
+    assert not any(n.startswith("lm.base.") and "adapter" not in n and "codebook" not in n for n in names)
+    model.best.offer(0.5, 3, model, names, {"val/ppl": 1.65})
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    with torch.no_grad():
+        for p in [*model.planner.parameters(), *model.lm.adapter_parameters()]:
+            p.add_(1.0)
+    assert model.select_export_weights() == (3, {"val/ppl": 1.65})
+    for name, parameter in model.named_parameters():
+        if name in kept:
+            assert torch.equal(parameter, kept[name]), name
+    # a worse validation is not kept; export_best=False hands off the final weights
+    assert not model.best.offer(0.6, 4, model, names)
+    final = make_model(data, "soft", export_best=False)
+    final.best.offer(0.5, 3, final, names)
+    assert final.select_export_weights() is None
+
+
+def test_planner_dropout_is_off_in_joint_training_unless_asked(data, tmp_path):
+    Planner(embedding_dim=DIM, num_actions=K, context_sentences=CONTEXT, ffn_dim=32, dropout=0.3).save_pretrained(tmp_path)
+    pretrained_with_dropout = str(tmp_path / "planner.pt")
+
+    def dropouts(**kwargs) -> set[float]:
+        model = make_model(data, "soft", **{**kwargs, "planner_path": pretrained_with_dropout})
+        return {m.p for m in model.planner.modules() if isinstance(m, torch.nn.Dropout)}
+
+    assert dropouts() == {0.0}
+    assert dropouts(planner_dropout=0.2) == {0.2}
+    with pytest.raises(UserError, match="planner_dropout"):
+        dropouts(planner_dropout=1.0)
+
+
+def test_boundary_control_alternates_by_sentence_and_builds_no_planner(data):
+    batch = next(iter(data.val_dataloader()))
+    model = make_model(data, "boundary")
+    assert model.planner is None
+    weights, logits = model.action_weights(batch)
+    assert logits is None
+    expected = (batch["plan_sentence"] - torch.as_tensor(
+        data.prepared.sentence_doc_first[batch["plan_sentence"].numpy()])) % 2
+    assert torch.equal(weights.argmax(-1), expected[batch["token_plan"]])

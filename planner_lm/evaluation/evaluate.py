@@ -33,7 +33,9 @@ from planner_lm.evaluation.perplexity import (
     sliding_window_nll,
 )
 from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
+from planner_lm.generation import GENERATION_CONDITIONING, run_temperature
 from planner_lm.evaluation.report import (
+    SIGNIFICANT_MARK,
     Column,
     log_to_tensorboard,
     plot_nll_by_position,
@@ -44,19 +46,17 @@ from planner_lm.models.selection import select_weights
 from planner_lm.prepared import PreparedCorpus
 
 STAGE = "evaluate"
-CODE_SOURCES = ("planner_soft", "planner_hard", "oracle", "fixed", "uniform", "none")
+CODE_SOURCES = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
 MATCHED_SOURCE = {
     "soft": "planner_soft", "gumbel": "planner_soft", "hard": "planner_hard",
     "straight_through": "planner_hard", "oracle": "oracle", "fixed": "fixed",
-    "uniform": "uniform", "none": "none",
+    "boundary": "boundary", "uniform": "uniform", "none": "none",
 }
 """The code source a run was trained with: its headline row."""
-GENERATION_SELECTION = {
-    "soft": "soft", "gumbel": "soft", "hard": "hard", "straight_through": "hard",
-    "oracle": "hard", "fixed": "fixed", "uniform": "uniform", "none": "none",
-}
-"""How each run is conditioned while generating (oracle codes do not exist for new text)."""
-RUN_ORDER = ("soft", "gumbel", "straight_through", "hard", "oracle", "uniform", "fixed", "none")
+RUN_ORDER = ("soft", "gumbel", "straight_through", "hard", "oracle", "boundary", "uniform", "fixed", "none")
+REFERENCES = ("fixed", "boundary", "none")
+"""Controls every row is compared with (paired, per document): the parameter-matched constant
+code, the content-free sentence-boundary code, and the plain LM."""
 
 
 @dataclass
@@ -209,14 +209,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor, num_actions: int) -> torch.Tensor | None:
-    """Per-sentence action weights ``[M, K]`` of one code source (None for ``none``)."""
+def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor, num_actions: int,
+                 positions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor | None:
+    """Per-sentence action weights ``[M, K]`` of one code source (None for ``none``).
+
+    ``positions`` is each sentence's index in its document (boundary); ``temperature`` is the
+    softmax temperature the run was trained with (planner_soft).
+    """
     if source == "planner_soft":
-        return select_weights(logits, "soft")
+        return select_weights(logits, "soft", temperature=temperature)
     if source == "planner_hard":
         return select_weights(logits, "hard")
     if source == "oracle":
         return select_weights(None, "oracle", oracle_actions=actions, num_actions=num_actions)
+    if source == "boundary":
+        return select_weights(None, "boundary", sentence_index=positions, num_actions=num_actions)
     if source in ("fixed", "uniform"):
         return select_weights(None, source, num_actions=num_actions, batch_shape=(len(actions),))
     if source == "none":
@@ -330,7 +337,8 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
             if key is not None and key in none_cache:
                 results[(run.selection, source)] = none_cache[key]
                 continue
-            table = code_weights(source, run_logits, test.actions, num_actions)
+            table = code_weights(source, run_logits, test.actions, num_actions,
+                                 test.sentence_ids - test.sentence_doc_first, run_temperature(run.manifest))
             scorer = make_scorer(lm, table, test.first, device, cfg.precision)
             result = sliding_window_nll(test.documents, scorer, window=cfg.window, stride=cfg.stride,
                                         batch_size=cfg.batch_size, device=device,
@@ -351,7 +359,8 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                     f"{k} {v:.3f}" for k, v in structure[run.selection].items() if k in ("rouge2", "edit", "follow")))
         del lm
 
-    metrics = _assemble(cfg, runs, results, planner_table, baselines, structure, test, num_tokens)
+    protocol = _run_protocol(runs, embed, num_actions, fingerprint)
+    metrics = _assemble(cfg, runs, results, planner_table, baselines, structure, test, num_tokens, protocol)
     metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
     _write_outputs(out, cfg, runs, results, test, metrics)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(_finite(x)) + "\n" for x in samples))
@@ -364,9 +373,23 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                    facts={"test_docs": len(test.documents), "test_tokens": num_tokens},
                    metrics={"test/ppl": headline, "seconds": metrics["seconds"]["total"]}, seed=cfg.seed)
     print()
+    print(setting_line(metrics["protocol"]))
     print(metrics["table"])
     print(f"written to {out} in {metrics['seconds']['total']:.0f} s")
     return metrics
+
+
+def _run_protocol(runs: list[JointRun], embed: Any, num_actions: int, fingerprint: str) -> dict[str, Any]:
+    """Facts of the compared runs that a reader needs to interpret the table (from their manifests)."""
+    def common(key: str) -> Any:
+        values = {str(r.manifest.facts.get(key)) for r in runs if r.manifest.facts.get(key) is not None}
+        return values.pop() if len(values) == 1 else (", ".join(sorted(values)) if values else None)
+
+    steps = sorted({int(r.manifest.metrics["steps"]) for r in runs
+                    if r.manifest.facts.get("trained") and r.manifest.metrics.get("steps") is not None})
+    return {"base_lm": common("lm_name"), "base_mode": common("base_mode"), "tokenizer": fingerprint[:12],
+            "num_actions": num_actions, "encoder": embed.fact("encoder"),
+            "joint_steps": ", ".join(map(str, steps)) or None}
 
 
 def _structure_evaluator(cfg, test, embed, cluster, actions, tokenizer, device, encoder):
@@ -391,13 +414,13 @@ def _structure_evaluator(cfg, test, embed, cluster, actions, tokenizer, device, 
 def _generate_and_score(evaluator, run: JointRun, lm, planners, tokenizer, num_actions):
     from planner_lm.generation import PlannerGenerator
 
-    selection = GENERATION_SELECTION.get(run.selection, "soft")
+    selection = GENERATION_CONDITIONING.get(run.selection, "soft")
     planner = planners.get(run.selection, planners.get("pretrained"))
     if planner is None and selection in ("soft", "hard"):
         print(f"  {run.selection}: no planner for generation (run `make pretrain-planner`); skipped")
         return None
     generator = PlannerGenerator(lm, tokenizer, evaluator.encode, num_actions, planner=planner)
-    generations = evaluator.generate(generator, selection)
+    generations = evaluator.generate(generator, selection, run_temperature(run.manifest))
     return evaluator.score(generations), generations
 
 
@@ -422,32 +445,34 @@ def _check_config(cfg: EvaluateConfig) -> None:
 
 
 # --------------------------------------------------------------------------- report
+def _delta_column(reference: str) -> Column:
+    return Column(f"vs_{reference}", f"Δ vs {reference} [95 % CI]", fmt="{:+.2%}", better="lower",
+                  show_interval=True, mark_nonzero=True)
+
+
 PPL_COLUMNS = [
     Column("ppl", "test PPL [95 % CI]", better="lower", show_interval=True),
-    Column("vs_fixed", "Δ vs fixed", fmt="{:+.2%}", better="lower"),
-    Column("vs_none", "Δ vs none", fmt="{:+.2%}", better="lower"),
+    *(_delta_column(reference) for reference in REFERENCES),
     Column("top1", "planner top-1", fmt="{:.1%}", better="higher"),
-    Column("top5", "planner top-5", fmt="{:.1%}", better="higher"),
-    Column("mean_rank", "planner mean rank", fmt="{:.1f}", better="lower"),
     Column("rouge2", "ROUGE-2 F", fmt="{:.3f}", better="higher"),
-    Column("edit", "action edit dist.", fmt="{:.2f}", better="lower"),
     Column("follow", "plan following", fmt="{:.1%}", better="higher"),
 ]
+"""The readable table: one row per run, scored with the code source it was trained with."""
 
 
-def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num_tokens) -> dict[str, Any]:
+def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num_tokens, protocol) -> dict[str, Any]:
+    """Every (run, code source) row with CIs and paired changes; the table keeps the matched rows."""
     indices = resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed)
-    references = {
-        "fixed": results.get(("fixed", "fixed")),
-        "none": results.get(("none", "none")) or next((r for (s, src), r in results.items() if src == "none"), None),
-    }
+    references = {name: results.get((name, name)) for name in REFERENCES}
+    if references["none"] is None:  # a conditioned run scored without actions is the same plain LM
+        references["none"] = next((r for (_, source), r in results.items() if source == "none"), None)
     rows: list[dict[str, Any]] = []
     for run in runs:
         matched = MATCHED_SOURCE.get(run.selection)
         for source in [s for s in _sources_of(run.selection, cfg.code_sources) if (run.selection, s) in results]:
             result = results[(run.selection, source)]
             row: dict[str, Any] = {
-                "label": f"{run.selection} · {source}" if source != matched else f"**{run.selection}** · {source}",
+                "label": f"{run.selection} · {source}",
                 "run": run.selection, "source": source, "matched": source == matched,
                 "ppl": ppl_interval(result.doc_nll, result.doc_tokens, indices, cfg.confidence),
                 "nll": result.mean_nll, "tokens": result.num_tokens,
@@ -465,7 +490,8 @@ def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num
     if "pretrained" in planner_table:
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
-    table = results_markdown(rows, PPL_COLUMNS, label_header="run · code source")
+    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained"]
+    table = results_markdown(shown, PPL_COLUMNS, label_header="run · code source")
     as_json = [{k: (v.as_dict() if isinstance(v, Interval) else v) for k, v in row.items()} for row in rows]
     return {
         "rows": as_json,
@@ -473,15 +499,24 @@ def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num
         "planner": planner_table,
         "planner_baselines": baselines,
         "structure": structure,
-        "protocol": {"window": cfg.window, "stride": cfg.stride, "test_docs": len(test.documents),
-                     "test_tokens": num_tokens, "bootstrap_samples": cfg.bootstrap_samples,
-                     "confidence": cfg.confidence},
+        "protocol": {**protocol, "window": cfg.window, "stride": cfg.stride, "precision": cfg.precision,
+                     "test_docs": len(test.documents), "test_tokens": num_tokens,
+                     "bootstrap_samples": cfg.bootstrap_samples, "confidence": cfg.confidence},
     }
 
 
+def setting_line(protocol: dict[str, Any]) -> str:
+    """The one-line description of what was compared, printed above the table."""
+    return (f"Setting: base LM {protocol.get('base_lm', '?')} ({protocol.get('base_mode', '?')} base weights, "
+            f"{protocol.get('joint_steps', '?')} joint steps), tokenizer {protocol.get('tokenizer', '?')}, "
+            f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; test split "
+            f"{protocol['test_docs']} documents, {protocol['test_tokens']} tokens, window {protocol['window']}, "
+            f"stride {protocol['stride']}, precision {protocol['precision']}.")
+
+
 def _write_outputs(out: Path, cfg: EvaluateConfig, runs, results, test: TestSet, metrics: dict) -> None:
-    matched_rows = [r for r in metrics["rows"] if "ppl" in r]
-    entries = [(r["label"].replace("**", ""), Interval(**r["ppl"])) for r in matched_rows]
+    matched_rows = [r for r in metrics["rows"] if "ppl" in r and r["matched"]]
+    entries = [(r["label"], Interval(**r["ppl"])) for r in matched_rows]
     ppl_fig = plot_ppl_intervals(entries, out / "ppl.png")
     curves, reference = {}, None
     for run in runs:
@@ -494,18 +529,19 @@ def _write_outputs(out: Path, cfg: EvaluateConfig, runs, results, test: TestSet,
     position_fig = plot_nll_by_position(curves, out / "nll_by_position.png", reference=reference)
     protocol = metrics["protocol"]
     notes = (
-        f"Test split: {protocol['test_docs']} documents, {protocol['test_tokens']} scored tokens; "
-        f"windows of {protocol['window']} tokens, stride {protocol['stride']} "
+        f"Each run is scored with the code source it was trained with (the full grid of runs × code sources "
+        f"is in `metrics.json`). Windows of {protocol['window']} tokens, stride {protocol['stride']} "
         f"({'the papers’ exact protocol' if protocol['stride'] == 1 else 'stride 1 is the papers’ exact protocol'}). "
-        f"95 % CIs: bootstrap over documents ({protocol['bootstrap_samples']} resamples); Δ columns are paired "
-        "relative PPL changes against the `fixed` run and the plain LM (`none`). Bold run name = the code "
-        "source the run was trained with; best value per column in bold.\n"
+        f"{protocol['confidence']:.0%} CIs: bootstrap over documents ({protocol['bootstrap_samples']} resamples). "
+        "Δ columns are paired relative PPL changes (negative = better) against three controls: `fixed` "
+        "(one constant action), `boundary` (an action that only marks where each sentence starts) and "
+        f"`none` (the plain LM); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
     )
     baselines = metrics["planner_baselines"]
     notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
-    body = "# Evaluation results\n\n" + metrics["table"] + "\n" + notes
+    body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
     atomic_write_text(out / "results.md", body)
     atomic_write_text(out / "metrics.json", json.dumps(_finite({k: v for k, v in metrics.items() if k != "table"}),
                                                      indent=2) + "\n")

@@ -25,6 +25,11 @@ class Column:
     fmt: str = "{:.2f}"
     better: Literal["lower", "higher", None] = None
     show_interval: bool = False
+    mark_nonzero: bool = False  # append SIGNIFICANT_MARK when the interval excludes 0
+
+
+SIGNIFICANT_MARK = " \\*"
+"""Marks a change whose confidence interval excludes 0 (an escaped markdown asterisk)."""
 
 
 def _value(cell: Any) -> float | None:
@@ -43,6 +48,8 @@ def _format(cell: Any, column: Column) -> str:
     text = column.fmt.format(value)
     if column.show_interval and isinstance(cell, Interval):
         text += f" [{column.fmt.format(cell.low)}, {column.fmt.format(cell.high)}]"
+    if column.mark_nonzero and isinstance(cell, Interval) and (cell.low > 0 or cell.high < 0):
+        text += SIGNIFICANT_MARK
     return text
 
 

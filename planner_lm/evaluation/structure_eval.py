@@ -67,8 +67,10 @@ class StructureEvaluator:
     def _actions_of(self, texts: list[str]) -> list[int]:
         return nearest_actions(self.encode(texts), self.centroids) if texts else []
 
-    def generate(self, generator: PlannerGenerator, selection: str) -> list[Generation]:
-        sampling = SamplingConfig(**{**self.sampling.__dict__, "selection": selection})
+    def generate(self, generator: PlannerGenerator, selection: str, planner_temperature: float = 1.0) -> list[Generation]:
+        """Continue every prompt, conditioned as ``selection`` with the run's planner temperature."""
+        sampling = SamplingConfig(**{**self.sampling.__dict__, "selection": selection,
+                                     "planner_temperature": planner_temperature})
         out: list[Generation] = []
         prompts = self.task.prompts
         for start in range(0, len(prompts), self.batch_size):

@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 
 from planner_lm.data.lm_windows import IGNORE_INDEX
 from planner_lm.errors import UserError
+from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
@@ -48,7 +49,8 @@ class JointPlannerLM(L.LightningModule):
         selection: how the LM sees the plan: soft (softmax(logits/T)·codebook, the paper's
             method), hard (argmax, no gradient to the planner), straight_through (hard forward,
             soft backward), gumbel (Gumbel-softmax while training, soft at evaluation), oracle
-            (k-means action of the true sentence), fixed (action 0 everywhere), uniform (mean of
+            (k-means action of the true sentence), fixed (action 0 everywhere), boundary (actions
+            0 and 1 alternating by sentence: marks sentence starts, no content), uniform (mean of
             the codebook) or none (the plain LM, no adapters).
         temperature: softmax temperature T of soft / straight_through / gumbel (paper: 1.0).
         gumbel_scale: scale of the Gumbel noise added to the logits in `gumbel` training.
@@ -71,6 +73,10 @@ class JointPlannerLM(L.LightningModule):
         weight_decay: Adam weight decay (paper: 0).
         forgetting_warn_drop: warn when the planner's validation accuracy falls more than this
             many percentage points below its accuracy before joint training.
+        planner_dropout: dropout inside the planner during joint training (the reference planner
+            has none; its pretraining dropout would otherwise make training noisier than evaluation).
+        export_best: hand off the weights of the validation with the lowest LM loss (the papers
+            select by validation loss) instead of the final ones.
         lm_path: base LM directory or hub name (linked from the data module).
         planner_path: `planner.pt` of the pretrained planner (linked from the data module).
         codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
@@ -95,6 +101,8 @@ class JointPlannerLM(L.LightningModule):
         planner_lr: float | None = None,
         weight_decay: float = 0.0,
         forgetting_warn_drop: float = 5.0,
+        planner_dropout: float = 0.0,
+        export_best: bool = True,
         lm_path: str = "",
         planner_path: str | None = None,
         codebook_path: str = "",
@@ -134,8 +142,14 @@ class JointPlannerLM(L.LightningModule):
                     f"the planner predicts {self.planner.num_actions} actions over {self.planner.embedding_dim}-d "
                     f"embeddings but the codebook is ({num_actions}, {embedding_dim}); re-run `make pretrain-planner`"
                 )
-        # from_pretrained leaves models in eval mode; train like the reference (dropout on).
+            if not 0.0 <= planner_dropout < 1.0:
+                raise UserError(f"--model.planner_dropout must be in [0, 1), got {planner_dropout}")
+            for module in self.planner.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = planner_dropout
+        # from_pretrained leaves models in eval mode; train like the reference.
         self.train()
+        self.best = BestWeights()
         self.val_nll = MeanMetric()
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
@@ -148,7 +162,7 @@ class JointPlannerLM(L.LightningModule):
         logits = self.planner(batch["plan_context"], batch["plan_context_mask"]) if self.planner is not None else None
         weights = select_weights(
             logits, self.selection, temperature=self.hparams.temperature, training=self.training,
-            oracle_actions=batch["plan_action"], num_actions=self.num_actions,
+            oracle_actions=batch["plan_action"], sentence_index=batch["plan_position"], num_actions=self.num_actions,
             gumbel_scale=self.hparams.gumbel_scale,
         )
         return weights[batch["token_plan"]], logits
@@ -195,14 +209,38 @@ class JointPlannerLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         mean_nll = self.val_nll.compute()
+        values = {"val/lm_loss": float(mean_nll), "val/ppl": float(torch.exp(mean_nll))}
         self.log("val/lm_loss", mean_nll)
         self.log("val/ppl", torch.exp(mean_nll), prog_bar=True)
         self.val_nll.reset()
         if self.planner is not None:
             accuracy = self.val_planner_acc.compute()
+            values["val/planner_acc"] = float(accuracy)
             self.log("val/planner_acc", accuracy, prog_bar=True)
             self.val_planner_acc.reset()
             self._check_forgetting(float(accuracy))
+        if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self.best.offer(values["val/lm_loss"], self.global_step, self, self._handed_off_names(), values)
+
+    def _handed_off_names(self) -> list[str]:
+        """Names of the weights joint training can change (adapters, codebooks, LoRA/base, planner)."""
+        trainable = {id(p) for p in [*self.trainable_lm_parameters(), *self.lm.adapter_parameters(),
+                                     *self.lm.codebook_parameters(),
+                                     *(self.planner.parameters() if self.planner is not None else [])]}
+        return [name for name, p in self.named_parameters() if id(p) in trainable]
+
+    def select_export_weights(self) -> tuple[int, dict[str, float]] | None:
+        """Load the best-validation weights (see `export_best`): their step and validation metrics,
+        or None when the final weights are handed off."""
+        if self.hparams.export_best and self.best.step != self.global_step and self.best.restore(self):
+            return self.best.step, dict(self.best.metrics)
+        return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["joint_best"] = self.best.to_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best.load_checkpoint(checkpoint.get("joint_best"))
 
     def _check_forgetting(self, accuracy: float) -> None:
         if self.planner_acc_start is None or self.trainer.sanity_checking:
