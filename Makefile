@@ -27,8 +27,8 @@ BASELINES ?= none fixed uniform oracle hard straight_through
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
-# offline by default for the demo and tiny presets; online presets may download hub models and datasets
-export HF_HUB_OFFLINE ?= $(if $(filter demo tiny,$(PRESET)),1,0)
+# offline by default for the demo, tiny and long presets; online presets may download hub models and datasets
+export HF_HUB_OFFLINE ?= $(if $(filter demo tiny long,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED = 1
 
