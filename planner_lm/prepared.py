@@ -27,7 +27,7 @@ from planner_lm.sentences import sentence_spans, splitter_name
 
 SPLITS = ("train", "val", "test")
 STAGE = "prepare"
-HISTOGRAM_BINS = (1, 2, 3, 4, 5, 9, 17, 33)  # bin i holds counts in [b_i, b_{i+1})
+HISTOGRAM_BINS = (1, 2, 3, 4, 5, 9, 17, 33, 65, 129, 257, 513)  # bin i holds counts in [b_i, b_{i+1})
 
 
 @dataclass
@@ -181,6 +181,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             "chars": int(sum(len(t) for t in texts)), "first_sentence": int(next_sentence),
             "sentences_per_doc_histogram": _histogram(per_doc),
             "median_sentences_per_doc": float(np.median(per_doc)) if len(per_doc) else 0.0,
+            "min_sentences_per_doc": int(per_doc.min()) if len(per_doc) else 0,
+            "max_sentences_per_doc": int(per_doc.max()) if len(per_doc) else 0,
         }
         next_sentence += int(per_doc.sum())
     facts["num_sentences"] = next_sentence
@@ -200,7 +202,7 @@ def format_counts(facts: dict, seconds: float | None = None) -> str:
         s = facts["splits"][name]
         lines.append(f"{name:<6} {s['docs']:>8,} {s['sentences']:>10,} {s['chars']:>12,} {s['median_sentences_per_doc']:>16.1f}")
     hist = facts["splits"]["train"]["sentences_per_doc_histogram"]
-    lines.append("train sentences/doc: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+    lines.append("train sentences/doc: " + ", ".join(f"{k}: {v}" for k, v in hist.items() if v))
     lines.append(f"dropped empty documents: {facts['dropped_empty_docs']}")
     return "\n".join(lines)
 

