@@ -46,7 +46,7 @@ PLANNER := $(RUN)/3_planner/manifest.json
 JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
-.PHONY: help setup prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
+.PHONY: help setup mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
         evaluate generate demo test test-slow tensorboard clean
 
 help: ## list the targets
@@ -103,6 +103,9 @@ test: $(STAMP) ## run the test suite (fast tests; offline)
 
 test-slow: $(STAMP) ## run the slow tests (crash/resume, DDP, real pretrained LM)
 	$(PY) -m pytest -q -m slow
+
+mutants: $(STAMP) ## break the method one way at a time (tests/mutants.py); every mutant must be killed
+	$(PY) tests/mutants.py
 
 tensorboard: $(STAMP) ## TensorBoard over the run directory
 	$(PY) -m tensorboard.main --logdir $(RUN)
