@@ -83,39 +83,52 @@ def copy_tree(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def run_tests(tree: Path, tests: tuple[str, ...]) -> int:
+def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """pytest's exit code and its first `FAILED`/`ERROR` summary line (which test, and why)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    return subprocess.run(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+    failures = [line for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return done.returncode, (failures[0][:160] if failures else done.stdout.strip()[-160:])
 
 
-def check(tree: Path, mutant: Mutant) -> str:
-    """`killed` (a test failed), `SURVIVED` (all passed) or `ERROR` (pytest could not run them)."""
-    path = tree / mutant.file
-    original = path.read_text()
+def mutated(tree: Path, mutant: Mutant) -> tuple[str, str]:
+    """The file's text and its mutated text; stops the check when the snippet is not there once."""
+    original = (tree / mutant.file).read_text()
     if original.count(mutant.old) != 1:
         raise SystemExit(f"mutant {mutant.name!r}: snippet found {original.count(mutant.old)} times in "
                          f"{mutant.file}, expected once; update tests/mutants.py")
-    path.write_text(original.replace(mutant.old, mutant.new))
+    return original, original.replace(mutant.old, mutant.new)
+
+
+def check(tree: Path, mutant: Mutant) -> tuple[str, str]:
+    """`killed` (a test failed), `SURVIVED` (all passed) or `ERROR` (pytest could not run them),
+    with pytest's first failure line."""
+    path = tree / mutant.file
+    original, text = mutated(tree, mutant)
+    path.write_text(text)
     try:
-        code = run_tests(tree, mutant.tests)
+        code, detail = run_tests(tree, mutant.tests)
     finally:
         path.write_text(original)
-    return {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (pytest exit {code})")
+    return {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (pytest exit {code})"), detail
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as folder:
         tree = Path(folder)
         copy_tree(tree)
+        for mutant in MUTANTS:  # every snippet still applies, before minutes of tests
+            mutated(tree, mutant)
         tests = tuple(dict.fromkeys(t for m in MUTANTS for t in m.tests))
-        if run_tests(tree, tests) != 0:
-            print("the targeted tests fail on the unmutated code; fix them first")
+        code, detail = run_tests(tree, tests)
+        if code != 0:
+            print(f"the targeted tests fail on the unmutated code; fix them first:\n  {detail}")
             return 1
         results = {}
         for mutant in MUTANTS:
-            results[mutant.name] = check(tree, mutant)
-            print(f"{results[mutant.name]:>9}  {mutant.name}", flush=True)
+            results[mutant.name], detail = check(tree, mutant)
+            print(f"{results[mutant.name]:>9}  {mutant.name}\n           {detail}", flush=True)
     survivors = [name for name, result in results.items() if result != "killed"]
     print(f"{len(results) - len(survivors)}/{len(results)} mutants killed" +
           (f"; not killed: {', '.join(survivors)}" if survivors else ""))
