@@ -84,12 +84,14 @@ def copy_tree(target: Path) -> None:
 
 
 def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[int, str]:
-    """pytest's exit code and its first `FAILED`/`ERROR` summary line (which test, and why)."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    """pytest's exit code and what it reported: the `FAILED`/`ERROR` lines (which test, and why)
+    and its final count, e.g. `2 failed, 1 passed`."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", *tests]
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
-    failures = [line for line in done.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return done.returncode, (failures[0][:160] if failures else done.stdout.strip()[-160:])
+    lines = done.stdout.strip().splitlines()
+    failures = [line[:200] for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return done.returncode, "\n".join([*failures, lines[-1] if lines else done.stderr.strip()[-200:]])
 
 
 def mutated(tree: Path, mutant: Mutant) -> tuple[str, str]:
@@ -128,7 +130,7 @@ def main() -> int:
         results = {}
         for mutant in MUTANTS:
             results[mutant.name], detail = check(tree, mutant)
-            print(f"{results[mutant.name]:>9}  {mutant.name}\n           {detail}", flush=True)
+            print(f"{results[mutant.name]:>9}  {mutant.name}", *detail.splitlines(), sep="\n           ", flush=True)
     survivors = [name for name, result in results.items() if result != "killed"]
     print(f"{len(results) - len(survivors)}/{len(results)} mutants killed" +
           (f"; not killed: {', '.join(survivors)}" if survivors else ""))
