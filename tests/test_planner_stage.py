@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_stages import load_stage, make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream, record_training_steps
 from planner_lm.artifacts import read_manifest, write_manifest
 from planner_lm.data.planner_data import PlannerDataModule, action_baselines
 from planner_lm.errors import UserError
@@ -26,13 +26,7 @@ FAST = ["--model.ffn_dim", "32", "--model.dropout", "0.0", "--model.lr", "1e-2",
         "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads thrash when the CPUs are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +78,14 @@ def test_stage_learns_the_planted_rule_and_hands_off_planner_pt(run_dir) -> None
     assert accuracy == pytest.approx(metrics["val/top1"], abs=1e-4)
 
 
+def test_unpredictable_actions_stay_unpredictable(tmp_path) -> None:
+    """With independent actions nothing in the context predicts the next one: a planner well
+    above chance would be reading the sentence it predicts."""
+    run_dir = make_fake_upstream(tmp_path, num_docs=60, sentences_per_doc=(2, 12), dim=DIM, k=K, planted=False)
+    metrics = pretrain_planner.run(stage_args(run_dir, "--trainer.max_epochs", "3"))["metrics"]
+    assert metrics["val/top1"] < 1 / K + 0.2, metrics
+
+
 def test_head_starts_as_the_codebook(run_dir) -> None:
     data = PlannerDataModule(str(run_dir), context_sentences=4)
     module = PlannerModule(data.embedding_dim, data.num_actions, data.centroids, context_sentences=4, ffn_dim=16)
@@ -115,7 +117,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, mo
     saved_step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert 0 < saved_step < crash_at
 
+    steps_run = record_training_steps(monkeypatch, PlannerModule)
     resumed = pretrain_planner.run(stage_args(run_dir, *args))
+    assert steps_run == list(range(saved_step, steps))  # from the checkpoint on, not from scratch
     assert resumed["metrics"]["steps"] == resumed["metrics"]["exported_step"] == steps
     a = Planner.from_pretrained(out).state_dict()
     b = Planner.from_pretrained(other / "3_planner").state_dict()

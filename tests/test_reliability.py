@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import NetworkBlocked
-from fixtures_stages import load_stage, make_fake_upstream
+from fixtures_stages import load_stage, make_fake_upstream, record_training_steps
 from planner_lm.lit.lm_pretrain import CausalLMPretrainModule
 from planner_lm.lit.planner import PlannerModule
 from planner_lm.models.planner import Planner
@@ -108,7 +108,9 @@ def test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights(tiny_pr
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     # 5 batches per epoch: saves at steps 4, 5 (epoch end), 8, 10 (epoch end), 12 (mid-epoch)
     assert saved["global_step"] == 12 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 2
+    steps_run = record_training_steps(monkeypatch, CausalLMPretrainModule)
     manifest = pretrain_lm.run(["--run_dir", str(tiny_prepared), *args])
+    assert steps_run == [12, 13, 14]  # resumed from the checkpoint, not started over
     assert manifest["metrics"]["steps"] == 15  # 3 epochs of 5 batches
     a, b = load_file(out / "model.safetensors"), load_file(reference_dir / "lm" / "model.safetensors")
     for name in a:
@@ -151,7 +153,9 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(upstream, tmp_path, 
             load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
     checkpoint = torch.load(run_dir / "3_planner" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == steps[1] > 0  # the second save, intact
+    steps_run = record_training_steps(monkeypatch, PlannerModule)
     manifest = planner_run(run_dir, "--checkpoint_every_n_steps", "2")  # and the run resumes from it
+    assert steps_run == list(range(steps[1], manifest["metrics"]["steps"]))
     assert manifest["metrics"]["steps"] > steps[2]
 
 
