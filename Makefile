@@ -26,8 +26,8 @@ PLAN ?=
 SELECTION ?= soft
 BASELINES ?= none fixed boundary uniform oracle hard straight_through
 # the runs `make evaluate` (and so `make demo`) needs besides soft: the demo keeps the controls that
-# answer "does planning help?" (oracle = upper bound, fixed and boundary = content-free, none = plain LM)
-COMPARED ?= $(if $(filter demo,$(PRESET)),none fixed boundary oracle,$(BASELINES))
+# answer "does planning help?" (oracle = upper bound, fixed and boundary = content-free)
+COMPARED ?= $(if $(filter demo,$(PRESET)),fixed boundary oracle,$(BASELINES))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)

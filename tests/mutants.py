@@ -47,7 +47,7 @@ MUTANTS = [
            "if self.planner is not None:\n            groups.append(",
            "if False:\n            groups.append(", (JOINT_STAGE,)),
     Mutant("4: planner_soft scores with the true actions (oracle leakage)", "planner_lm/evaluation/evaluate.py",
-           'return select_weights(logits, "soft")',
+           'return select_weights(logits, "soft", temperature=temperature)',
            'return select_weights(None, "oracle", oracle_actions=actions, num_actions=num_actions)', (LEAK,)),
     *(Mutant(f"5{suffix}: planner context includes the target sentence ({where})", "planner_lm/data/contexts.py",
              "torch.arange(-context_sentences, 0,", "torch.arange(1 - context_sentences, 1,", (test,))
@@ -69,6 +69,15 @@ MUTANTS = [
            "return None\n\n\ndef final_validation",
            ("tests/test_planner_stage.py::test_resume_after_a_crash_matches_an_uninterrupted_run",
             "tests/test_reliability.py::test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights")),
+    Mutant("10: soft planner codes scored at T = 1 whatever the run was trained with", "planner_lm/evaluation/evaluate.py",
+           'return select_weights(logits, "soft", temperature=temperature)', 'return select_weights(logits, "soft")',
+           ("tests/test_evaluate_stage.py::test_planner_codes_use_the_temperature_the_run_was_trained_with",)),
+    Mutant("11: boundary control counts sentences across documents", "planner_lm/data/joint_data.py",
+           'batch["plan_position"] = plan_sentence - plan_doc_first', 'batch["plan_position"] = plan_sentence',
+           ("tests/test_joint.py::test_boundary_control_alternates_by_sentence_and_builds_no_planner",)),
+    Mutant("12: joint stage hands off the final weights, not the best validated", "planner_lm/lit/joint.py",
+           "if self.hparams.export_best and self.best.step != self.global_step and self.best.restore(self):",
+           "if False:", ("tests/test_joint.py::test_best_validation_weights_are_handed_off",)),
 ]
 
 

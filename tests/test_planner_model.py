@@ -154,36 +154,6 @@ def test_last_pooling_reads_the_previous_sentence_and_mean_pooling_all():
     older_changed = context.clone()
     older_changed[0, 0] = torch.randn(8)
     for pooling, older_matters in (("last", False), ("mean", True)):
-        planner = Planner(8, 5, context_sentences=3, num_layers=0, ffn_dim=16, pooling=pooling, copy_prior=False).eval()
+        planner = Planner(8, 5, context_sentences=3, num_layers=0, ffn_dim=16, pooling=pooling).eval()
         changed = not torch.allclose(planner(context, mask), planner(older_changed, mask))
         assert changed == older_matters, pooling
-
-
-def test_copy_prior_makes_copying_the_previous_action_one_parameter_away():
-    torch.manual_seed(0)
-    k, dim = 6, 8
-    centroids = torch.nn.functional.normalize(torch.randn(k, dim), dim=-1)
-    planner = Planner(dim, k, context_sentences=2, ffn_dim=16, dropout=0.0).eval()
-    planner.init_head_from_centroids(centroids)
-    with torch.no_grad():
-        planner.head.weight.zero_()  # silence the learned part: the prior alone decides
-    previous = torch.nn.functional.normalize(centroids + 0.1 * torch.randn(k, dim), dim=-1)
-    context = torch.stack([torch.zeros(k, dim), previous], dim=1)
-    mask = torch.tensor([[False, True]] * k)
-    logits = planner(context, mask)
-    nearest = torch.cdist(previous, centroids).argmin(1)
-    assert logits.argmax(-1).tolist() == nearest.tolist()
-    # a document start has no previous sentence: the prior adds nothing
-    start = planner(torch.zeros(1, 2, dim), torch.zeros(1, 2, dtype=torch.bool))
-    torch.testing.assert_close(start, planner.head(planner.output_proj(planner.final_norm(
-        planner.input_proj(planner.doc_start)[None] + planner.positions.weight[0]))))
-
-
-def test_planners_saved_before_pooling_existed_load_as_mean_pooled(tmp_path):
-    planner = Planner(8, 5, context_sentences=2, ffn_dim=16, pooling="mean", copy_prior=False)
-    path = planner.save_pretrained(tmp_path)
-    saved = torch.load(path, weights_only=True)
-    del saved["config"]["pooling"], saved["config"]["copy_prior"]
-    torch.save(saved, path)
-    loaded = Planner.from_pretrained(tmp_path)
-    assert (loaded.pooling, loaded.copy_prior) == ("mean", False)

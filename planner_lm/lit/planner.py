@@ -55,10 +55,8 @@ class PlannerModule(L.LightningModule):
         num_heads: attention heads (paper: 2).
         ffn_dim: feed-forward size of each layer (paper: 2048).
         dropout: dropout inside the encoder layers.
-        pooling: read the context out at the previous sentence (`last`, starts as "copy the previous
-            sentence's action") or as a mean over all context sentences (`mean`, the reference).
-        copy_prior: add a learned-scale "distance of the previous sentence to each centroid" term
-            to the logits, so the planner starts near copying the previous action (reference: no).
+        pooling: read the context out as a mean over all context sentences (`mean`, the
+            reference) or at the previous sentence (`last`).
         lr: Adam learning rate (paper: 1e-4).
         weight_decay: L2 penalty added by Adam, as in the paper (not decoupled AdamW).
         init_head_from_centroids: start the policy head as the k-means codebook (paper: yes).
@@ -77,8 +75,7 @@ class PlannerModule(L.LightningModule):
         num_heads: int = 2,
         ffn_dim: int = 2048,
         dropout: float = 0.1,
-        pooling: Literal["last", "mean"] = "last",
-        copy_prior: bool = True,
+        pooling: Literal["mean", "last"] = "mean",
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         init_head_from_centroids: bool = True,
@@ -96,7 +93,6 @@ class PlannerModule(L.LightningModule):
             ffn_dim=ffn_dim,
             dropout=dropout,
             pooling=pooling,
-            copy_prior=copy_prior,
         )
         if init_head_from_centroids and centroids is not None:
             self.planner.init_head_from_centroids(centroids)

@@ -9,19 +9,18 @@ re-encoding text at every step, as the reference implementation does, buys nothi
    standard deviation (about a tenth of the norm of a projected unit-norm sentence vector), so
    positions tell the encoder *where* a sentence is without drowning *what* it says (the
    reference's sinusoidal positions have ~20x the norm of the content);
-3. `num_layers` transformer encoder layers (pre-LN), read out at the slot of the sentence right
-   before the target (`pooling="last"`, default) or as a masked mean over the valid vectors
-   (`pooling="mean"`, the reference's choice);
-4. a policy head over the k actions whose weights start as the k-means centroids.
+3. `num_layers` transformer encoder layers (pre-LN), read out as a masked mean over the valid
+   vectors (`pooling="mean"`, the reference's choice) or at the slot of the sentence right before
+   the target (`pooling="last"`);
+4. a policy head over the k actions whose weights start as the k-means centroids; the input
+   projection starts as the identity (when the widths match), so the head reads the context in
+   the space the centroids live in.
 
-Why the readout and the copy prior matter: the strongest content-free predictor of the next
-action is the previous sentence's action (neighbouring sentences share a topic), and a mean over
-six sentences dilutes exactly that sentence. `pooling="last"` reads the encoder out at the
-previous sentence's slot, and `copy_prior=True` adds `scale * -|e_prev - c_a|^2 / 2` to the
-logits (the previous sentence's distance to each action's centroid, with a learned `scale`), so
-"copy the previous sentence's action" is one parameter away and the transformer only has to learn
-what to add to it. The input projection starts as the identity (when the widths match), so the
-centroid-initialised head reads the context in the space the centroids live in.
+Measured with `bench/bench_planner_quality.py` (test top-1 minus "copy the previous sentence's
+action"): reading out at the previous sentence did not beat the mean (demo corpus +3.5 vs +4.4
+points, long documents +1.6 vs +3.5), and a "copy prior" on the logits made it worse; what made
+the planner lose to copying was training at 10x the paper's learning rate for two epochs (one
+epoch of 1e-3 already overfits: +0.2 to +2 points). See README, "The pretrain-planner stage".
 
 Plain torch only: the Lightning wrapper lives in `planner_lm.lit.planner`.
 """
@@ -40,7 +39,7 @@ PLANNER_FILE = "planner.pt"
 # 128-token context window of the paper (whose first sentence is usually truncated).
 DEFAULT_CONTEXT_SENTENCES = 6
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("mean", "last")
 """How the context is read out: at the previous sentence's slot, or averaged over all slots."""
 
 
@@ -56,10 +55,8 @@ class Planner(nn.Module):
         num_heads: attention heads per layer (must divide `model_dim`).
         ffn_dim: hidden size of each layer's feed-forward block.
         dropout: dropout inside the encoder layers.
-        pooling: `last` (read out at the sentence right before the target) or `mean` (masked
-            mean over the context, as the reference).
-        copy_prior: add the learned-scale negative squared distance of the previous sentence to
-            each action's centroid to the logits (needs `init_head_from_centroids`).
+        pooling: `mean` (masked mean over the context, as the reference) or `last` (read out at
+            the sentence right before the target).
     """
 
     def __init__(
@@ -72,8 +69,7 @@ class Planner(nn.Module):
         num_heads: int = 2,
         ffn_dim: int = 2048,
         dropout: float = 0.1,
-        pooling: str = "last",
-        copy_prior: bool = True,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         model_dim = model_dim or embedding_dim
@@ -97,10 +93,8 @@ class Planner(nn.Module):
             ffn_dim=ffn_dim,
             dropout=dropout,
             pooling=pooling,
-            copy_prior=copy_prior,
         )
         self.pooling = pooling
-        self.copy_prior = copy_prior
         self.embedding_dim = embedding_dim
         self.num_actions = num_actions
         self.context_sentences = context_sentences
@@ -121,11 +115,6 @@ class Planner(nn.Module):
         # The head lives in the embedding space so it can start as the k-means codebook.
         self.output_proj = nn.Identity() if model_dim == embedding_dim else nn.Linear(model_dim, embedding_dim)
         self.head = nn.Linear(embedding_dim, num_actions)
-        if copy_prior:
-            # the codebook the prior measures distances to (set by init_head_from_centroids) and
-            # its sharpness; a layer norm stretches unit vectors by ~sqrt(dim), so start there
-            self.register_buffer("prior_centroids", torch.zeros(num_actions, embedding_dim))
-            self.prior_scale = nn.Parameter(torch.tensor(float(embedding_dim) ** 0.5))
         self.reset_position_scale()
         if model_dim == embedding_dim:
             # the head starts in the embedding space (centroids): let the context arrive there
@@ -148,16 +137,13 @@ class Planner(nn.Module):
 
     @torch.no_grad()
     def init_head_from_centroids(self, centroids: Tensor) -> None:
-        """Start the policy head as the k-means codebook (one row per action), bias zero; the
-        copy prior measures distances to the same centroids (a fixed copy)."""
+        """Start the policy head as the k-means codebook (one row per action); bias zero."""
         centroids = torch.as_tensor(centroids)
         expected = (self.num_actions, self.embedding_dim)
         if tuple(centroids.shape) != expected:
             raise ValueError(f"centroids have shape {tuple(centroids.shape)}, the planner expects {expected}")
         self.head.weight.copy_(centroids.to(self.head.weight))
         self.head.bias.zero_()
-        if self.copy_prior:
-            self.prior_centroids.copy_(centroids.to(self.prior_centroids))
 
     # ------------------------------------------------------------------ forward
     def forward(self, context: Tensor, mask: Tensor) -> Tensor:
@@ -192,21 +178,14 @@ class Planner(nn.Module):
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=padding)
         x = self.final_norm(x)
-        # the newest valid slot: the previous sentence, or the start vector at a document start
-        newest = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)
-        rows = torch.arange(batch, device=x.device)
         if self.pooling == "last":
-            pooled = x[rows, newest]
+            # the newest valid slot: the previous sentence, or the start vector at a document start
+            newest = (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)
+            pooled = x[torch.arange(batch, device=x.device), newest]
         else:
             weights = valid.to(x.dtype).unsqueeze(-1)
             pooled = (x * weights).sum(1) / weights.sum(1)
-        logits = self.head(self.output_proj(pooled))
-        if self.copy_prior:
-            previous = tokens[rows, newest]
-            distance = torch.cdist(previous.float(), self.prior_centroids.float()).pow(2)
-            has_previous = (newest > 0).to(logits.dtype).unsqueeze(-1)  # slot 0 is the start vector
-            logits = logits - 0.5 * self.prior_scale * distance.to(logits.dtype) * has_previous
-        return logits
+        return self.head(self.output_proj(pooled))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike, upstream: dict[str, Any] | None = None) -> Path:
@@ -234,8 +213,7 @@ class Planner(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike) -> Planner:
         """Rebuild a planner saved by `save_pretrained` (a directory or the `planner.pt` file)."""
         saved = cls.load_checkpoint(path)
-        # planners saved before `pooling`/`copy_prior` existed were mean-pooled, without prior
-        planner = cls(**{"pooling": "mean", "copy_prior": False, **saved["config"]})
+        planner = cls(**saved["config"])
         planner.load_state_dict(saved["state_dict"])
         planner.upstream = saved.get("upstream", {})
         return planner
