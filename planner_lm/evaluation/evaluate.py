@@ -491,7 +491,8 @@ def _assemble(cfg, runs, results, planner_table, baselines, structure, test, num
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
     shown = [row for row in rows if row["matched"] or row["run"] == "pretrained"]
-    table = results_markdown(shown, PPL_COLUMNS, label_header="run · code source")
+    columns = [c for c in PPL_COLUMNS if any(row.get(c.key) is not None for row in shown)]  # e.g. no `none` run
+    table = results_markdown(shown, columns, label_header="run · code source")
     as_json = [{k: (v.as_dict() if isinstance(v, Interval) else v) for k, v in row.items()} for row in rows]
     return {
         "rows": as_json,

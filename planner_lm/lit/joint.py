@@ -10,7 +10,7 @@ embeddings (``weights @ codebook``) added before each chosen layer's attention o
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -60,6 +60,9 @@ class JointPlannerLM(L.LightningModule):
         lora_alpha: LoRA scaling numerator (base_mode lora).
         conditioned_layers: indices of the transformer layers that receive the action; default
             all but the first two (the paper).
+        adapter_site: where the action enters each conditioned layer: `attention_output` (the
+            input of the attention output projection, the reference's GPT-2 adapter) or
+            `ffn_input` (the input of the feed-forward block, the reference's OLMo adapter).
         per_layer_codebook: each conditioned layer gets its own trainable copy of the codebook
             (the authors' default) instead of one shared codebook.
         codebook_unfreeze_at: when the codebook starts training: a step (int), a fraction of
@@ -93,6 +96,7 @@ class JointPlannerLM(L.LightningModule):
         lora_r: int = 8,
         lora_alpha: int = 32,
         conditioned_layers: list[int] | None = None,
+        adapter_site: Literal["attention_output", "ffn_input"] = "attention_output",
         per_layer_codebook: bool = True,
         codebook_unfreeze_at: int | float = 0,
         planner_unfreeze_at: int | float = 0,
@@ -131,7 +135,7 @@ class JointPlannerLM(L.LightningModule):
         if tuple(codebook.shape) != (num_actions, embedding_dim):
             raise UserError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
         self.lm = build_conditioned_lm(lm_path, codebook, selection, base_mode, conditioned_layers,
-                                       per_layer_codebook, lora_r, lora_alpha)
+                                       per_layer_codebook, lora_r, lora_alpha, adapter_site)
         self.planner: Planner | None = None
         if self.uses_planner:
             if not planner_path:
@@ -316,7 +320,7 @@ class JointPlannerLM(L.LightningModule):
 
 def build_conditioned_lm(
     lm_path: str, codebook: Tensor, selection: str, base_mode: str, conditioned_layers: list[int] | None,
-    per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32,
+    per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32, adapter_site: str = "attention_output",
 ) -> ActionConditionedLM:
     """Load the base LM and wrap it with action adapters.
 
@@ -328,6 +332,7 @@ def build_conditioned_lm(
     lm = ActionConditionedLM(
         load_base_lm(lm_path), codebook, conditioned_layers=conditioned_layers,
         per_layer_codebook=per_layer_codebook, base_mode=base_mode, lora_r=lora_r, lora_alpha=lora_alpha,
+        adapter_site=adapter_site,
     )
     if selection == "none":
         for parameter in [*lm.adapter_parameters(), *lm.codebook_parameters()]:

@@ -4,8 +4,10 @@ In each conditioned layer ``l`` the action mixture ``w_t`` (weights over the K a
 :mod:`planner_lm.models.selection`) becomes a vector ``e_t = w_t @ C_l`` (``C_l`` the layer's copy
 of the k-means codebook) and ``W_l e_t + b_l`` is added to the *input* of the attention output
 projection, i.e. to the merged attention heads before they are projected back into the residual
-stream. This is the paper's adapter; it is attached with a forward pre-hook, so no model code is
-copied and every family listed in :data:`ADAPTER_TARGETS` works.
+stream. This is the paper's adapter for GPT-2; the reference adds it to the input of OLMo's
+feed-forward block instead (the normalised state before its first projection), which
+``adapter_site="ffn_input"`` does for any family. Adapters are attached with forward pre-hooks,
+so no model code is copied and every family listed in :data:`ADAPTER_TARGETS` works.
 
 Without action weights the hooks do nothing and the output is bit-identical to the base model.
 """
@@ -39,6 +41,10 @@ __all__ = [
 BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
 """How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
 
+ADAPTER_SITES: tuple[str, ...] = ("attention_output", "ffn_input")
+"""Where in a block the action enters: the input of the attention output projection (the
+reference's GPT-2 adapter) or the input of the feed-forward block (its OLMo adapter)."""
+
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
 BASE_SUBDIR = "base"
@@ -52,6 +58,10 @@ class AdapterTarget:
 
     layers: str  # attribute path from the causal LM to its list of transformer blocks
     projection: str  # path inside a block to the attention output projection
+    ffn: str = "mlp"  # path inside a block to the feed-forward module (its input is the normed state)
+
+    def site(self, name: str) -> str:
+        return self.projection if name == "attention_output" else self.ffn
 
 
 _LLAMA_LIKE = AdapterTarget("model.layers", "self_attn.o_proj")
@@ -66,7 +76,7 @@ ADAPTER_TARGETS: dict[str, AdapterTarget] = {
     "gemma": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "gpt_neox": AdapterTarget("gpt_neox.layers", "attention.dense"),
-    "opt": AdapterTarget("model.decoder.layers", "self_attn.out_proj"),
+    "opt": AdapterTarget("model.decoder.layers", "self_attn.out_proj", ffn="fc1"),
 }
 """``config.model_type`` -> where the adapters go. Add a family with one line here."""
 
@@ -92,6 +102,7 @@ class _Settings:
     lora_dropout: float
     lora_target_modules: list[str] | None
     adapter_seed: int
+    adapter_site: str = "attention_output"
 
 
 class ActionConditionedLM(nn.Module):
@@ -115,6 +126,9 @@ class ActionConditionedLM(nn.Module):
         lora_target_modules: module names LoRA wraps; ``None`` = peft's default for the family.
         adapter_seed: seed of the adapters' Xavier-normal initialisation (independent of the
             global RNG, so the same seed gives the same adapters).
+        adapter_site: `attention_output` (the input of the attention output projection, the
+            reference's GPT-2 adapter) or `ffn_input` (the input of the feed-forward block, its
+            OLMo adapter).
         base_reference: how a saved copy refers to the base (hub name, preset or directory);
             defaults to ``base.name_or_path``.
     """
@@ -133,6 +147,7 @@ class ActionConditionedLM(nn.Module):
         lora_target_modules: Sequence[str] | None = None,
         adapter_seed: int = 0,
         base_reference: str | None = None,
+        adapter_site: str = "attention_output",
     ) -> None:
         super().__init__()
         model_type = base.config.model_type
@@ -144,6 +159,8 @@ class ActionConditionedLM(nn.Module):
             )
         if base_mode not in BASE_MODES:
             raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
+        if adapter_site not in ADAPTER_SITES:
+            raise UserError(f"adapter_site must be one of {', '.join(ADAPTER_SITES)}, got {adapter_site!r}")
         if codebook.ndim != 2:
             raise ValueError(f"codebook must be [num_actions, action_dim], got {tuple(codebook.shape)}")
         target = ADAPTER_TARGETS[model_type]
@@ -165,6 +182,7 @@ class ActionConditionedLM(nn.Module):
             lora_dropout=lora_dropout,
             lora_target_modules=list(lora_target_modules) if lora_target_modules else None,
             adapter_seed=adapter_seed,
+            adapter_site=adapter_site,
         )
         self._action_weights: Tensor | None = None
         self._base_fingerprint: str | None = None
@@ -183,12 +201,13 @@ class ActionConditionedLM(nn.Module):
         self.adapters = nn.ModuleList()
         self._hooks = []
         for slot, layer in enumerate(layers):
-            projection = _get_path(blocks[layer], target.projection)
-            adapter = nn.Linear(self.settings.action_dim, _input_features(projection))
+            site = _get_path(blocks[layer], target.site(adapter_site))
+            width = _input_features(site) if adapter_site == "attention_output" else int(base.config.hidden_size)
+            adapter = nn.Linear(self.settings.action_dim, width)
             nn.init.xavier_normal_(adapter.weight, generator=generator)
             nn.init.zeros_(adapter.bias)
             self.adapters.append(adapter.to(device))
-            self._hooks.append(projection.register_forward_pre_hook(self._make_hook(slot)))
+            self._hooks.append(site.register_forward_pre_hook(self._make_hook(slot)))
 
     # ------------------------------------------------------------------ forward
     @property
@@ -361,7 +380,7 @@ class ActionConditionedLM(nn.Module):
                 f"the base LM {config['base']!r} differs from the one {save_dir} was trained on "
                 "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
             )
-        settings = _Settings(**{k: config[k] for k in _Settings.__dataclass_fields__})
+        settings = _Settings(**{k: config[k] for k in _Settings.__dataclass_fields__ if k in config})
         state = load_file(str(save_dir / WEIGHTS_FILE))
         codebook = state["codebook"][0]
         model = cls(
@@ -376,6 +395,7 @@ class ActionConditionedLM(nn.Module):
             lora_dropout=settings.lora_dropout,
             lora_target_modules=settings.lora_target_modules,
             adapter_seed=settings.adapter_seed,
+            adapter_site=settings.adapter_site,
             base_reference=config["base"] if not config["base_saved"] else "",
         )
         if config["base_saved"]:
