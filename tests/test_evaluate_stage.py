@@ -129,8 +129,8 @@ def test_planner_and_controls_never_see_the_scored_sentence(metrics, run_dir, tm
     """Give each test document's last sentence another action and embedding (no context holds it).
 
     Only the oracle reads the scored sentence: its score must move, while the planner's codes
-    (which see the sentences before, never the one being written), fixed, uniform and none must
-    score exactly as before.
+    (which see the sentences before, never the one being written), fixed, boundary, uniform and
+    none must score exactly as before.
     """
     from planner_lm.prepared import PreparedCorpus
 
@@ -149,7 +149,7 @@ def test_planner_and_controls_never_see_the_scored_sentence(metrics, run_dir, tm
     after = {row["source"]: row["nll"] for row in scores["rows"] if row["run"] == "soft"}
     before = {row["source"]: row["nll"] for row in metrics["rows"] if row["run"] == "soft"}
     assert after["oracle"] != before["oracle"]
-    for source in ("planner_soft", "planner_hard", "fixed", "uniform", "none"):
+    for source in ("planner_soft", "planner_hard", "fixed", "boundary", "uniform", "none"):
         assert after[source] == before[source], source
 
 
