@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from planner_lm.artifacts import atomic_write_text, read_manifest, stage_dir
 from planner_lm.errors import UserError

@@ -74,7 +74,7 @@ def planner_grad_norm(model: JointPlannerLM, batch) -> float:
     model.train()
     model.zero_grad()
     logits, _ = model(batch)
-    from planner_lm.lit.joint import token_nll
+    from planner_lm.lit.losses import next_token_nll as token_nll
 
     nll, count = token_nll(logits, batch["labels"])
     (nll / count).backward()
@@ -221,7 +221,7 @@ def run_stage(run_dir: Path, selection: str, *extra: str) -> dict:
 
 
 def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, data):
-    from planner_lm.lit.joint import token_nll
+    from planner_lm.lit.losses import next_token_nll as token_nll
     from planner_lm.models.conditioning import ActionConditionedLM
 
     manifest = run_stage(run_dir, "soft")  # validates on the first 2 validation batches

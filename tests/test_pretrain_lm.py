@@ -53,7 +53,7 @@ def tiny_args(run_dir, *extra):
 def mean_nll(model, run_dir, split, window=16):
     from planner_lm.data.lm_pretrain_data import LMPretrainDataModule, collate_lm
     from planner_lm.data.lm_windows import LMWindows
-    from planner_lm.lit.lm_pretrain import next_token_nll
+    from planner_lm.lit.losses import next_token_nll
 
     data = LMPretrainDataModule(str(run_dir), window=window)
     windows = LMWindows(data._tokens(split), window, pad_token_id=data.pad_token_id)

@@ -19,27 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from planner_lm.data.lm_windows import IGNORE_INDEX
 from planner_lm.errors import UserError
 from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
+from planner_lm.lit.losses import next_token_nll
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 from planner_lm.models.selection import GRADIENT_SELECTIONS, PLANNER_SELECTIONS, check_selection, select_weights
 
-__all__ = ["JointPlannerLM", "token_nll"]
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token negative log-likelihood and the number of labelled tokens.
-
-    Position ``t`` predicts ``labels[t+1]`` (the Hugging Face convention); ``-100`` is ignored.
-    """
-    shifted_logits = logits[:, :-1].float()
-    shifted_labels = labels[:, 1:]
-    nll = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, (shifted_labels != IGNORE_INDEX).sum()
+__all__ = ["JointPlannerLM"]
 
 
 class JointPlannerLM(L.LightningModule):
@@ -189,7 +177,7 @@ class JointPlannerLM(L.LightningModule):
             # a planner that cannot learn at this step runs deterministically (no dropout)
             self.planner.train(self._planner_learns())
         logits, planner_logits = self(batch)
-        nll, count = token_nll(logits, batch["labels"])
+        nll, count = next_token_nll(logits, batch["labels"])
         lm_loss = nll / count.clamp(min=1)
         loss = lm_loss
         size = batch["input_ids"].shape[0]
@@ -204,7 +192,7 @@ class JointPlannerLM(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits, planner_logits = self(batch)
-        nll, count = token_nll(logits, batch["labels"])
+        nll, count = next_token_nll(logits, batch["labels"])
         if count > 0:
             self.val_nll.update(nll / count, weight=count)  # token-weighted, not window-averaged
         if planner_logits is not None:

@@ -17,23 +17,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import GPT2LMHeadModel
 
+from planner_lm.lit.losses import next_token_nll
 from planner_lm.models.base_lm import GPT2_VOCAB_SIZE, gpt2_config
 
-__all__ = ["CausalLMPretrainModule", "next_token_nll"]
-
-
-def next_token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token NLL and the number of scored tokens (``labels`` aligned with inputs,
-    ``-100`` = not scored; position ``t`` predicts ``labels[t + 1]``)."""
-    targets = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    total = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
-    return total, (targets != -100).sum()
+__all__ = ["CausalLMPretrainModule"]
 
 
 class CausalLMPretrainModule(L.LightningModule):
