@@ -99,7 +99,7 @@ $(RUN)/4_joint-%/manifest.json: $(PLANNER) $(LM)
 	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(call args,finetune_joint)
 finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
 
-baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## the comparison set: $(BASELINES)
+baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every control run (BASELINES, default: none fixed boundary uniform oracle hard straight_through)
 
 $(EVAL): $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
 	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
