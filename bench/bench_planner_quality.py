@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planner_lm.data.planner_data import ACTIONS_FILE, EMBEDDINGS_FILE, PlannerBatchCollator, action_baselines, read_planner_upstream
+from planner_lm.data.planner_data import (ACTIONS_FILE, EMBEDDINGS_FILE, PlannerBatchCollator, action_baselines,
+                                          previous_actions, read_planner_upstream)
 from planner_lm.models.planner import POOLINGS, Planner
 
 BUCKETS = ((1, 3), (4, 8), (9, 30), (31, 10**9))
@@ -113,7 +114,9 @@ def main() -> None:
     # document length (sentences) of each target's document
     doc_len = np.bincount(doc_first)[doc_first[targets]] if len(targets) else np.zeros(0, int)
     truth = actions[targets]
-    previous = np.where(targets > doc_first[targets], actions[np.maximum(targets - 1, 0)], -1)
+    # "copy" as action_baselines scores it: the majority training action at a document start
+    majority = int(np.bincount(actions[split_ids["train"]], minlength=len(centroids)).argmax())
+    previous = previous_actions(actions, targets, doc_first, majority)
 
     def bucketed(correct: np.ndarray) -> dict[str, dict]:
         out = {}

@@ -85,7 +85,7 @@ class PlannerBatchCollator:
         ids = np.asarray(sentence_ids, dtype=np.int64)
         first = self.doc_first[ids]
         context, mask = gather_contexts(embeddings, torch.from_numpy(ids), torch.from_numpy(first), self.context_sentences)
-        previous = np.where(ids > first, actions[np.maximum(ids - 1, 0)], -1)
+        previous = previous_actions(actions, ids, self.doc_first, -1)
         return {
             "sentence": torch.from_numpy(ids),
             "context": context,
@@ -93,6 +93,12 @@ class PlannerBatchCollator:
             "target": torch.from_numpy(np.asarray(actions[ids], dtype=np.int64)),
             "previous": torch.from_numpy(previous.astype(np.int64)),
         }
+
+
+def previous_actions(actions: np.ndarray, ids: np.ndarray, doc_first: np.ndarray, at_start: int) -> np.ndarray:
+    """The action of each sentence's previous sentence ("copy" prediction), `at_start` for the
+    first sentence of a document (which has none)."""
+    return np.where(ids > doc_first[ids], np.asarray(actions)[np.maximum(ids - 1, 0)], at_start)
 
 
 def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray, doc_first: np.ndarray,
@@ -109,12 +115,10 @@ def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.nda
     counts = np.bincount(actions[train_ids], minlength=num_actions)
     ranked = np.argsort(-counts, kind="stable")
     target = actions[val_ids]
-    has_prev = val_ids > doc_first[val_ids]
-    prev = np.where(has_prev, actions[np.maximum(val_ids - 1, 0)], ranked[0])
+    prev = previous_actions(actions, val_ids, doc_first, ranked[0])
 
     # transition counts on train (row = previous action, num_actions = "document start")
-    train_prev_ok = train_ids > doc_first[train_ids]
-    train_prev = np.where(train_prev_ok, actions[np.maximum(train_ids - 1, 0)], num_actions)
+    train_prev = previous_actions(actions, train_ids, doc_first, num_actions)
     transitions = np.zeros((num_actions + 1, num_actions), dtype=np.int64)
     np.add.at(transitions, (train_prev, actions[train_ids]), 1)
     empty_rows = transitions.sum(1) == 0  # previous actions never seen in training
@@ -122,7 +126,7 @@ def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.nda
     # ties broken by global frequency, then by id: rank by (count, global count)
     order_key = transitions.astype(np.float64) + counts[None, :] / (counts.sum() + 1.0)
     bigram_ranked = np.argsort(-order_key, axis=1, kind="stable")[:, :top]
-    val_prev_row = np.where(has_prev, actions[np.maximum(val_ids - 1, 0)], num_actions)
+    val_prev_row = previous_actions(actions, val_ids, doc_first, num_actions)
     bigram_top = bigram_ranked[val_prev_row]
 
     def mean(x: np.ndarray) -> float:

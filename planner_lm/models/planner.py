@@ -20,7 +20,7 @@ Measured with `bench/bench_planner_quality.py` (test top-1 minus "copy the previ
 action"): reading out at the previous sentence did not beat the mean (demo corpus +3.5 vs +4.4
 points, long documents +1.6 vs +3.5), and a "copy prior" on the logits made it worse; what made
 the planner lose to copying was training at 10x the paper's learning rate for two epochs (one
-epoch of 1e-3 already overfits: +0.2 to +2 points). See README, "The pretrain-planner stage".
+epoch of 1e-3 already overfits: +1.3 and +1.7 points). See README, "The pretrain-planner stage".
 
 Plain torch only: the Lightning wrapper lives in `planner_lm.lit.planner`.
 """
@@ -40,7 +40,7 @@ PLANNER_FILE = "planner.pt"
 DEFAULT_CONTEXT_SENTENCES = 6
 
 POOLINGS = ("mean", "last")
-"""How the context is read out: at the previous sentence's slot, or averaged over all slots."""
+"""How the context is read out: averaged over all slots (the reference), or at the previous sentence's slot."""
 
 
 class Planner(nn.Module):
