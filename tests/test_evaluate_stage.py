@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,33 @@ def test_matched_code_source_is_each_runs_training_source():
     assert _sources_of("soft", ["matched", "oracle", "none"]) == ["planner_soft", "oracle", "none"]
     assert _sources_of("straight_through", ["matched", "oracle"]) == ["planner_hard", "oracle"]
     assert _sources_of("oracle", ["matched", "oracle", "none"]) == ["oracle", "none"]
+
+
+def test_a_variant_shares_its_parents_upstream_and_compares_beside_it(metrics, run_dir, monkeypatch, capsys):
+    """`make variant`'s link rule, evaluate on the variant, and the side-by-side table of both."""
+    import planner_lm.generation
+    from planner_lm.evaluation import compare
+
+    variant = run_dir / "linked"
+    upstream = [f"-o{run_dir}/3_planner/manifest.json", f"-o{run_dir}/lm/manifest.json"]  # fabricated: never rebuilt
+    subprocess.run(["make", "--no-print-directory", "-s", *upstream, f"{variant}/.linked", f"RUN={run_dir}",
+                    "VARIANT=linked", "VARIANT_LINKS=soft fixed", "STAMP=", f"PY={sys.executable}"],
+                   cwd=Path(__file__).resolve().parents[1], check=True)
+    assert (variant / "3_planner").resolve() == (run_dir / "3_planner").resolve()
+    assert (variant / "4_joint-fixed" / "manifest.json").is_file() and not (variant / "4_joint-boundary").exists()
+    monkeypatch.setattr(planner_lm.generation, "load_sentence_encoder", lambda name, device: hash_encoder)
+    run_evaluate(config(variant, structure=StructureConfig(docs=0)))
+    capsys.readouterr()
+
+    assert compare.main([str(run_dir), str(variant)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == [run_dir.name, "linked"]
+    parent, linked = (compare.comparison_row(d) for d in (run_dir, variant))
+    assert linked["ppl"].value == pytest.approx(parent["ppl"].value)  # the same soft run, scored alike
+    assert parent["vs_fixed"].low <= parent["vs_fixed"].value <= parent["vs_fixed"].high
+    assert parent["top1_before"] == metrics["planner"]["pretrained"]["top1"]
+    assert compare.main([str(run_dir / "missing")]) == 2
+    assert "make evaluate" in capsys.readouterr().err
 
 
 def test_bad_requests_are_clear_errors(run_dir, tmp_path):
