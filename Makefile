@@ -142,7 +142,7 @@ quality: ## all 10,033 demo documents: full-weight runs (soft + controls) and, b
 
 # anti-forgetting on the quality preset: the soft run again with each remedy (fixed linked in as the reference)
 FORGETTING := unfreeze-half:--model.planner_unfreeze_at=0.5 planner-frozen:--model.planner_unfreeze_at=-1 \
-              planner-loss-1:--model.planner_loss_weight=1.0 planner-loss-0.3:--model.planner_loss_weight=0.3
+              planner-loss-1:--model.planner_loss_weight=1.0
 quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / the planner loss on the quality preset, compared
 	$(MAKE) --no-print-directory evaluate RUN=$(QUALITY_RUN) PRESET=quality
 	$(foreach v,$(FORGETTING),$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality \
