@@ -16,7 +16,8 @@ import numpy as np
 
 from planner_lm.cli import StageSpec, build_cli, finish_stage, stage_main
 from planner_lm.data.embed_data import EmbedDataModule, count_truncated, reset_shards_if_plan_changed
-from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards, fast_precision
+from planner_lm.hardware import fast_precision
+from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards
 
 STAGE = "embed"
 EMBEDDINGS_FILE = "embeddings.npy"
