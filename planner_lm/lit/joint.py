@@ -136,9 +136,7 @@ class JointPlannerLM(L.LightningModule):
                 )
             if not 0.0 <= planner_dropout < 1.0:
                 raise UserError(f"--model.planner_dropout must be in [0, 1), got {planner_dropout}")
-            for module in self.planner.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = planner_dropout
+            self.planner.set_dropout(planner_dropout)
             if selection not in GRADIENT_SELECTIONS and planner_loss_weight == 0:
                 # no loss reaches it (hard argmax): frozen from the start, so DDP never waits for its gradients
                 self.planner.requires_grad_(False)
