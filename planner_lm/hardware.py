@@ -6,7 +6,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["fast_precision"]
+__all__ = ["cpu_flags", "fast_precision"]
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide CPU speed here (benches quote figures next to them)."""
+    return sorted(_cpuinfo_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def fast_precision() -> str:
@@ -19,8 +32,5 @@ def fast_precision() -> str:
     """
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
+    flags = _cpuinfo_flags()
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
