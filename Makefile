@@ -4,6 +4,8 @@
 #   RUN=runs/demo       run directory (every stage writes a sub-directory of it)
 #   PRESET=demo         config preset: configs/presets/$(PRESET)/<stage>.yaml overrides configs/<stage>.yaml
 #   CORPUS=...          corpus for `prepare`: demo, local files (.txt/.jsonl/.json/.parquet), or a hub dataset
+#   BASE_LM=...         a pretrained base LM for finetune-joint (hub name or local HF folder; PRESET=paper: gpt2,
+#                       PRESET=olmo: allenai/OLMo-1B-hf); empty = the run's own LM, trained by `make pretrain-lm`
 #   ARGS="..."          extra options for the stage(s) named on the command line, e.g.
 #                       make pretrain-planner ARGS="--model.num_layers 2"
 #   ARGS_<stage>="..."  extra options for one stage wherever it runs (e.g. ARGS_embed="--data.batch_size 64")
@@ -38,6 +40,11 @@ VARIANT_ARGS ?=
 VARIANT_RUNS ?= fixed
 VARIANT_LINKS ?=
 QUALITY_RUN ?= runs/quality
+
+# a named base LM is used as it is: only the run's own LM (BASE_LM empty) makes joint runs wait for pretrain-lm
+BASE_LM_paper := gpt2
+BASE_LM_olmo := allenai/OLMo-1B-hf
+BASE_LM ?= $(BASE_LM_$(PRESET))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
@@ -105,8 +112,8 @@ $(PLANNER): $(CLUSTER)
 	$(PY) stages/pretrain_planner.py $(call cfg,pretrain_planner) $(call args,pretrain_planner)
 pretrain-planner: $(PLANNER) ## next-action prediction over cached sentence vectors (3_planner)
 
-$(RUN)/4_joint-%/manifest.json: $(PLANNER) $(LM)
-	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(call args,finetune_joint)
+$(RUN)/4_joint-%/manifest.json: $(PLANNER) $(if $(BASE_LM),,$(LM))
+	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint)
 finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
 
 baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every control run (BASELINES, default: none fixed boundary uniform oracle hard straight_through)
@@ -123,10 +130,10 @@ demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the resu
 
 # a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only
 # its own joint runs train
-$(RUN)/$(VARIANT)/.linked: $(PLANNER) $(LM)
+$(RUN)/$(VARIANT)/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
 	@test -n "$(VARIANT)" || { echo "error: name the variant: make variant VARIANT=<name> VARIANT_ARGS=..."; exit 2; }
 	mkdir -p $(RUN)/$(VARIANT) $(RUN)/tokens
-	for d in 0_prepare 1_embed 2_cluster 3_planner lm tokens $(addprefix 4_joint-,$(VARIANT_LINKS)); do \
+	for d in 0_prepare 1_embed 2_cluster 3_planner $(if $(BASE_LM),,lm) tokens $(addprefix 4_joint-,$(VARIANT_LINKS)); do \
 		ln -sfn ../$$d $(RUN)/$(VARIANT)/$$d; done
 	@touch $@
 variant: $(RUN)/$(VARIANT)/.linked $(foreach s,$(VARIANT_LINKS),$(RUN)/4_joint-$(s)/manifest.json) ## RUN/VARIANT: other finetune-joint settings on RUN's upstream stages (VARIANT_ARGS, VARIANT_RUNS, VARIANT_LINKS)

@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,18 +26,10 @@ import torch.nn.functional as F
 
 from planner_lm.data.planner_data import (ACTIONS_FILE, EMBEDDINGS_FILE, PlannerBatchCollator, action_baselines,
                                           previous_actions, read_planner_upstream)
+from planner_lm.hardware import cpu_flags
 from planner_lm.models.planner import POOLINGS, Planner
 
 BUCKETS = ((1, 3), (4, 8), (9, 30), (31, 10**9))
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide CPU speed here (figures are quoted next to them)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def batches(ids: np.ndarray, size: int, rng: np.random.Generator | None = None):

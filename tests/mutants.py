@@ -78,6 +78,12 @@ MUTANTS = [
     Mutant("12: joint stage hands off the final weights, not the best validated", "planner_lm/lit/joint.py",
            "if self.hparams.export_best and self.best.step != self.global_step and self.best.restore(self):",
            "if False:", ("tests/test_joint.py::test_best_validation_weights_are_handed_off",)),
+    Mutant("13: under DDP each process averages over its own tokens, not the global batch", "planner_lm/lit/losses.py",
+           "    if world > 1:\n        count = trainer.strategy.reduce", "    if False:\n        count = trainer.strategy.reduce",
+           ("tests/test_ddp.py::test_ddp_soft_with_a_delayed_unfreeze_matches_one_process_and_half_a_batch_does_not",)),
+    Mutant("14: an unfreeze schedule lets held parameters train", "planner_lm/lit/callbacks.py",
+           "                parameter.grad = None", "                pass",
+           ("tests/test_joint.py::test_unfreeze_schedule_holds_weights_until_the_global_step",)),
 ]
 
 

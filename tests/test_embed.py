@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,19 @@ def test_embed_stage_vectors_align_with_sentence_ids(tiny_prepared, tiny_encoder
     cosine = (embeddings.astype(np.float32) * reference_vectors(tiny_prepared, tiny_encoder_dir)).sum(1)
     assert cosine.min() > 0.999
     assert not (out / "shards").exists() and manifest["metrics"]["precision"] == "32-true"
+
+
+@pytest.mark.slow
+def test_two_processes_embed_every_sentence_once_like_one(tiny_prepared, tiny_encoder_dir, tmp_path):
+    """DDP on gloo (2 forked CPU processes): each rank embeds its share of the shards; the
+    consolidated file is the one-process file, row for row."""
+    run_stage(tiny_prepared, tiny_encoder_dir, "--trainer.precision", "32-true", "--data.shard_batches", "1")
+    single = np.load(tiny_prepared / "1_embed" / "embeddings.npy")
+    shutil.rmtree(tiny_prepared / "1_embed")
+    run_stage(tiny_prepared, tiny_encoder_dir, "--trainer.precision", "32-true", "--data.shard_batches", "1",
+              "--trainer.devices", "2", "--trainer.strategy", "ddp_fork")
+    np.testing.assert_allclose(np.load(tiny_prepared / "1_embed" / "embeddings.npy").astype(np.float32),
+                               single.astype(np.float32), atol=2e-3)
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny_prepared, tiny_encoder_dir):

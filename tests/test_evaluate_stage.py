@@ -180,14 +180,24 @@ def test_a_variant_shares_its_parents_upstream_and_compares_beside_it(metrics, r
     capsys.readouterr()
 
     assert compare.main([str(run_dir), str(variant)]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == [run_dir.name, "linked"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert [line.split("|")[1].strip() for line in table[2:]] == [run_dir.name, "linked"], table
     parent, linked = (compare.comparison_row(d) for d in (run_dir, variant))
     assert linked["ppl"].value == pytest.approx(parent["ppl"].value)  # the same soft run, scored alike
     assert parent["vs_fixed"].low <= parent["vs_fixed"].value <= parent["vs_fixed"].high
     assert parent["top1_before"] == metrics["planner"]["pretrained"]["top1"]
     assert compare.main([str(run_dir / "missing")]) == 2
     assert "make evaluate" in capsys.readouterr().err
+
+
+def test_bf16_is_checked_against_fp32_on_a_subset_and_reported(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    metrics = run_evaluate(config(copy, runs=["fixed"], precision="bf16", precision_check_docs=2, overwrite=True,
+                                  structure=StructureConfig(docs=0)))
+    difference = metrics["protocol"]["bf16_vs_fp32_ppl_rel_diff"]
+    assert difference != 0 and abs(difference) < 0.05  # bf16 rounds, but only a little
+    assert "against fp32 on a subset" in (copy / "5_eval" / "results.md").read_text()
 
 
 def test_bad_requests_are_clear_errors(run_dir, tmp_path):

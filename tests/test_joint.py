@@ -124,13 +124,23 @@ def test_none_is_the_base_lm_bit_for_bit_and_actions_change_the_output(data):
     assert not plain.has_trainable_parameters()
 
 
-class RecordTrainable(L.Callback):
+class RecordUpdates(L.Callback):
+    """After each optimizer step: did the planner's and the codebook's weights change?"""
+
     def __init__(self):
         self.planner, self.codebook = [], []
 
-    def on_before_backward(self, trainer, pl_module, loss):
-        self.planner.append(all(p.requires_grad for p in pl_module.planner.parameters()))
-        self.codebook.append(pl_module.lm.codebook.requires_grad)
+    @staticmethod
+    def _snapshot(pl_module):
+        return ([p.detach().clone() for p in pl_module.planner.parameters()], pl_module.lm.codebook.detach().clone())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = self._snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        planner, codebook = self._snapshot(pl_module)
+        self.planner.append(any(not torch.equal(a, b) for a, b in zip(planner, self._before[0])))
+        self.codebook.append(not torch.equal(codebook, self._before[1]))
 
 
 def fit(model, data, tmp_path, max_steps, callbacks=(), **trainer_kwargs):
@@ -141,13 +151,20 @@ def fit(model, data, tmp_path, max_steps, callbacks=(), **trainer_kwargs):
     return trainer
 
 
-def test_unfreeze_schedule_flips_requires_grad_at_the_global_step(data, tmp_path):
+def test_unfreeze_schedule_holds_weights_until_the_global_step(data, tmp_path):
     # planner at step 2 (an int), codebook at 60% of 5 steps = step 3 (a fraction)
     model = make_model(data, "soft", planner_unfreeze_at=2, codebook_unfreeze_at=0.6)
-    record = RecordTrainable()
+    record = RecordUpdates()
     fit(model, data, tmp_path, max_steps=5, callbacks=[record], limit_val_batches=0)
     assert record.planner == [False, False, True, True, True]
     assert record.codebook == [False, False, False, True, True]
+    # held, not frozen: DDP keeps synchronising their gradients across the unfreeze
+    assert all(p.requires_grad for p in model.planner.parameters()) and model.lm.codebook.requires_grad
+
+
+def test_a_planner_no_loss_reaches_is_frozen_from_the_start(data):
+    assert not any(p.requires_grad for p in make_model(data, "hard").planner.parameters())
+    assert all(p.requires_grad for p in make_model(data, "hard", planner_loss_weight=0.5).planner.parameters())
 
 
 def test_unfreeze_step_resolution():

@@ -16,6 +16,7 @@ from planner_lm.evaluation.bootstrap import (
 )
 from planner_lm.evaluation.perplexity import (
     ScoringDocument,
+    causal_lm_logprobs,
     next_token_logprobs,
     nll_by_position,
     plan_windows,
@@ -37,9 +38,11 @@ def tiny_lm() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def lm_scorer(model):
-    def score(ids, mask, cond):
-        return next_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+def lm_scorer(model, calls=None):
+    def score(ids, mask, cond, keep):
+        if calls is not None:
+            calls.append((ids.shape[1], keep))
+        return causal_lm_logprobs(model, ids, mask, keep)
 
     return score
 
@@ -105,6 +108,22 @@ def test_stride_one_matches_a_window_per_token_by_hand(tiny_lm):
                 assert nll[t - 1] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
+def test_stride_one_runs_the_output_layer_only_where_a_token_is_scored(tiny_lm):
+    """Full windows at stride 1 score one token each: the scorer is asked for one log-prob per row
+    (the LM head at 2 positions, not 16), with the same numbers as full logits."""
+    docs = random_documents([100, 90], seed=5)
+    calls: list[tuple[int, int]] = []
+    trimmed = sliding_window_nll(docs, lm_scorer(tiny_lm, calls), window=16, stride=1, batch_size=8)
+
+    def full_logits(ids, mask, cond, keep):
+        return next_token_logprobs(tiny_lm(input_ids=ids, attention_mask=mask).logits, ids)[:, -keep:]
+
+    full = sliding_window_nll(docs, full_logits, window=16, stride=1, batch_size=8)
+    for mine, theirs in zip(trimmed.token_nll, full.token_nll):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert (16, 1) in calls and sum(keep for _, keep in calls) < 0.2 * sum(width for width, _ in calls)
+
+
 def test_strides_agree_on_documents_shorter_than_the_window(tiny_lm):
     docs = random_documents([10, 16, 3], seed=2)
     fast = sliding_window_nll(docs, lm_scorer(tiny_lm), window=16, stride=15)
@@ -121,9 +140,9 @@ def test_strides_agree_on_documents_shorter_than_the_window(tiny_lm):
 def test_condition_ids_reach_the_scorer_aligned_with_their_tokens():
     """A context-free scorer whose NLL depends on (token, condition) pairs: any stride agrees."""
 
-    def scorer(ids, mask, cond):
+    def scorer(ids, mask, cond, keep):
         assert ((cond == -1) == (mask == 0)).all()
-        return -0.01 * (ids[:, 1:] + 2 * cond[:, :-1]).float()
+        return -0.01 * (ids[:, 1:] + 2 * cond[:, :-1]).float()[:, -keep:]
 
     docs = random_documents([23, 7, 40], seed=4)
     expected = [0.01 * (d.input_ids[1:] + 2 * d.condition_ids[:-1]).numpy() for d in docs]
@@ -138,8 +157,8 @@ def test_position_in_sentence_and_nll_by_position():
     assert position_in_sentence(cond).tolist() == [0, 1, 0, 1, 2, 0]
     doc = ScoringDocument(torch.arange(7), cond)
 
-    def scorer(ids, mask, cond):
-        return -torch.ones(ids.shape[0], ids.shape[1] - 1)
+    def scorer(ids, mask, cond, keep):
+        return -torch.ones(ids.shape[0], keep)
 
     result = sliding_window_nll([doc], scorer, window=4, stride=2)
     mean, counts = nll_by_position(result, [doc], max_position=1)

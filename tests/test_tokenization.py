@@ -117,3 +117,24 @@ def test_stride_must_leave_an_overlap_token(gpt2_tokenizer, tmp_path):
     tokens = load_or_build_token_cache(make_split(["a b"]), gpt2_tokenizer, tmp_path, "train", "fp")
     with pytest.raises(UserError, match="stride"):
         LMWindows(tokens, window=8, stride=8)
+
+
+def test_ranks_building_the_same_token_cache_at_once_all_get_the_complete_one(gpt2_tokenizer, tmp_path):
+    """Several nodes' local rank 0 tokenizing into one shared folder: nobody reads a half-written
+    cache or deletes another's, and one complete cache is left (no private folders)."""
+    import multiprocessing
+
+    split = make_split([f"Sentence {i} of a document. And its second one." for i in range(200)])
+    (tmp_path / "fp" / "train").mkdir(parents=True)  # debris of an interrupted build: replaced
+    context = multiprocessing.get_context("fork")
+    with context.Pool(3) as pool:
+        sizes = pool.starmap(_build_and_count, [(split, gpt2_tokenizer, tmp_path)] * 3)
+    reference = load_or_build_token_cache(split, gpt2_tokenizer, tmp_path / "alone", "train", "fp")
+    assert sizes == [len(reference.input_ids)] * 3
+    assert sorted(p.name for p in (tmp_path / "fp").iterdir()) == ["train"]
+    cached = load_or_build_token_cache(split, gpt2_tokenizer, tmp_path, "train", "fp")
+    np.testing.assert_array_equal(cached.input_ids, reference.input_ids)
+
+
+def _build_and_count(split, tokenizer, root) -> int:
+    return len(load_or_build_token_cache(split, tokenizer, root, "train", "fp").input_ids)

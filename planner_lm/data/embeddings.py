@@ -99,9 +99,13 @@ class EmbeddingBatches(IterableDataset):
         start = (self.num_batches * rank) // world_size
         stop = (self.num_batches * (rank + 1)) // world_size
         self.batch_range = range(start, stop)
+        # every rank takes the same number of steps (empty batches pad the shorter shards): a
+        # per-step collective, such as the checkpoint callback's "is a save due?", must meet
+        # the same call on every rank or the ranks hang
+        self.steps_per_rank = math.ceil(self.num_batches / world_size)
 
     def __len__(self) -> int:
-        return len(self.batch_range)
+        return self.steps_per_rank
 
     def batch(self, index: int) -> torch.Tensor:
         lo = index * self.batch_size
@@ -113,12 +117,17 @@ class EmbeddingBatches(IterableDataset):
         return torch.from_numpy(np.array(block, copy=True))  # copy: memory maps are read-only
 
     def __iter__(self):
-        batches = self.batch_range
+        batches: list[int | None] = list(self.batch_range)
+        batches += [None] * (self.steps_per_rank - len(batches))
         worker = get_worker_info()
         if worker is not None:  # split this rank's batches over DataLoader workers
             batches = batches[worker.id :: worker.num_workers]
         for index in batches:
-            yield self.batch(index)
+            yield self.batch(index) if index is not None else self.empty_batch()
+
+    def empty_batch(self) -> torch.Tensor:
+        """A batch of no rows (pads a shard that has fewer batches than the others)."""
+        return torch.from_numpy(np.zeros((0, self.array.shape[1]), dtype=self.array.dtype))
 
     def sample(self, size: int, seed: int) -> torch.Tensor:
         """A seeded random subset of `size` visited rows (all ranks draw the same), float32."""

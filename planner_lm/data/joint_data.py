@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from planner_lm.artifacts import read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
-from planner_lm.data.resumable import resumable_train_loader
+from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -84,7 +84,7 @@ class JointDataModule(L.LightningDataModule):
             contexts only when the model being trained uses a planner.
         window: tokens per training window (paper: 128).
         stride: tokens between window starts; default `window - 1`, so each token is a label once.
-        batch_size: windows per batch (paper: 32).
+        batch_size: windows per optimizer step over all devices (paper: 32); each of N processes loads 1/N.
         eval_batch_size: windows per validation batch; default `batch_size`.
         num_workers: DataLoader worker processes.
         token_cache_dir: where tokenized splits are cached; default `<run_dir>/tokens` (shared by
@@ -201,7 +201,7 @@ class JointDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return resumable_train_loader(self._windows["train"], self.batch_size, None, collate_fn=self.collate,
-                                      num_workers=self.num_workers)
+                                      num_workers=self.num_workers, world_size=world_size_of(self))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._windows["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.artifacts import stage_dir
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
-from planner_lm.data.resumable import resumable_train_loader
+from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -70,7 +70,7 @@ class LMPretrainDataModule(L.LightningDataModule):
         window: tokens per window (paper: 128).
         packed: pack training documents into full windows (no padding); False = per-document
             windows as in `finetune-joint`.
-        batch_size: training windows per batch.
+        batch_size: training windows per optimizer step over all devices (each of N processes loads 1/N).
         eval_batch_size: validation windows per batch; default `batch_size`.
         max_val_windows: score at most this many validation windows (evenly spaced over the
             split, always the same ones); None = all.
@@ -167,7 +167,7 @@ class LMPretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return resumable_train_loader(self._datasets["train"], self.batch_size, None, collate_fn=collate_lm,
-                                      num_workers=self.num_workers)
+                                      num_workers=self.num_workers, world_size=world_size_of(self))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._datasets["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_lm,

@@ -17,7 +17,9 @@ tokens already labelled by the previous window are masked, so the rule still hol
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +68,15 @@ def build_token_cache(
     batch_size: int = 256,
     desc: str = "tokenize",
 ) -> TokenizedSplit:
-    """Tokenize a split (an HF ``Dataset`` with the prepared-corpus columns) into ``cache_dir``."""
+    """Tokenize a split (an HF ``Dataset`` with the prepared-corpus columns) into ``cache_dir``.
+
+    Safe when several processes (the local rank 0 of each node, or concurrent runs) build the
+    same cache at once: each writes a private folder and renames it into place, so a reader sees
+    either no cache or a complete one, and the first writer to finish wins.
+    """
     cache_dir = Path(cache_dir)
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)
-    cache_dir.mkdir(parents=True)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    final_dir, cache_dir = cache_dir, Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     columns = documents.select_columns(["text", "sent_start", "sent_end", "first_sentence"])
     ids_parts, target_parts, lengths, firsts = [], [], [], []
     with tqdm(total=len(documents), desc=desc, unit="doc") as progress:
@@ -93,7 +99,19 @@ def build_token_cache(
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint, "docs": len(firsts),
             "tokens": int(arrays["doc_offsets"][-1])}
     (cache_dir / "cache.json").write_text(json.dumps(meta, indent=2))
+    _publish(cache_dir, final_dir)
     return TokenizedSplit(**arrays, tokenizer_fingerprint=tokenizer_fingerprint)
+
+
+def _publish(built: Path, final: Path) -> None:
+    """Rename a finished cache folder into place; an incomplete one left there by an interrupted
+    run is replaced, a complete one written meanwhile by another process is kept."""
+    if final.exists() and not (final / "cache.json").exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.rename(built, final)
+    except OSError:  # another process published first (the folder is not empty): keep theirs
+        shutil.rmtree(built, ignore_errors=True)
 
 
 def load_token_cache(cache_dir: str | Path) -> TokenizedSplit | None:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.artifacts import Manifest, read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
-from planner_lm.data.resumable import resumable_train_loader
+from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
 from planner_lm.prepared import PreparedCorpus
 
@@ -148,7 +148,7 @@ class PlannerDataModule(L.LightningDataModule):
         run_dir: run directory holding 0_prepare, 1_embed and 2_cluster.
         context_sentences: previous sentences of the document in each example's context (S); the
             planner is built for this many (6 cover about the paper's 128 tokens).
-        batch_size: training examples (sentences) per batch per device (paper: 32).
+        batch_size: training sentences per optimizer step over all devices (paper: 32; each of N processes loads 1/N).
         eval_batch_size: validation examples per batch; default 8 x `batch_size`.
         max_train_sentences: train on a seeded random subset of at most this many sentences
             (None = all).
@@ -251,7 +251,7 @@ class PlannerDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = SentenceTargets(self._ids["train"])
         return resumable_train_loader(data, self.batch_size, self.seed, collate_fn=self.collate,
-                                      num_workers=self.num_workers)
+                                      num_workers=self.num_workers, world_size=world_size_of(self))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(SentenceTargets(self._ids["val"]), batch_size=self.eval_batch_size, shuffle=False,

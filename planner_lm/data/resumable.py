@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from planner_lm.errors import UserError
+
 
 class EpochSeededSampler(RandomSampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
@@ -65,11 +67,36 @@ class ResumableLoader(DataLoader):
         self._resume_from = int(state.get("batches_done", 0))
 
 
+def world_size_of(datamodule: Any) -> int:
+    """Processes that share one optimizer step: the attached trainer's world size, else 1."""
+    trainer = getattr(datamodule, "trainer", None)
+    return int(trainer.world_size) if trainer is not None else 1
+
+
+def per_device_batch(global_batch: int, world_size: int) -> int:
+    """Examples each process loads per step so that one optimizer step sees `global_batch` in all.
+
+    The configs' `batch_size` is the global batch (the paper's 32 windows per step), so a run on 1
+    or N devices takes the same steps over the same data; it must divide evenly.
+    """
+    if world_size < 1 or global_batch % world_size:
+        raise UserError(f"data.batch_size {global_batch} is the global batch per optimizer step and must be a "
+                        f"multiple of the number of processes ({world_size}); choose e.g. "
+                        f"{max(world_size, global_batch - global_batch % world_size)}")
+    return global_batch // world_size
+
+
 def resumable_train_loader(data: Dataset, batch_size: int, seed: int | None, *, collate_fn: Callable | None = None,
-                           num_workers: int = 0) -> ResumableLoader:
+                           num_workers: int = 0, world_size: int = 1) -> ResumableLoader:
     """Shuffled training loader that resumes mid-epoch; `seed` None: torch's seed (the run's
-    `seed_everything`, which LightningCLI applies before building the data module)."""
+    `seed_everything`, which LightningCLI applies before building the data module).
+
+    `batch_size` is the global batch: each of `world_size` processes loads its share. Under DDP
+    Lightning swaps the sampler for a `DistributedSampler` seeded with the run's seed, whose
+    permutation is the one `EpochSeededSampler` draws for that seed, so the processes together see
+    the batches a single process would."""
     if seed is None:
         seed = torch.initial_seed() % 2**31
-    return ResumableLoader(data, batch_size=batch_size, sampler=EpochSeededSampler(data, seed), collate_fn=collate_fn,
-                           num_workers=num_workers, persistent_workers=num_workers > 0, drop_last=False)
+    return ResumableLoader(data, batch_size=per_device_batch(batch_size, world_size),
+                           sampler=EpochSeededSampler(data, seed), collate_fn=collate_fn, num_workers=num_workers,
+                           persistent_workers=num_workers > 0, drop_last=False)

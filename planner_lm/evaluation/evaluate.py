@@ -28,7 +28,7 @@ from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_cha
 from planner_lm.evaluation.perplexity import (
     PerplexityResult,
     ScoringDocument,
-    next_token_logprobs,
+    causal_lm_logprobs,
     nll_by_position,
     sliding_window_nll,
 )
@@ -100,7 +100,9 @@ class EvaluateConfig:
         confidence: confidence level of the intervals.
         structure: generation-based structure metrics.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
-        precision: `32` or `bf16` (autocast; fast on GPUs, check against 32 on a subset).
+        precision: `32` or `bf16` (autocast; fast on GPUs). With bf16 the first run is also
+            scored in 32 on `precision_check_docs` documents and the difference is reported.
+        precision_check_docs: documents of that check (0 = skip it).
         seed: seed of the bootstrap and of sampling.
         overwrite: replace a finished evaluation made with a different config.
     """
@@ -117,6 +119,7 @@ class EvaluateConfig:
     structure: StructureConfig = field(default_factory=StructureConfig)
     device: str = "auto"
     precision: str = "32"
+    precision_check_docs: int = 20
     seed: int = 0
     overwrite: bool = False
 
@@ -236,14 +239,13 @@ def make_scorer(lm: torch.nn.Module, table: torch.Tensor | None, first: int, dev
     table = None if table is None else table.to(device)
     autocast = precision == "bf16"
 
-    def score(ids: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def score(ids: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor, keep: int) -> torch.Tensor:
         weights = None
         if table is not None:
             rows = (cond - first).clamp(min=0, max=len(table) - 1)
             weights = table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = lm(input_ids=ids, attention_mask=mask, action_weights=weights).logits
-        return next_token_logprobs(logits, ids)
+            return causal_lm_logprobs(lm, ids, mask, keep, action_weights=weights)
 
     return score
 
@@ -324,6 +326,7 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     results: dict[tuple[str, str], PerplexityResult] = {}
     none_cache: dict[str, PerplexityResult] = {}
     timings: dict[str, float] = {}
+    precision_check: float | None = None
     for run in runs:
         lm = ActionConditionedLM.from_pretrained(run.dir / "lm").to(device).eval()
         run_logits = logits.get(run.selection, logits.get("pretrained"))
@@ -340,6 +343,9 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
             table = code_weights(source, run_logits, test.actions, num_actions,
                                  test.sentence_ids - test.sentence_doc_first, run_temperature(run.manifest))
             scorer = make_scorer(lm, table, test.first, device, cfg.precision)
+            if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None:
+                precision_check = _bf16_vs_fp32(cfg, lm, table, test, device)
+                print(f"  bf16 vs fp32 on {cfg.precision_check_docs} documents: PPL {precision_check:+.3%}")
             result = sliding_window_nll(test.documents, scorer, window=cfg.window, stride=cfg.stride,
                                         batch_size=cfg.batch_size, device=device,
                                         progress=f"{run.selection} / {source}")
@@ -360,6 +366,8 @@ def run_evaluate(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
         del lm
 
     protocol = _run_protocol(runs, embed, num_actions, fingerprint)
+    if precision_check is not None:
+        protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check
     metrics = _assemble(cfg, runs, results, planner_table, baselines, structure, test, num_tokens, protocol)
     metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
     _write_outputs(out, cfg, runs, results, test, metrics)
@@ -512,7 +520,18 @@ def setting_line(protocol: dict[str, Any]) -> str:
             f"{protocol.get('joint_steps', '?')} joint steps), tokenizer {protocol.get('tokenizer', '?')}, "
             f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; test split "
             f"{protocol['test_docs']} documents, {protocol['test_tokens']} tokens, window {protocol['window']}, "
-            f"stride {protocol['stride']}, precision {protocol['precision']}.")
+            f"stride {protocol['stride']}, precision {protocol['precision']}"
+            + (f" (PPL {protocol['bf16_vs_fp32_ppl_rel_diff']:+.3%} against fp32 on a subset)"
+               if "bf16_vs_fp32_ppl_rel_diff" in protocol else "") + ".")
+
+
+def _bf16_vs_fp32(cfg: EvaluateConfig, lm, table, test: TestSet, device: torch.device) -> float:
+    """Relative PPL change of bf16 autocast against fp32 on the first test documents (one run)."""
+    documents = test.documents[: cfg.precision_check_docs]
+    ppl = {precision: sliding_window_nll(documents, make_scorer(lm, table, test.first, device, precision),
+                                         window=cfg.window, stride=cfg.stride, batch_size=cfg.batch_size,
+                                         device=device).ppl for precision in ("32", "bf16")}
+    return ppl["bf16"] / ppl["32"] - 1
 
 
 def _write_outputs(out: Path, cfg: EvaluateConfig, runs, results, test: TestSet, metrics: dict) -> None:

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-TokenScorer = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``(input_ids[B,L], attention_mask[B,L], condition_ids[B,L]) -> logprobs[B,L-1]``.
+TokenScorer = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+"""``(input_ids[B,L], attention_mask[B,L], condition_ids[B,L], keep) -> logprobs[B,keep]``.
 
-``logprobs[b, i]`` is log p(input_ids[b, i+1] | input_ids[b, :i+1]). ``condition_ids`` are the
-per-token ids carried by :class:`ScoringDocument` (usually the global id of the sentence whose
-action conditions the token), padded with -1.
+The log-probabilities of the last ``keep`` tokens of each (right-padded) row:
+``logprobs[b, j]`` is log p(input_ids[b, L-keep+j] | input_ids[b, :L-keep+j]). At stride 1 a
+window scores one token, so ``keep`` is 1 for most batches and a causal LM needs its output layer
+(the 50,257-way product that dominates a small LM's cost) at ``keep + 1`` positions only, not all
+``L`` (Hugging Face's ``logits_to_keep``). ``condition_ids`` are the per-token ids carried by
+:class:`ScoringDocument` (usually the global id of the sentence whose action conditions the
+token), padded with -1.
 """
 
 
@@ -107,8 +111,10 @@ def plan_windows(doc_lengths: Sequence[int], window: int, stride: int) -> list[W
 
 
 def _batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
-    # Long windows first: batches hold windows of similar length, so little padding.
-    ordered = sorted(windows, key=lambda w: w.end - w.start, reverse=True)
+    # Long windows first: batches hold windows of similar length, so little padding; among equal
+    # lengths, windows that score many tokens (a document's first) go together, so the rest of
+    # the batches at stride 1 need the output layer at one position only.
+    ordered = sorted(windows, key=lambda w: (w.end - w.start, w.end - w.first_target), reverse=True)
     for i in range(0, len(ordered), batch_size):
         yield ordered[i : i + batch_size]
 
@@ -150,14 +156,14 @@ def sliding_window_nll(
             ids[row, :n] = doc.input_ids[w.start : w.end]
             cond[row, :n] = doc.condition_ids[w.start : w.end]
             mask[row, :n] = 1
-        logprobs = scorer(ids.to(device), mask.to(device), cond.to(device)).float().cpu()
-        if logprobs.shape != (len(batch), width - 1):
-            raise ValueError(
-                f"scorer returned shape {tuple(logprobs.shape)}, expected {(len(batch), width - 1)}"
-            )
+        # the trailing targets that any row of the batch scores (local positions width-keep .. width-1)
+        keep = width - min(w.first_target - w.start for w in batch)
+        logprobs = scorer(ids.to(device), mask.to(device), cond.to(device), keep).float().cpu()
+        if logprobs.shape != (len(batch), keep):
+            raise ValueError(f"scorer returned shape {tuple(logprobs.shape)}, expected {(len(batch), keep)}")
         for row, w in enumerate(batch):
-            # target t sits at local position t - start and is predicted from position t - start - 1
-            lo, hi = w.first_target - w.start - 1, w.end - w.start - 1
+            # target t sits at local position t - start, column t - start - (width - keep)
+            lo, hi = w.first_target - w.start - (width - keep), w.end - w.start - (width - keep)
             token_nll[w.doc][w.first_target - 1 : w.end - 1] = -logprobs[row, lo:hi].numpy()
     doc_nll = np.array([float(x.astype(np.float64).sum()) for x in token_nll], dtype=np.float64)
     doc_tokens = np.array([len(x) for x in token_nll], dtype=np.int64)
@@ -165,17 +171,25 @@ def sliding_window_nll(
 
 
 def next_token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """``logits[B,L,V]`` of a causal LM → log p(input_ids[:, i+1] | ...) as ``[B, L-1]``.
+    """Logits of a causal LM at the last ``n`` positions (``[B,n,V]``, ``n <= L``; all ``L`` for
+    a plain forward) → the log-probabilities of the last ``n - 1`` tokens of ``input_ids[B,L]``.
 
     Uses cross-entropy (one fused log-softmax) rather than materialising a second vocabulary-size
     tensor of log-probabilities.
     """
     shifted = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+    targets = input_ids[:, input_ids.shape[1] - shifted.shape[1]:]
     nll = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none"
     )
     return -nll.view(targets.shape)
+
+
+def causal_lm_logprobs(model: Callable[..., Any], ids: Tensor, mask: Tensor, keep: int, **inputs: Any) -> Tensor:
+    """The ``TokenScorer`` result for a Hugging Face causal LM (extra ``inputs`` such as action
+    weights go to its forward): its output layer runs at the last ``keep + 1`` positions only."""
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep + 1, **inputs).logits
+    return next_token_logprobs(logits, ids)
 
 
 def position_in_sentence(condition_ids: Tensor) -> np.ndarray:

@@ -38,7 +38,14 @@ def resolve_unfreeze_step(at: int | float | None, total_steps: int | float) -> i
 
 
 class UnfreezeSchedule(L.Callback):
-    """Keeps some parameters frozen until a given GLOBAL optimizer step, then trains them.
+    """Holds some parameters still until a given GLOBAL optimizer step, then trains them.
+
+    The parameters keep ``requires_grad`` throughout: DDP fixes at wrap time which parameters it
+    synchronises and expects a gradient for each of them at every step, so toggling it would
+    either stop the all-reduce after unfreezing (ranks drift apart silently) or fail with
+    "parameters that were not used in producing the loss". Instead, while held, their
+    (synchronised) gradients are dropped just before the optimizer step, so the optimizer skips
+    them exactly as it skips a frozen parameter.
 
     The reference compared the step with the per-epoch ``batch_idx``, so with several epochs it
     unfroze again at each epoch and with gradient accumulation too early; here the check uses
@@ -46,7 +53,7 @@ class UnfreezeSchedule(L.Callback):
 
     Args:
         name: what is unfrozen, for the log message and the logged flag (e.g. "planner").
-        parameters: returns the parameters to switch, given the LightningModule.
+        parameters: returns the parameters to hold, given the LightningModule.
         at: step (int), fraction of total steps (float in [0, 1)), or negative for never.
     """
 
@@ -54,23 +61,23 @@ class UnfreezeSchedule(L.Callback):
                  at: int | float | None) -> None:
         self.name, self._parameters, self.at = name, parameters, at
         self.step: int | None = None
-        self.trainable = False
-
-    def _set(self, pl_module: L.LightningModule, trainable: bool) -> None:
-        for parameter in self._parameters(pl_module):
-            parameter.requires_grad_(trainable)
-        self.trainable = trainable
+        self.trainable = at is not None and not isinstance(at, bool) and at == 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step = resolve_unfreeze_step(self.at, trainer.estimated_stepping_batches)
-        self._set(pl_module, self.step is not None and trainer.global_step >= self.step)
+        self.trainable = self.step is not None and trainer.global_step >= self.step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if not self.trainable and self.step is not None and trainer.global_step >= self.step:
-            self._set(pl_module, True)
+            self.trainable = True
             if trainer.global_step > 0:
                 print(f"[step {trainer.global_step}] {self.name} unfrozen")
         pl_module.log(f"train/{self.name}_trainable", float(self.trainable), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if not self.trainable:
+            for parameter in self._parameters(pl_module):
+                parameter.grad = None
 
 
 class LastValidation(L.Callback):

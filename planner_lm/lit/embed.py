@@ -4,7 +4,7 @@
 unit-norm float16 vectors; `ShardWriter` (a `BasePredictionWriter`) collects them per shard and
 writes each finished shard atomically, on whichever rank produced it. Multi-GPU / multi-node and
 bf16 autocast are Trainer flags (`--trainer.devices`, `--trainer.strategy`, `--trainer.precision`).
-The default precision (`fast_precision`) is bf16 autocast where the hardware has native bf16.
+The default precision (`planner_lm.hardware.fast_precision`) is bf16 autocast where the hardware has native bf16.
 `consolidate_shards` assembles `embeddings.npy` (row = global sentence id) at the end.
 """
 
@@ -62,22 +62,6 @@ def resolve_encoder_path(name: str) -> str:
             + f"; use a local sentence-transformers folder or a bundled encoder ({', '.join(BUNDLED_ENCODERS)})"
         )
     return name
-
-
-def fast_precision() -> str:
-    """The Trainer precision that is fastest for a frozen encoder on this host.
-
-    bf16 autocast when the hardware computes bf16 natively (CUDA GPUs with bf16, CPUs with
-    AVX512-BF16 or AMX); plain fp32 otherwise, where bf16 is emulated and several times slower
-    (measured: 7x slower on an AVX2-only AMD EPYC).
-    """
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
 def load_encoder(name: str, device: str | torch.device = "cpu"):

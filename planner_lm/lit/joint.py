@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 from planner_lm.errors import UserError
 from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
-from planner_lm.lit.losses import next_token_nll
+from planner_lm.lit.losses import global_batch_mean, next_token_nll
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 from planner_lm.models.selection import GRADIENT_SELECTIONS, PLANNER_SELECTIONS, check_selection, select_weights
@@ -136,15 +136,17 @@ class JointPlannerLM(L.LightningModule):
                 )
             if not 0.0 <= planner_dropout < 1.0:
                 raise UserError(f"--model.planner_dropout must be in [0, 1), got {planner_dropout}")
-            for module in self.planner.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = planner_dropout
+            self.planner.set_dropout(planner_dropout)
+            if selection not in GRADIENT_SELECTIONS and planner_loss_weight == 0:
+                # no loss reaches it (hard argmax): frozen from the start, so DDP never waits for its gradients
+                self.planner.requires_grad_(False)
         # from_pretrained leaves models in eval mode; train like the reference.
         self.train()
         self.best = BestWeights()
         self.val_nll = MeanMetric()
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
+        self.schedules: dict[str, UnfreezeSchedule] = {}
 
     # ------------------------------------------------------------------ conditioning
     def action_weights(self, batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -167,9 +169,9 @@ class JointPlannerLM(L.LightningModule):
 
     def _planner_learns(self) -> bool:
         """Whether this step can update the planner (unfrozen, and a loss reaches it)."""
-        unfrozen = any(p.requires_grad for p in self.planner.parameters())
-        gradient = self.selection in GRADIENT_SELECTIONS or self.hparams.planner_loss_weight > 0
-        return unfrozen and gradient
+        schedule = self.schedules.get("planner")
+        held = schedule is not None and not schedule.trainable
+        return not held and any(p.requires_grad for p in self.planner.parameters())
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -178,15 +180,15 @@ class JointPlannerLM(L.LightningModule):
             self.planner.train(self._planner_learns())
         logits, planner_logits = self(batch)
         nll, count = next_token_nll(logits, batch["labels"])
-        lm_loss = nll / count.clamp(min=1)
-        loss = lm_loss
+        loss = global_batch_mean(nll, count, self)
         size = batch["input_ids"].shape[0]
-        self.log("train/lm_loss", lm_loss, prog_bar=True, batch_size=size)
+        self.log("train/lm_loss", nll.detach() / count.clamp(min=1), prog_bar=True, batch_size=size)
         if planner_logits is not None:
-            planner_loss = F.cross_entropy(planner_logits.float(), batch["plan_action"])
-            self.log("train/planner_loss", planner_loss, batch_size=size)
+            planner_nll = F.cross_entropy(planner_logits.float(), batch["plan_action"], reduction="sum")
+            targets = torch.tensor(len(batch["plan_action"]), device=planner_nll.device)
+            self.log("train/planner_loss", planner_nll.detach() / targets.clamp(min=1), batch_size=size)
             if self.hparams.planner_loss_weight > 0:
-                loss = loss + self.hparams.planner_loss_weight * planner_loss
+                loss = loss + self.hparams.planner_loss_weight * global_batch_mean(planner_nll, targets, self)
         self.log("train/loss", loss, batch_size=size)
         return loss
 
@@ -286,8 +288,8 @@ class JointPlannerLM(L.LightningModule):
         return bool(self.trainable_lm_parameters()) or self.planner is not None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Parameters frozen for now by an unfreeze schedule are included: Adam skips them while
-        # their gradient is None.
+        # Parameters held still by an unfreeze schedule are included: Adam skips them while
+        # their gradient is None (the schedule drops it before each step).
         groups: list[dict[str, Any]] = [{"params": self.trainable_lm_parameters(), "lr": self.hparams.lr, "name": "lm"}]
         if self.planner is not None:
             groups.append({"params": list(self.planner.parameters()),
@@ -296,14 +298,14 @@ class JointPlannerLM(L.LightningModule):
         return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        callbacks: list[L.Callback] = []
+        self.schedules = {}
         if self.planner is not None:
-            callbacks.append(UnfreezeSchedule("planner", lambda module: module.planner.parameters(),
-                                              self.hparams.planner_unfreeze_at))
+            self.schedules["planner"] = UnfreezeSchedule("planner", lambda module: module.planner.parameters(),
+                                                         self.hparams.planner_unfreeze_at)
         if self.selection != "none":
-            callbacks.append(UnfreezeSchedule("codebook", lambda module: module.lm.codebook_parameters(),
-                                              self.hparams.codebook_unfreeze_at))
-        return callbacks
+            self.schedules["codebook"] = UnfreezeSchedule("codebook", lambda module: module.lm.codebook_parameters(),
+                                                          self.hparams.codebook_unfreeze_at)
+        return list(self.schedules.values())
 
 
 def build_conditioned_lm(

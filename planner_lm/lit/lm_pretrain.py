@@ -21,7 +21,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import GPT2LMHeadModel
 
-from planner_lm.lit.losses import next_token_nll
+from planner_lm.lit.losses import global_batch_mean, next_token_nll
 from planner_lm.models.base_lm import GPT2_VOCAB_SIZE, gpt2_config
 
 __all__ = ["CausalLMPretrainModule"]
@@ -90,11 +90,11 @@ class CausalLMPretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         total, count = next_token_nll(logits, batch["labels"])
-        loss = total / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
-        self.log("train/ppl", torch.exp(loss.detach()), batch_size=len(logits))
+        mean = total.detach() / count.clamp(min=1)  # this process's tokens, for the logs
+        self.log("train/loss", mean, prog_bar=True, batch_size=len(logits))
+        self.log("train/ppl", torch.exp(mean), batch_size=len(logits))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(logits))
-        return loss
+        return global_batch_mean(total, count, self)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -123,6 +123,15 @@ class Planner(nn.Module):
                 self.input_proj.weight.copy_(torch.eye(model_dim))
                 self.input_proj.bias.zero_()
 
+    def set_dropout(self, p: float) -> None:
+        """Every dropout of the encoder: the `nn.Dropout` modules and the attention-probability
+        dropout, which `nn.MultiheadAttention` keeps as a plain float attribute."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, nn.MultiheadAttention):
+                module.dropout = p
+
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def reset_position_scale(self, fraction: float = 0.1) -> None:
