@@ -73,7 +73,7 @@ EVAL := $(RUN)/5_eval/manifest.json
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
-	@echo "variables: RUN=$(RUN) PRESET=$(PRESET) CORPUS=$(CORPUS) ARGS=... OVERWRITE=1 (see the top of the Makefile)"
+	@echo "variables: RUN=$(RUN) PRESET=$(PRESET) CORPUS=$(CORPUS) BASE_LM=$(BASE_LM) ARGS=... OVERWRITE=1 (see the top of the Makefile)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -140,7 +140,7 @@ variant: $(RUN)/$(VARIANT)/.linked $(foreach s,$(VARIANT_LINKS),$(RUN)/4_joint-$
 	$(MAKE) --no-print-directory evaluate RUN=$(RUN)/$(VARIANT) PRESET=$(PRESET) COMPARED="$(VARIANT_RUNS)" \
 		ARGS_finetune_joint="$(ARGS_finetune_joint) $(VARIANT_ARGS)" ARGS=
 
-quality: ## all 10,033 demo documents: full-weight runs (soft + controls) and, beside them, the paper's frozen base (~80 min)
+quality: ## all 10,033 demo documents: full-weight runs (soft + controls) and, beside them, the paper's frozen base (73 min measured)
 	$(MAKE) --no-print-directory evaluate RUN=$(QUALITY_RUN) PRESET=quality
 	$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality VARIANT=frozen VARIANT_RUNS="fixed oracle" \
 		VARIANT_ARGS="--config configs/presets/quality/finetune_joint_frozen.yaml"
