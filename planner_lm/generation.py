@@ -35,6 +35,7 @@ SentenceEncoder = Callable[[Sequence[str]], Tensor]
 """Texts → unit-norm sentence vectors ``[n, D]`` (the encoder of the embed stage)."""
 
 GENERATION_SELECTIONS = ("soft", "hard", "fixed", "boundary", "uniform", "none")
+"""What the LM can be conditioned on while generating (oracle needs the true text)."""
 
 GENERATION_CONDITIONING = {
     "soft": "soft", "gumbel": "soft", "hard": "hard", "straight_through": "hard",
@@ -47,7 +48,6 @@ exist for new text: an oracle run follows the planner's argmax)."""
 def run_temperature(joint_manifest: Any) -> float:
     """The planner softmax temperature a joint run was trained with (evaluate and generate use it)."""
     return float(joint_manifest.config.get("model.temperature", 1.0))
-"""What the LM can be conditioned on while generating (oracle needs the true text)."""
 
 PROBE = " The"
 """What the splitter sees after the open sentence when deciding whether it is complete."""

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from planner_lm.artifacts import read_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import Interval
 from planner_lm.evaluation.report import Column, results_markdown
@@ -49,7 +50,7 @@ def comparison_row(run_dir: Path, selection: str = "soft") -> dict[str, Any]:
     row = next((r for r in metrics["rows"] if r["run"] == selection and r.get("matched")), None)
     if row is None:
         raise UserError(f"{run_dir}/5_eval scored no '{selection}' run; train it and re-run `make evaluate`")
-    config = _read_json(run_dir / f"4_joint-{selection}" / "manifest.json")["config"]
+    config = read_manifest(run_dir / f"4_joint-{selection}", "finetune_joint").config
     planner = metrics.get("planner", {})
     return {
         "label": run_dir.name,

@@ -61,7 +61,7 @@ class UnfreezeSchedule(L.Callback):
                  at: int | float | None) -> None:
         self.name, self._parameters, self.at = name, parameters, at
         self.step: int | None = None
-        self.trainable = at is not None and not isinstance(at, bool) and at == 0
+        self.trainable = False  # decided in on_train_start, once the number of steps is known
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.step = resolve_unfreeze_step(self.at, trainer.estimated_stepping_batches)
