@@ -66,7 +66,7 @@ def ours(texts: list[str], encoder: str, batch_size: int, precision: str, device
 def reference(texts: list[str], encoder: str) -> tuple[np.ndarray, float]:
     from sentence_transformers import SentenceTransformer
 
-    from planner_lm.lit.embed import resolve_encoder_path
+    from planner_lm.sentence_vectors import resolve_encoder_path
 
     model = SentenceTransformer(resolve_encoder_path(encoder), device="cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
@@ -88,9 +88,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.run_dir:
-        from planner_lm.prepared import PreparedCorpus
+        from planner_lm.run_folder import RunFolder
 
-        texts = PreparedCorpus(os.path.join(args.run_dir, "0_prepare")).sentence_texts()
+        texts = RunFolder(args.run_dir).prepared.sentence_texts()
     else:
         texts = demo_sentences()
     rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from planner_lm.corpus import CorpusConfig, iter_documents
 from planner_lm.data.contexts import gather_contexts
-from planner_lm.models.base_lm import load_tokenizer
+from planner_lm.tokenization import load_tokenizer
 from planner_lm.models.planner import Planner
 from planner_lm.sentences import sentence_spans
 

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from planner_lm.data.planner_data import (ACTIONS_FILE, EMBEDDINGS_FILE, PlannerBatchCollator, action_baselines,
-                                          previous_actions, read_planner_upstream)
+from planner_lm.data.planner_data import PlannerBatchCollator
+from planner_lm.evaluation.planner_metrics import action_baselines, previous_actions
 from planner_lm.hardware import cpu_flags
 from planner_lm.models.planner import POOLINGS, Planner
+from planner_lm.run_folder import RunFolder
 
 BUCKETS = ((1, 3), (4, 8), (9, 30), (31, 10**9))
 
@@ -94,12 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    prepared, embed, cluster = read_planner_upstream(args.run_dir)
-    doc_first = prepared.sentence_doc_first
-    actions = np.load(cluster.dir / ACTIONS_FILE)
-    centroids = torch.from_numpy(np.load(cluster.dir / "centroids.npy").astype(np.float32))
-    collate = PlannerBatchCollator(embed.dir / EMBEDDINGS_FILE, cluster.dir / ACTIONS_FILE, doc_first,
-                                   args.context_sentences)
+    folder = RunFolder(args.run_dir)
+    prepared, doc_first = folder.prepared, folder.doc_first
+    actions = np.asarray(folder.actions())
+    centroids = torch.from_numpy(folder.codebook())
+    collate = PlannerBatchCollator(folder.embeddings_path, folder.actions_path, doc_first, args.context_sentences)
     split_ids = {name: np.arange(*prepared.sentence_range(name)) for name in ("train", "val", args.split)}
     targets = split_ids[args.split]
     # document length (sentences) of each target's document

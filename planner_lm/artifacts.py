@@ -28,16 +28,11 @@ from planner_lm.errors import UserError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
-# stage name -> (directory inside the run directory, make target that builds it)
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("0_prepare", "prepare"),
-    "embed": ("1_embed", "embed"),
-    "cluster": ("2_cluster", "cluster"),
-    "pretrain_lm": ("lm", "pretrain-lm"),
-    "pretrain_planner": ("3_planner", "pretrain-planner"),
-    "finetune_joint": ("4_joint-soft", "finetune-joint"),
-    "evaluate": ("5_eval", "evaluate"),
+MAKE_TARGETS: dict[str, str] = {
+    "prepare": "prepare", "embed": "embed", "cluster": "cluster", "pretrain_lm": "pretrain-lm",
+    "pretrain_planner": "pretrain-planner", "finetune_joint": "finetune-joint", "evaluate": "evaluate",
 }
+"""stage name -> the make target that builds it (named in error messages); directories: `run_folder`."""
 
 _VERSIONED_PACKAGES = (
     "torch", "lightning", "transformers", "datasets", "sentence-transformers", "faiss-cpu",
@@ -45,13 +40,8 @@ _VERSIONED_PACKAGES = (
 )
 
 
-def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
-    """The directory of `stage` inside `run_dir` (see `STAGES`)."""
-    return Path(run_dir) / STAGES[stage][0]
-
-
 def make_target(stage: str) -> str:
-    return STAGES[stage][1] if stage in STAGES else stage
+    return MAKE_TARGETS.get(stage, stage)
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, manifest_hash, stage_dir, start_stage,
+from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, manifest_hash, start_stage,
                                   write_manifest)
 from planner_lm.errors import friendly_errors
 from planner_lm.hardware import fast_precision
+from planner_lm.run_folder import stage_dir
 
 T = TypeVar("T")
 
@@ -66,7 +67,7 @@ class StageSpec:
     """What a Lightning stage needs from the command line.
 
     Attributes:
-        stage: key of `planner_lm.artifacts.STAGES`.
+        stage: a stage name (`planner_lm.run_folder.STAGE_DIRS`, or `finetune_joint`).
         model_class / datamodule_class: the LightningModule and LightningDataModule.
         description: first line of `--help`.
         links: (source, target) pairs linked at instantiation, e.g.

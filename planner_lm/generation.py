@@ -19,38 +19,18 @@ used a rolling window too); every token keeps the action weights it was first fe
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from planner_lm.models.kmeans import torch_assign
-from planner_lm.models.selection import select_weights
-from planner_lm.sentences import sentence_spans
+from planner_lm.data.contexts import gather_contexts
+from planner_lm.generation_plan import Generation, PlannedSentence
+from planner_lm.models.selection import GENERATION_SELECTIONS, select_weights
+from planner_lm.sentence_vectors import SentenceEncoder
+from planner_lm.sentences import is_sentence_complete, sentence_spans
 from planner_lm.tokenization import bos_token_id, tokenize_documents
-
-SentenceEncoder = Callable[[Sequence[str]], Tensor]
-"""Texts → unit-norm sentence vectors ``[n, D]`` (the encoder of the embed stage)."""
-
-GENERATION_SELECTIONS = ("soft", "hard", "fixed", "boundary", "uniform", "none")
-"""What the LM can be conditioned on while generating (oracle needs the true text)."""
-
-GENERATION_CONDITIONING = {
-    "soft": "soft", "gumbel": "soft", "hard": "hard", "straight_through": "hard",
-    "oracle": "hard", "fixed": "fixed", "boundary": "boundary", "uniform": "uniform", "none": "none",
-}
-"""How a run trained with each selection is conditioned while generating (oracle codes do not
-exist for new text: an oracle run follows the planner's argmax)."""
-
-
-def run_temperature(joint_manifest: Any) -> float:
-    """The planner softmax temperature a joint run was trained with (evaluate and generate use it)."""
-    return float(joint_manifest.config.get("model.temperature", 1.0))
-
-PROBE = " The"
-"""What the splitter sees after the open sentence when deciding whether it is complete."""
 
 
 @dataclass
@@ -93,36 +73,6 @@ class SamplingConfig:
             )
         if self.planner_temperature <= 0:
             raise ValueError(f"planner_temperature must be > 0, got {self.planner_temperature}")
-
-
-@dataclass
-class PlannedSentence:
-    """One sentence of the output and the action it was written under."""
-
-    text: str
-    action: int
-    probability: float  # planner probability of ``action`` (NaN without a planner)
-    source: str  # "planner", "forced", or the planner-free control: "fixed", "uniform", "none"
-    in_prompt: bool = False  # the sentence lies entirely in the prompt
-    examples: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    """The result for one prompt: the continuation and the plan, sentence by sentence."""
-
-    prompt: str
-    continuation: str
-    sentences: list[PlannedSentence]
-    new_tokens: int
-    stopped_at_eos: bool
-
-    @property
-    def text(self) -> str:
-        return self.prompt + self.continuation
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "text": self.text}
 
 
 @dataclass
@@ -171,15 +121,6 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def is_sentence_complete(open_text: str) -> bool:
-    """Does ``open_text`` (the open sentence, maybe unfinished) end a sentence?"""
-    stripped = open_text.rstrip()
-    if not stripped:
-        return False
-    spans = sentence_spans(open_text + PROBE)
-    return len(spans) > 1 and spans[0][1] == len(stripped)
-
-
 class PlannerGenerator:
     """Planner-in-the-loop sampler (plain torch; no Lightning).
 
@@ -213,19 +154,20 @@ class PlannerGenerator:
 
     # ------------------------------------------------------------------ planning
     def _planner_logits(self, histories: Sequence[Sequence[Tensor]]) -> Tensor | None:
-        """Planner logits ``[n, K]`` for contexts given as lists of previous sentence vectors."""
+        """Planner logits ``[n, K]`` for contexts given as lists of previous sentence vectors.
+
+        Each history is laid out as a document of its own (global ids ``first .. first + len - 1``)
+        and the contexts come from `gather_contexts`, as in training and evaluation.
+        """
         if self.planner is None:
             return None
-        size = int(self.planner.context_sentences)
-        recent = [list(h)[-size:] if size else [] for h in histories]
-        width = max(1, max(len(r) for r in recent))
         dim = int(self.planner.embedding_dim)
-        context = torch.zeros(len(recent), width, dim)
-        mask = torch.zeros(len(recent), width, dtype=torch.bool)
-        for i, vectors in enumerate(recent):
-            if vectors:  # right-aligned: the last slot holds the sentence just completed
-                context[i, width - len(vectors):] = torch.stack(vectors)
-                mask[i, width - len(vectors):] = True
+        lengths = torch.tensor([len(h) for h in histories])
+        firsts = torch.cumsum(lengths, 0) - lengths
+        vectors = [v for h in histories for v in h]
+        # one zero row after the last sentence: the target id of the longest history stays in range
+        table = torch.cat([torch.stack(vectors).float() if vectors else torch.zeros(0, dim), torch.zeros(1, dim)])
+        context, mask = gather_contexts(table, firsts + lengths, firsts, int(self.planner.context_sentences))
         device = next(self.planner.parameters()).device
         with torch.no_grad():
             return self.planner(context.to(device), mask.to(device)).float().cpu()
@@ -430,77 +372,3 @@ class PlannerGenerator:
                 sentence.examples = list(self.action_examples(sentence.action))
         continuation = self.tokenizer.decode(row.tokens[row.prompt_tokens:end])
         return Generation(row.prompt, continuation, sentences, new_tokens, row.stopped_at_eos)
-
-
-class ActionExamples:
-    """The sentences of an action's cluster nearest to its centroid (computed on demand).
-
-    Args:
-        texts: sentence strings, indexed like ``actions`` and ``embeddings``.
-        embeddings: ``[N, D]`` sentence vectors (a memory map is fine).
-        actions: ``[N]`` k-means id per sentence.
-        centroids: ``[K, D]`` codebook.
-        per_action: how many examples to return.
-    """
-
-    def __init__(self, texts: Sequence[str], embeddings: np.ndarray, actions: np.ndarray,
-                 centroids: np.ndarray, per_action: int = 3) -> None:
-        self.texts, self.embeddings, self.centroids = texts, embeddings, np.asarray(centroids, np.float32)
-        self.per_action = per_action
-        actions = np.asarray(actions)
-        order = np.argsort(actions, kind="stable")
-        bounds = np.searchsorted(actions[order], np.arange(len(self.centroids) + 1))
-        self._members = {a: order[bounds[a]:bounds[a + 1]] for a in range(len(self.centroids))}
-        self._cache: dict[int, list[str]] = {}
-
-    def __call__(self, action: int) -> list[str]:
-        if action not in self._cache:
-            members = self._members.get(action, np.zeros(0, np.int64))
-            vectors = np.asarray(self.embeddings[np.sort(members)], dtype=np.float32)
-            distance = ((vectors - self.centroids[action]) ** 2).sum(-1)
-            nearest = np.sort(members)[np.argsort(distance)[: self.per_action]]
-            self._cache[action] = [self.texts[i] for i in nearest]
-        return self._cache[action]
-
-
-def nearest_actions(vectors: Tensor, centroids: Tensor) -> list[int]:
-    """The k-means action (nearest centroid) of each sentence vector."""
-    if len(vectors) == 0:
-        return []
-    ids, _ = torch_assign(vectors.float(), centroids.float().to(vectors.device))
-    return ids.tolist()
-
-
-def format_plan(generation: Generation, show_examples: int = 2) -> str:
-    """Human-readable text and plan of one generation."""
-    lines = [generation.text, "", "plan:"]
-    for i, s in enumerate(generation.sentences):
-        where = "prompt" if s.in_prompt else s.source
-        action = f"action {s.action:>4}" if s.action >= 0 else "no action  "
-        lines.append(f"  [{i}] {action}  p={s.probability:.3f}  ({where})  {s.text!r}")
-        for example in s.examples[:show_examples]:
-            lines.append(f"          e.g. {example!r}")
-    stop = "end-of-text" if generation.stopped_at_eos else "max tokens"
-    lines.append(f"({generation.new_tokens} new tokens, stopped at {stop})")
-    return "\n".join(lines)
-
-
-def load_sentence_encoder(name: str, device: str | torch.device = "cpu", batch_size: int = 64) -> SentenceEncoder:
-    """The embed stage's encoder (bundled name, folder or hub name) as a texts → vectors callable.
-
-    Vectors are unit-normalised like ``1_embed/embeddings.npy``, so the planner and the
-    nearest-centroid lookup see the same geometry as in training.
-    """
-    from planner_lm.lit.embed import load_encoder  # the embed stage's loader: one way to resolve names
-
-    model = load_encoder(name, device)
-    dimension = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
-
-    def encode(texts: Sequence[str]) -> Tensor:
-        if not texts:
-            return torch.zeros(0, dimension)
-        vectors = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
-                               normalize_embeddings=True, show_progress_bar=False)
-        return vectors.float().cpu()
-
-    return encode

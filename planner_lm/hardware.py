@@ -1,4 +1,5 @@
-"""What this host computes fast: the default numeric precision of every training and embedding stage."""
+"""What this host computes fast: the default numeric precision of every training and embedding stage,
+and the device evaluation and generation run on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_flags", "fast_precision"]
+__all__ = ["cpu_flags", "fast_precision", "resolve_device"]
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -34,3 +35,10 @@ def fast_precision() -> str:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     flags = _cpuinfo_flags()
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when available, else CPU), or any device string torch accepts."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

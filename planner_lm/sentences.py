@@ -71,3 +71,16 @@ def sentence_of_offsets(spans: Sequence[tuple[int, int]], offsets: Sequence[int]
     boundaries = np.array([0] + [end for _start, end in spans[:-1]], dtype=np.int64)
     owner = np.searchsorted(boundaries, np.asarray(offsets, dtype=np.int64), side="right") - 1
     return np.clip(owner, 0, len(spans) - 1)
+
+
+PROBE = " The"
+"""What the splitter sees after the open sentence when deciding whether it is complete."""
+
+
+def is_sentence_complete(open_text: str) -> bool:
+    """Does ``open_text`` (the open sentence, maybe unfinished) end a sentence?"""
+    stripped = open_text.rstrip()
+    if not stripped:
+        return False
+    spans = sentence_spans(open_text + PROBE)
+    return len(spans) > 1 and spans[0][1] == len(stripped)

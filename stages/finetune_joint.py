@@ -1,96 +1,11 @@
 """Stage 4: planner + action-conditioned LM fine-tuned end to end (`make finetune-joint`, `make baselines`).
 
-Writes `<run_dir>/4_joint-<selection>/`: `lm/` (the conditioned LM, loadable without this repo's
-Lightning code through `ActionConditionedLM.from_pretrained`), `planner.pt` (selections that use
-the planner) and `manifest.json` with the final validation perplexity.
+The stage's body is `planner_lm.pipeline.finetune_joint.run_finetune_joint`; `--help` lists every option.
 """
-from __future__ import annotations
-
-import time
-from pathlib import Path
-from typing import Any
-
-from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint,
-                            stage_main)
-from planner_lm.data.joint_data import JointDataModule
-from planner_lm.lit.joint import JointPlannerLM
-
-STAGE = "finetune_joint"
-
-
-def joint_dir(cfg: Any) -> Path:
-    """`4_joint-<selection>`: each selection (the method and every baseline) has its own directory."""
-    return Path(cfg.run_dir) / f"4_joint-{cfg.model.selection}"
-
-
-SPEC = StageSpec(
-    stage=STAGE,
-    model_class=JointPlannerLM,
-    datamodule_class=JointDataModule,
-    description="Fine-tune the planner and the action-conditioned LM end to end (stage 4).",
-    links=tuple((f"data.{name}", f"model.{name}") for name in
-                ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim")),
-    output_dir=joint_dir,
-)
-
-
-def run(args: list[str] | None = None) -> dict:
-    """Train (or, for the untouched plain LM, only evaluate), save the hand-offs, write the manifest."""
-    cli = build_cli(SPEC, args)
-    model: JointPlannerLM = cli.model
-    data: JointDataModule = cli.datamodule
-    trainer, out = cli.trainer, cli.output_dir
-    started = time.perf_counter()
-    trained = model.has_trainable_parameters()
-    best = None
-    if trained:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
-        best = model.select_export_weights()
-        # the best weights were validated during fit; the final ones by fit's last validation
-        validation = best[1] if best else final_validation(trainer, model, data)
-    else:
-        print(f"selection '{model.selection}' with {model.hparams.base_mode} base weights has nothing to "
-              "train: evaluating the untouched base LM")
-        validation = trainer.validate(model, datamodule=data, verbose=False)[0]
-    seconds = time.perf_counter() - started
-
-    outputs = ["lm"]
-    if trainer.is_global_zero:
-        model.lm.save_pretrained(out / "lm", tokenizer=data.tokenizer)
-        if model.planner is not None:
-            model.planner.save_pretrained(out, upstream={name: str(path) for name, path in data.inputs.items()})
-    if model.planner is not None:
-        outputs.append("planner.pt")
-    metrics = {key: round(float(value), 6) for key, value in validation.items()}
-    if model.planner_acc_start is not None:
-        metrics["val/planner_acc_start"] = round(model.planner_acc_start, 6)
-    metrics.update(seconds=round(seconds, 1), steps=int(trainer.global_step),
-                   exported_step=best[0] if best else int(trainer.global_step))
-    facts = {
-        "selection": model.selection,
-        "num_actions": data.num_actions,
-        "embedding_dim": data.embedding_dim,
-        "context_sentences": data.context_sentences if model.planner is not None else None,
-        "tokenizer_fingerprint": data.tokenizer_fingerprint,
-        "lm_name": data.lm_name,
-        "base_mode": model.hparams.base_mode,
-        "trained": trained,
-        "note": None if trained else "plain LM with frozen weights: the untouched base LM, evaluated directly",
-    }
-    manifest: dict = {}
-    if trainer.is_global_zero:
-        manifest = finish_stage(cli, inputs=data.inputs, outputs=outputs, facts=facts, metrics=metrics)
-        summary = f"{model.selection}: val perplexity {metrics['val/ppl']:.2f}"
-        if "val/planner_acc" in metrics:
-            summary += f", planner accuracy {100 * metrics['val/planner_acc']:.1f}%"
-            if model.planner_acc_start is not None:
-                summary += f" (before joint training {100 * model.planner_acc_start:.1f}%)"
-        print(f"{summary}; {metrics['steps']} steps in {seconds:.0f} s -> {out}")
-    return manifest
-
+from planner_lm.cli import stage_main
+from planner_lm.pipeline.finetune_joint import run_finetune_joint as run
 
 main = stage_main(run)
-
 
 if __name__ == "__main__":
     main()

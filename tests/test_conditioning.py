@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from planner_lm.errors import UserError
 from planner_lm.models.base_lm import load_base_lm, tiny_config
-from planner_lm.models.conditioning import ADAPTER_TARGETS, ActionConditionedLM
-from planner_lm.models.selection import select_weights
+from planner_lm.models.adapters import ADAPTER_TARGETS
+from planner_lm.models.conditioning import ActionConditionedLM
 
 K, D, VOCAB = 5, 8, 96
 FAMILIES = ["gpt2", "llama"]

@@ -155,10 +155,10 @@ def planner_pretraining(run_dir: Path, _: str, batch_size: int) -> tuple[L.Light
 def test_pretraining_stages_train_alike_on_one_and_two_processes(stage, run_dir, tmp_path):
     if stage == "pretrain_lm":  # enough text that 3 steps of 8 windows stay inside one epoch
         from planner_lm.corpus import CorpusConfig
-        from planner_lm.prepared import PrepareConfig, SplitConfig, run_prepare
+        from planner_lm.pipeline.prepare import PrepareConfig, SplitConfig, prepare_corpus
 
         where = tmp_path / "lm_run"
-        run_prepare(PrepareConfig(run_dir=str(where), corpus=CorpusConfig(name="demo", max_docs=40),
+        prepare_corpus(PrepareConfig(run_dir=str(where), corpus=CorpusConfig(name="demo", max_docs=40),
                                   split=SplitConfig(val_docs=2, test_docs=2), workers=1))
         build = lm_pretraining
     else:

@@ -14,7 +14,7 @@ from planner_lm.artifacts import read_manifest
 from planner_lm.data.embed_data import EmbedPlan, length_sorted_batches
 from planner_lm.errors import UserError
 from planner_lm.lit import embed as lit_embed
-from planner_lm.lit.embed import resolve_encoder_path
+from planner_lm.sentence_vectors import resolve_encoder_path
 from planner_lm.prepared import PreparedCorpus
 
 def run_stage(run_dir: Path, encoder: Path, *extra: str) -> dict:

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from fixtures_stages import load_stage, make_fake_upstream, write_fake_lm, write_fake_planner
-from planner_lm.artifacts import read_manifest, stage_dir, write_manifest
+from planner_lm.run_folder import stage_dir
+from planner_lm.artifacts import read_manifest, write_manifest
 from planner_lm.errors import UserError
-from planner_lm.evaluation.evaluate import EvaluateConfig, StructureConfig, run_evaluate
-from planner_lm.models.base_lm import load_base_lm, load_tokenizer, tokenizer_fingerprint
+from planner_lm.pipeline.evaluate import EvaluateConfig, StructureConfig, evaluate_runs
+from planner_lm.models.base_lm import load_base_lm
+from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 
@@ -67,13 +69,13 @@ def config(run_dir: Path, **overrides) -> EvaluateConfig:
 @pytest.fixture(scope="module")
 def metrics(run_dir):
     """Run the real `stages/evaluate.py` entry point; the metrics as written to metrics.json."""
-    import planner_lm.generation
+    import planner_lm.sentence_vectors
 
     args = ["--run_dir", str(run_dir), "--window", "16", "--stride", "8", "--batch_size", "8",
             "--bootstrap_samples", "200", "--device", "cpu", "--structure.docs", "3",
             "--structure.prompt_sentences", "1", "--structure.max_new_tokens", "8", "--structure.batch_size", "3"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(planner_lm.generation, "load_sentence_encoder", lambda name, device: hash_encoder)
+        patch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
         load_entry_point("evaluate")(args)
     return json.loads((stage_dir(run_dir, "evaluate") / "metrics.json").read_text())
 
@@ -147,7 +149,7 @@ def test_planner_and_controls_never_see_the_scored_sentence(metrics, run_dir, tm
     np.save(actions_path, actions)
     np.save(embeddings_path, embeddings)
 
-    scores = run_evaluate(config(changed, runs=["soft"], structure=StructureConfig(docs=0)), encoder=hash_encoder)
+    scores = evaluate_runs(config(changed, runs=["soft"], structure=StructureConfig(docs=0)), encoder=hash_encoder)
     after = {row["source"]: row["nll"] for row in scores["rows"] if row["run"] == "soft"}
     before = {row["source"]: row["nll"] for row in metrics["rows"] if row["run"] == "soft"}
     assert after["oracle"] != before["oracle"]
@@ -156,7 +158,7 @@ def test_planner_and_controls_never_see_the_scored_sentence(metrics, run_dir, tm
 
 
 def test_matched_code_source_is_each_runs_training_source():
-    from planner_lm.evaluation.evaluate import _sources_of
+    from planner_lm.evaluation.scoring import scored_sources as _sources_of
 
     assert _sources_of("soft", ["matched", "oracle", "none"]) == ["planner_soft", "oracle", "none"]
     assert _sources_of("straight_through", ["matched", "oracle"]) == ["planner_hard", "oracle"]
@@ -165,7 +167,7 @@ def test_matched_code_source_is_each_runs_training_source():
 
 def test_a_variant_shares_its_parents_upstream_and_compares_beside_it(metrics, run_dir, monkeypatch, capsys):
     """`make variant`'s link rule, evaluate on the variant, and the side-by-side table of both."""
-    import planner_lm.generation
+    import planner_lm.sentence_vectors
     from planner_lm.evaluation import compare
 
     variant = run_dir / "linked"
@@ -175,8 +177,8 @@ def test_a_variant_shares_its_parents_upstream_and_compares_beside_it(metrics, r
                    cwd=Path(__file__).resolve().parents[1], check=True)
     assert (variant / "3_planner").resolve() == (run_dir / "3_planner").resolve()
     assert (variant / "4_joint-fixed" / "manifest.json").is_file() and not (variant / "4_joint-boundary").exists()
-    monkeypatch.setattr(planner_lm.generation, "load_sentence_encoder", lambda name, device: hash_encoder)
-    run_evaluate(config(variant, structure=StructureConfig(docs=0)))
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    evaluate_runs(config(variant, structure=StructureConfig(docs=0)))
     capsys.readouterr()
 
     assert compare.main([str(run_dir), str(variant)]) == 0
@@ -193,7 +195,7 @@ def test_a_variant_shares_its_parents_upstream_and_compares_beside_it(metrics, r
 def test_bf16_is_checked_against_fp32_on_a_subset_and_reported(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, symlinks=True)
-    metrics = run_evaluate(config(copy, runs=["fixed"], precision="bf16", precision_check_docs=2, overwrite=True,
+    metrics = evaluate_runs(config(copy, runs=["fixed"], precision="bf16", precision_check_docs=2, overwrite=True,
                                   structure=StructureConfig(docs=0)))
     difference = metrics["protocol"]["bf16_vs_fp32_ppl_rel_diff"]
     assert difference != 0 and abs(difference) < 0.05  # bf16 rounds, but only a little
@@ -202,14 +204,14 @@ def test_bf16_is_checked_against_fp32_on_a_subset_and_reported(run_dir, tmp_path
 
 def test_bad_requests_are_clear_errors(run_dir, tmp_path):
     with pytest.raises(UserError, match="baselines"):
-        run_evaluate(config(run_dir, runs=["hard"]), encoder=hash_encoder)
+        evaluate_runs(config(run_dir, runs=["hard"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="code source"):
-        run_evaluate(config(run_dir, code_sources=["planner"]), encoder=hash_encoder)
+        evaluate_runs(config(run_dir, code_sources=["planner"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="different config"):
-        run_evaluate(config(run_dir, stride=4), encoder=hash_encoder)
+        evaluate_runs(config(run_dir, stride=4), encoder=hash_encoder)
     empty = make_fake_upstream(tmp_path, num_docs=10, dim=DIM, k=K)
     with pytest.raises(UserError, match="finetune-joint"):
-        run_evaluate(config(empty), encoder=hash_encoder)
+        evaluate_runs(config(empty), encoder=hash_encoder)
 
 
 def load_entry_point(name: str):
@@ -218,16 +220,17 @@ def load_entry_point(name: str):
 
 
 def test_generate_stage_prints_text_with_its_plan(run_dir, monkeypatch, capsys):
-    import planner_lm.generation_stage as stage
+    import planner_lm.pipeline.generate as stage
+    import planner_lm.sentence_vectors
 
     main = load_entry_point("generate")
-    monkeypatch.setattr(stage, "load_sentence_encoder", lambda name, device: hash_encoder)
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
     main(["--run_dir", str(run_dir), "--selection", "soft", "--prompt", "Sentence 1 of document 3.",
           "--plan", "3,?,5", "--max_new_tokens", "6", "--examples", "1", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert printed.startswith("Sentence 1 of document 3.") and "plan:" in printed
     assert "action    3" in printed and "(forced)" in printed and "e.g. " in printed
-    generations = stage.run_generate(stage.GenerateConfig(
+    generations = stage.generate_text(stage.GenerateConfig(
         run_dir=str(run_dir), selection="fixed", prompt="", max_new_tokens=4, examples=0, device="cpu",
         num_samples=2, output=str(run_dir / "gen.json")))
     assert len(generations) == 2 and all(s.source == "fixed" for g in generations for s in g.sentences)
@@ -235,22 +238,23 @@ def test_generate_stage_prints_text_with_its_plan(run_dir, monkeypatch, capsys):
 
 
 def test_generate_stage_errors(run_dir, monkeypatch):
-    import planner_lm.generation_stage as stage
+    import planner_lm.pipeline.generate as stage
+    import planner_lm.sentence_vectors
 
-    monkeypatch.setattr(stage, "load_sentence_encoder", lambda name, device: hash_encoder)
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
     assert stage.parse_plan("3, ?,5", K) == [3, None, 5]
     with pytest.raises(UserError, match="action id"):
         stage.parse_plan("3,99", K)
     with pytest.raises(UserError, match="finetune-joint"):
-        stage.run_generate(stage.GenerateConfig(run_dir=str(run_dir), selection="hard", device="cpu"))
+        stage.generate_text(stage.GenerateConfig(run_dir=str(run_dir), selection="hard", device="cpu"))
     with pytest.raises(UserError, match="steer"):
-        stage.run_generate(stage.GenerateConfig(run_dir=str(run_dir), selection="none", plan="1", examples=0,
+        stage.generate_text(stage.GenerateConfig(run_dir=str(run_dir), selection="none", plan="1", examples=0,
                                                 device="cpu"))
 
 
 def test_planner_codes_use_the_temperature_the_run_was_trained_with():
-    from planner_lm.evaluation.evaluate import code_weights
-    from planner_lm.generation import run_temperature
+    from planner_lm.evaluation.scoring import code_weights
+    from planner_lm.run_folder import JointRun
 
     logits = torch.randn(5, K)
     positions, actions = torch.arange(5), torch.zeros(5, dtype=torch.long)
@@ -260,6 +264,6 @@ def test_planner_codes_use_the_temperature_the_run_was_trained_with():
     class Trained:
         config = {"model.temperature": 0.5}
 
-    assert run_temperature(Trained()) == 0.5
+    assert JointRun("soft", Path("unused"), Trained()).planner_temperature == 0.5
     boundary = code_weights("boundary", logits, actions, K, positions)
     assert boundary.argmax(-1).tolist() == [0, 1, 0, 1, 0]

@@ -10,14 +10,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from planner_lm.generation import (
-    ActionExamples,
-    PlannerGenerator,
-    SamplingConfig,
-    format_plan,
-    is_sentence_complete,
-    sample_next_token,
-)
+from planner_lm.generation import PlannerGenerator, SamplingConfig, sample_next_token
+from planner_lm.sentences import is_sentence_complete
+from planner_lm.generation_plan import ActionExamples, format_plan
 from planner_lm.models.planner import Planner
 
 K, DIM = 5, 8
@@ -25,7 +20,7 @@ K, DIM = 5, 8
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from planner_lm.models.base_lm import load_tokenizer
+    from planner_lm.tokenization import load_tokenizer
 
     return load_tokenizer("gpt2")
 

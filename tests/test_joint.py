@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from planner_lm.artifacts import stage_dir, write_manifest
+from planner_lm.run_folder import stage_dir
+from planner_lm.artifacts import write_manifest
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.errors import UserError
 from planner_lm.lit.callbacks import resolve_unfreeze_step

@@ -7,7 +7,8 @@ import pytest
 
 from planner_lm.corpus import CorpusConfig
 from planner_lm.errors import UserError
-from planner_lm.prepared import PrepareConfig, PreparedCorpus, SplitConfig, run_prepare, split_documents
+from planner_lm.pipeline.prepare import PrepareConfig, SplitConfig, prepare_corpus, split_documents
+from planner_lm.prepared import PreparedCorpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_prepare_drops_blank_documents_and_keeps_spans_exact(tiny_prepared):
 
 def test_prepare_is_byte_identical_when_repeated(tmp_path, tiny_corpus_file):
     def build(run):
-        run_prepare(PrepareConfig(run_dir=str(run), corpus=CorpusConfig(name=str(tiny_corpus_file)),
+        prepare_corpus(PrepareConfig(run_dir=str(run), corpus=CorpusConfig(name=str(tiny_corpus_file)),
                                   split=SplitConfig(val_docs=2, test_docs=1), workers=1))
         return {p.relative_to(run): p.read_bytes() for p in sorted((run / "0_prepare").rglob("*"))
                 if p.is_file() and p.name != "manifest.json"}
@@ -63,7 +64,7 @@ def test_empty_corpus_is_a_user_error(tmp_path):
     path = tmp_path / "blank.jsonl"
     path.write_text('{"text": "  "}\n{"text": ""}\n')
     with pytest.raises(UserError, match="no non-empty documents"):
-        run_prepare(PrepareConfig(run_dir=str(tmp_path / "r"), corpus=CorpusConfig(name=str(path))))
+        prepare_corpus(PrepareConfig(run_dir=str(tmp_path / "r"), corpus=CorpusConfig(name=str(path))))
 
 
 def _run_cli(*args):

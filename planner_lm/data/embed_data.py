@@ -24,9 +24,9 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from planner_lm.artifacts import atomic_write_text, stage_dir
+from planner_lm.artifacts import atomic_write_text
 from planner_lm.errors import UserError
-from planner_lm.prepared import PreparedCorpus
+from planner_lm.run_folder import RunFolder
 
 SHARD_DIR = "shards"
 PLAN_FILE = "plan.json"
@@ -139,12 +139,13 @@ class EmbedDataModule(LightningDataModule):
         if batch_size < 1 or shard_batches < 1:
             raise UserError(f"data.batch_size and data.shard_batches must be >= 1, got {batch_size}, {shard_batches}")
         self.run_dir, self.batch_size, self.shard_batches, self.num_workers = run_dir, batch_size, shard_batches, num_workers
-        self.prepared = PreparedCorpus(stage_dir(run_dir, "prepare"))
+        folder = RunFolder(run_dir)
+        self.prepared = folder.prepared
         self.num_sentences = self.prepared.num_sentences
         self.inputs = {"prepare": self.prepared.dir}
         if self.num_sentences == 0:
             raise UserError(f"{self.prepared.dir} has no sentences; check the corpus and re-run `make prepare`")
-        self.shard_dir = stage_dir(run_dir, "embed") / SHARD_DIR
+        self.shard_dir = folder.dir("embed") / SHARD_DIR
         self._texts: list[str] | None = None
         self._plan: EmbedPlan | None = None
 

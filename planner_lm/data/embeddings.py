@@ -14,17 +14,17 @@ from __future__ import annotations
 import math
 import os
 import warnings
+
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from planner_lm.artifacts import Manifest, read_manifest, stage_dir
+from planner_lm.artifacts import Manifest
 from planner_lm.errors import UserError
-from planner_lm.prepared import PreparedCorpus
-
-EMBEDDINGS_FILE = "embeddings.npy"
+from planner_lm.run_folder import RunFolder
+from planner_lm.seeding import global_seed
 
 # EmbeddingBatches shards itself per rank and per DataLoader worker, so its __len__ is exact.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
@@ -177,12 +177,11 @@ class ClusterDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.fit_sample_size = fit_sample_size
         self.num_workers = num_workers
-        self.prepared = PreparedCorpus(stage_dir(run_dir, "prepare"))
-        self.embed_manifest: Manifest = read_manifest(stage_dir(run_dir, "embed"), "embed")
-        self.embed_manifest.check_built_from("prepare", self.prepared.manifest)
-        self.embed_manifest.require("num_sentences", self.prepared.num_sentences, "embeddings vs prepared corpus")
+        folder = RunFolder(run_dir)
+        self.prepared = folder.prepared
+        self.embed_manifest: Manifest = folder.embed_manifest()
         self.inputs = {"prepare": self.prepared.dir, "embed": self.embed_manifest.dir}
-        self.embeddings_path = self.embed_manifest.dir / EMBEDDINGS_FILE
+        self.embeddings_path = folder.embeddings_path
         self.embedding_dim = int(self.embed_manifest.fact("embedding_dim"))
         self.num_sentences = int(self.embed_manifest.fact("num_sentences"))
         self.train_range = self.prepared.sentence_range("train")
@@ -220,8 +219,7 @@ class ClusterDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        self.fit_dataset = EmbeddingBatches(self.embeddings_path, self.fit_rows(seed), self.batch_size, rank, world)
+        self.fit_dataset = EmbeddingBatches(self.embeddings_path, self.fit_rows(global_seed()), self.batch_size, rank, world)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.fit_dataset, batch_size=None, num_workers=self.num_workers,

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from planner_lm.artifacts import read_manifest, stage_dir
+from planner_lm.artifacts import read_manifest
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
-from planner_lm.prepared import PreparedCorpus
+from planner_lm.run_folder import PLANNER_FILE, RunFolder, finished
 
 __all__ = ["JointBatchCollator", "JointDataModule"]
 
@@ -37,7 +37,7 @@ __all__ = ["JointBatchCollator", "JointDataModule"]
 @functools.lru_cache(maxsize=4)
 def _load_tokenizer(lm_path: str, mtime: float) -> tuple[Any, str]:
     """Tokenizer and fingerprint of a base LM (hashing the whole vocabulary takes seconds: cached)."""
-    from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint
+    from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(lm_path)
     return tokenizer, tokenizer_fingerprint(tokenizer)
@@ -50,17 +50,16 @@ def _mtime(path: str) -> float:
 class JointBatchCollator:
     """Stacks windows and adds the per-sentence planner inputs (see module doc)."""
 
-    def __init__(self, embeddings: np.ndarray | None, actions: np.ndarray, context_sentences: int) -> None:
+    def __init__(self, embeddings: np.ndarray | None, actions: np.ndarray, doc_first: np.ndarray,
+                 context_sentences: int) -> None:
         self.embeddings, self.actions, self.context_sentences = embeddings, actions, context_sentences
+        self.doc_first = doc_first
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
         target = batch.pop("target_sentence")
-        doc_first = batch.pop("doc_first_sentence")
         plan_sentence, token_plan = torch.unique(target, return_inverse=True)
-        plan_doc_first = torch.empty_like(plan_sentence).scatter_(
-            0, token_plan.reshape(-1), doc_first[:, None].expand_as(target).reshape(-1)
-        )
+        plan_doc_first = torch.from_numpy(np.asarray(self.doc_first[plan_sentence.numpy()], dtype=np.int64))
         batch["plan_sentence"] = plan_sentence
         batch["token_plan"] = token_plan
         batch["plan_action"] = torch.from_numpy(np.asarray(self.actions[plan_sentence.numpy()], dtype=np.int64))
@@ -110,28 +109,27 @@ class JointDataModule(L.LightningDataModule):
         self.window, self.stride = window, stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.needs_planner = num_workers, needs_planner
+        self.folder = RunFolder(self.run_dir)
         self._read_upstream(lm, planner_dir)
-        self.token_cache_root = Path(token_cache_dir) if token_cache_dir else self.run_dir / "tokens"
+        self.token_cache_dir = (Path(token_cache_dir) / self.prepared.manifest.hash if token_cache_dir
+                                else self.folder.token_cache_dir)
         self._tokenizer: Any = None
         self._windows: dict[str, LMWindows] = {}
 
     # ------------------------------------------------------------------ upstream hand-offs
     def _read_upstream(self, lm: str | None, planner_dir: str | None) -> None:
         """Validate manifests and collect the facts linked into the model (cheap: no data read)."""
-        self.prepared = PreparedCorpus(stage_dir(self.run_dir, "prepare"))
-        self.embed_manifest = read_manifest(stage_dir(self.run_dir, "embed"), "embed")
-        self.cluster_manifest = read_manifest(stage_dir(self.run_dir, "cluster"), "cluster")
-        self.num_actions = int(self.cluster_manifest.fact("num_actions"))
-        self.embedding_dim = int(self.cluster_manifest.fact("embedding_dim"))
-        self.embed_manifest.require("embedding_dim", self.embedding_dim, "sentence embeddings vs codebook")
-        self.cluster_manifest.require("num_sentences", self.prepared.num_sentences, "actions vs prepared corpus")
-        self.codebook_path = str(self.cluster_manifest.dir / "centroids.npy")
+        folder = self.folder
+        self.prepared, self.cluster_manifest = folder.prepared, folder.cluster_manifest()
+        self.embed_manifest = folder.embed_manifest()
+        self.num_actions, self.embedding_dim = folder.num_actions, folder.embedding_dim
+        self.codebook_path = str(folder.codebook_path)
         self.inputs: dict[str, Path] = {
             "prepare": self.prepared.dir, "embed": self.embed_manifest.dir, "cluster": self.cluster_manifest.dir,
         }
 
         # The base LM: our pretrain-lm stage (a manifest to check) or any name load_base_lm knows.
-        lm_dir = stage_dir(self.run_dir, "pretrain_lm") if lm is None else Path(lm)
+        lm_dir = folder.dir("pretrain_lm") if lm is None else Path(lm)
         self.lm_path = str(lm_dir) if lm is None else lm
         self.lm_name = self.lm_path
         self.expected_tokenizer_fingerprint: str | None = None
@@ -143,16 +141,13 @@ class JointDataModule(L.LightningDataModule):
 
         self.planner_path: str | None = None
         self.context_sentences = 0
-        planner_dir_path = Path(planner_dir) if planner_dir else stage_dir(self.run_dir, "pretrain_planner")
+        planner_dir_path = Path(planner_dir) if planner_dir else folder.dir("pretrain_planner")
         if self.needs_planner is None:
-            self.needs_planner = (planner_dir_path / "manifest.json").is_file()
+            self.needs_planner = finished(planner_dir_path)
         if self.needs_planner:
-            planner_manifest = read_manifest(planner_dir_path, "pretrain_planner")
-            planner_manifest.require("num_actions", self.num_actions, "planner vs codebook")
-            planner_manifest.require("embedding_dim", self.embedding_dim, "planner vs sentence embeddings")
-            planner_manifest.check_built_from("cluster", self.cluster_manifest)  # same k, new k-means: stale
+            planner_manifest = folder.check_planner(read_manifest(planner_dir_path, "pretrain_planner"))
             self.context_sentences = int(planner_manifest.fact("context_sentences"))
-            self.planner_path = str(planner_manifest.dir / "planner.pt")
+            self.planner_path = str(planner_manifest.dir / PLANNER_FILE)
             self.inputs["planner"] = planner_manifest.dir
 
     @property
@@ -176,8 +171,7 @@ class JointDataModule(L.LightningDataModule):
     def _tokens(self, split: str) -> TokenizedSplit:
         """The split's token cache, keyed by the prepared corpus AND the tokenizer."""
         tokenizer = self.tokenizer
-        return load_or_build_token_cache(self.prepared.split(split), tokenizer,
-                                         self.token_cache_root / self.prepared.manifest.hash, split,
+        return load_or_build_token_cache(self.prepared.split(split), tokenizer, self.token_cache_dir, split,
                                          self.tokenizer_fingerprint)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -195,9 +189,9 @@ class JointDataModule(L.LightningDataModule):
         embeddings = None
         model = self.trainer.lightning_module if self.trainer is not None else None
         if self.needs_planner and getattr(model, "uses_planner", True):
-            embeddings = np.load(self.embed_manifest.dir / "embeddings.npy", mmap_mode="r")
-        actions = np.load(self.cluster_manifest.dir / "actions.npy", mmap_mode="r")
-        self.collate = JointBatchCollator(embeddings, actions, self.context_sentences)
+            embeddings = self.folder.embeddings()
+        self.collate = JointBatchCollator(embeddings, self.folder.actions(), self.folder.doc_first,
+                                          self.context_sentences)
 
     def train_dataloader(self) -> DataLoader:
         return resumable_train_loader(self._windows["train"], self.batch_size, None, collate_fn=self.collate,

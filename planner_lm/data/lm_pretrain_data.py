@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from planner_lm.artifacts import stage_dir
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
-from planner_lm.prepared import PreparedCorpus
+from planner_lm.run_folder import RunFolder
 
 __all__ = ["PackedWindows", "LMPretrainDataModule"]
 
@@ -95,10 +94,11 @@ class LMPretrainDataModule(L.LightningDataModule):
         check_window(window)
         if batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
-        from planner_lm.models.base_lm import load_tokenizer, tokenizer_fingerprint
+        from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
         self.run_dir = Path(run_dir)
-        self.prepared = PreparedCorpus(stage_dir(self.run_dir, "prepare"))  # raises if missing
+        folder = RunFolder(self.run_dir)
+        self.prepared = folder.prepared  # raises if missing
         self.tokenizer_name = tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
         if not getattr(self.tokenizer, "is_fast", False):
@@ -107,7 +107,8 @@ class LMPretrainDataModule(L.LightningDataModule):
         self.window, self.packed = window, packed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_val_windows, self.num_workers = max_val_windows, num_workers
-        self.token_cache_root = Path(token_cache_dir) if token_cache_dir else self.run_dir / "tokens"
+        self.token_cache_dir = (Path(token_cache_dir) / self.prepared.manifest.hash if token_cache_dir
+                                else folder.token_cache_dir)
         self.inputs = {"prepare": self.prepared.dir}
         self._datasets: dict[str, Dataset] = {}
 
@@ -135,7 +136,7 @@ class LMPretrainDataModule(L.LightningDataModule):
     def _tokens(self, split: str) -> TokenizedSplit:
         return load_or_build_token_cache(
             self.prepared.split(split), self.tokenizer,
-            self.token_cache_root / self.prepared.manifest.hash, split, self.tokenizer_fingerprint,
+            self.token_cache_dir, split, self.tokenizer_fingerprint,
         )
 
     def prepare_data(self) -> None:

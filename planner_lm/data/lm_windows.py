@@ -153,9 +153,9 @@ class LMWindows(Dataset):
     """Fixed-length windows over the documents of a :class:`TokenizedSplit`.
 
     Each item: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on padding, BOS and
-    tokens labelled by the previous window), ``target_sentence`` (global id per position;
-    padding repeats the last real one) and ``doc_first_sentence`` (scalar: the planner needs
-    where the document starts to build contexts).
+    tokens labelled by the previous window) and ``target_sentence`` (global id per position;
+    padding repeats the last real one). Where each sentence's document starts comes from the
+    run folder (`RunFolder.doc_first`), the one source of document starts.
     """
 
     def __init__(self, tokens: TokenizedSplit, window: int = 128, stride: int | None = None,
@@ -196,5 +196,4 @@ class LMWindows(Dataset):
             "attention_mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(labels),
             "target_sentence": torch.from_numpy(target),
-            "doc_first_sentence": torch.tensor(int(self.tokens.doc_first_sentence[doc])),
         }

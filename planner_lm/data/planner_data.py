@@ -17,32 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from planner_lm.artifacts import Manifest, read_manifest, stage_dir
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
-from planner_lm.prepared import PreparedCorpus
+from planner_lm.evaluation.planner_metrics import action_baselines, previous_actions
+from planner_lm.run_folder import RunFolder
+from planner_lm.seeding import global_seed
 
-EMBEDDINGS_FILE = "embeddings.npy"
-CENTROIDS_FILE = "centroids.npy"
-ACTIONS_FILE = "actions.npy"
-
-
-def read_planner_upstream(run_dir: str | Path) -> tuple[PreparedCorpus, Manifest, Manifest]:
-    """Open 0_prepare, 1_embed and 2_cluster and check that they belong together.
-
-    Raises `UserError` naming the make target to re-run when dimensions or sentence counts
-    disagree or the cluster stage was built from an older embedding run.
-    """
-    prepared = PreparedCorpus(stage_dir(run_dir, "prepare"))
-    embed = read_manifest(stage_dir(run_dir, "embed"), "embed")
-    cluster = read_manifest(stage_dir(run_dir, "cluster"), "cluster")
-    embed.require("num_sentences", prepared.num_sentences, "sentence embeddings vs prepared corpus")
-    cluster.require("embedding_dim", int(embed.fact("embedding_dim")), "codebook vs sentence embeddings")
-    cluster.require("num_sentences", int(embed.fact("num_sentences")), "actions vs sentence embeddings")
-    cluster.check_built_from("embed", embed)
-    embed.check_built_from("prepare", prepared.manifest)
-    return prepared, embed, cluster
 
 
 class SentenceTargets(Dataset):
@@ -95,52 +76,6 @@ class PlannerBatchCollator:
         }
 
 
-def previous_actions(actions: np.ndarray, ids: np.ndarray, doc_first: np.ndarray, at_start: int) -> np.ndarray:
-    """The action of each sentence's previous sentence ("copy" prediction), `at_start` for the
-    first sentence of a document (which has none)."""
-    return np.where(ids > doc_first[ids], np.asarray(actions)[np.maximum(ids - 1, 0)], at_start)
-
-
-def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray, doc_first: np.ndarray,
-                     num_actions: int) -> dict[str, float]:
-    """Accuracies of predictors that ignore the sentence content, on the validation targets.
-
-    - `majority`: always the most frequent training action (top-5: the 5 most frequent);
-    - `previous`: the action of the previous sentence (the majority action at a document start);
-    - `bigram`: the most frequent next action after the previous sentence's action in training
-      (top-5: the 5 most frequent), a first-order Markov model over actions.
-    """
-    actions = np.asarray(actions, dtype=np.int64)
-    top = min(5, num_actions)
-    counts = np.bincount(actions[train_ids], minlength=num_actions)
-    ranked = np.argsort(-counts, kind="stable")
-    target = actions[val_ids]
-    prev = previous_actions(actions, val_ids, doc_first, ranked[0])
-
-    # transition counts on train (row = previous action, num_actions = "document start")
-    train_prev = previous_actions(actions, train_ids, doc_first, num_actions)
-    transitions = np.zeros((num_actions + 1, num_actions), dtype=np.int64)
-    np.add.at(transitions, (train_prev, actions[train_ids]), 1)
-    empty_rows = transitions.sum(1) == 0  # previous actions never seen in training
-    transitions[empty_rows] = counts
-    # ties broken by global frequency, then by id: rank by (count, global count)
-    order_key = transitions.astype(np.float64) + counts[None, :] / (counts.sum() + 1.0)
-    bigram_ranked = np.argsort(-order_key, axis=1, kind="stable")[:, :top]
-    val_prev_row = previous_actions(actions, val_ids, doc_first, num_actions)
-    bigram_top = bigram_ranked[val_prev_row]
-
-    def mean(x: np.ndarray) -> float:
-        return float(x.mean()) if len(x) else float("nan")
-
-    return {
-        "majority_top1": mean(target == ranked[0]),
-        f"majority_top{top}": mean(np.isin(target, ranked[:top])),
-        "previous_top1": mean(target == prev),
-        "bigram_top1": mean(target == bigram_top[:, 0]),
-        f"bigram_top{top}": mean((bigram_top == target[:, None]).any(1)),
-    }
-
-
 class PlannerDataModule(L.LightningDataModule):
     """Sentences of the prepared corpus with their cached contexts and k-means actions.
 
@@ -184,12 +119,12 @@ class PlannerDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 8 * batch_size
         self.max_train_sentences, self.max_val_sentences = max_train_sentences, max_val_sentences
-        # LightningCLI seeds torch (seed_everything) before building the data module
-        self.num_workers, self.seed = num_workers, int(torch.initial_seed() if seed is None else seed) % 2**31
+        self.num_workers, self.seed = num_workers, int(global_seed() if seed is None else seed) % 2**31
 
-        self.prepared, self.embed_manifest, self.cluster_manifest = read_planner_upstream(self.run_dir)
-        self.num_actions = int(self.cluster_manifest.fact("num_actions"))
-        self.embedding_dim = int(self.embed_manifest.fact("embedding_dim"))
+        self.folder = RunFolder(self.run_dir)
+        self.prepared, self.cluster_manifest = self.folder.prepared, self.folder.cluster_manifest()
+        self.embed_manifest = self.folder.embed_manifest()
+        self.num_actions, self.embedding_dim = self.folder.num_actions, self.folder.embedding_dim
         if expected_num_actions is not None and expected_num_actions != self.num_actions:
             raise UserError(
                 f"the config expects k={expected_num_actions} actions but {self.cluster_manifest.dir} holds "
@@ -204,13 +139,13 @@ class PlannerDataModule(L.LightningDataModule):
         self.baselines: dict[str, float] = {}
 
     def _load_centroids(self) -> torch.Tensor:
-        centroids = np.load(self.cluster_manifest.dir / CENTROIDS_FILE)
+        centroids = self.folder.codebook()
         if centroids.shape != (self.num_actions, self.embedding_dim):
             raise UserError(
-                f"{self.cluster_manifest.dir / CENTROIDS_FILE} has shape {centroids.shape}, its manifest says "
+                f"{self.folder.codebook_path} has shape {centroids.shape}, its manifest says "
                 f"({self.num_actions}, {self.embedding_dim}); re-run `make cluster`"
             )
-        return torch.from_numpy(np.asarray(centroids, dtype=np.float32))
+        return torch.from_numpy(centroids)
 
     def _split_ids(self, split: str, limit: int | None) -> np.ndarray:
         lo, hi = self.prepared.sentence_range(split)
@@ -227,15 +162,15 @@ class PlannerDataModule(L.LightningDataModule):
             return
         self._ids = {"train": self._split_ids("train", self.max_train_sentences),
                      "val": self._split_ids("val", self.max_val_sentences)}
-        doc_first = self.prepared.sentence_doc_first
-        actions_path = self.cluster_manifest.dir / ACTIONS_FILE
-        actions = np.load(actions_path, mmap_mode="r")
+        doc_first = self.folder.doc_first
+        actions_path = self.folder.actions_path
+        actions = self.folder.actions()
         if len(actions) != self.prepared.num_sentences:
             raise UserError(f"{actions_path} has {len(actions)} rows for {self.prepared.num_sentences} sentences; re-run `make cluster`")
         high = int(np.max(actions)) if len(actions) else 0
         if high >= self.num_actions or int(np.min(actions)) < 0:
             raise UserError(f"{actions_path} holds action ids outside [0, {self.num_actions}); re-run `make cluster`")
-        self.collate = PlannerBatchCollator(self.embed_manifest.dir / EMBEDDINGS_FILE, actions_path, doc_first,
+        self.collate = PlannerBatchCollator(self.folder.embeddings_path, actions_path, doc_first,
                                             self.context_sentences)
         self.baselines = action_baselines(np.asarray(actions), self._ids["train"], self._ids["val"], doc_first,
                                           self.num_actions)

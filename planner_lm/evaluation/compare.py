@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from planner_lm.artifacts import read_manifest
+from planner_lm.run_folder import RunFolder
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import Interval
 from planner_lm.evaluation.report import Column, results_markdown
@@ -46,11 +46,12 @@ def _interval(cell: dict[str, float] | None) -> Interval | None:
 
 def comparison_row(run_dir: Path, selection: str = "soft") -> dict[str, Any]:
     """The `selection` run of ``run_dir`` as one row: its remedy settings, PPL, Δ vs fixed, accuracies."""
-    metrics = _read_json(run_dir / "5_eval" / "metrics.json")
+    folder = RunFolder(run_dir)
+    metrics = _read_json(folder.dir("evaluate") / "metrics.json")
     row = next((r for r in metrics["rows"] if r["run"] == selection and r.get("matched")), None)
     if row is None:
-        raise UserError(f"{run_dir}/5_eval scored no '{selection}' run; train it and re-run `make evaluate`")
-    config = read_manifest(run_dir / f"4_joint-{selection}", "finetune_joint").config
+        raise UserError(f"{folder.dir('evaluate')} scored no '{selection}' run; train it and re-run `make evaluate`")
+    config = folder.joint_run(selection).manifest.config
     planner = metrics.get("planner", {})
     return {
         "label": run_dir.name,
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m planner_lm.evaluation.compare",
         description="Compare one selection's evaluated run across run directories (e.g. a run and "
                     "its anti-forgetting variants): PPL, Δ vs fixed, planner top-1 before/after.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="evaluated run directories (each with 5_eval/)")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories, each evaluated (`make evaluate RUN=...`)")
     parser.add_argument("--selection", default="soft", help="which joint run of each directory (default: soft)")
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)

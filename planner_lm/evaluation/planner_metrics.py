@@ -1,7 +1,9 @@
 """Planner quality on held-out sentences: logits over cached contexts, accuracy and rank.
 
 Same definitions as training (``planner_lm.lit.planner``): top-k accuracy, mean rank of the true
-action (1 = ranked first) and NLL, here as plain numbers for the evaluation report.
+action (1 = ranked first) and NLL, here as plain numbers for the evaluation report; and the
+accuracies of predictors that ignore sentence content (majority, copy the previous action, action
+bigram), the bar a planner has to clear.
 """
 
 from __future__ import annotations
@@ -53,4 +55,50 @@ def planner_scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
         "top5": float((rank <= top).float().mean()),
         "mean_rank": float(rank.float().mean()),
         "nll": float(torch.nn.functional.cross_entropy(logits, targets)),
+    }
+
+
+def previous_actions(actions: np.ndarray, ids: np.ndarray, doc_first: np.ndarray, at_start: int) -> np.ndarray:
+    """The action of each sentence's previous sentence ("copy" prediction), `at_start` for the
+    first sentence of a document (which has none)."""
+    return np.where(ids > doc_first[ids], np.asarray(actions)[np.maximum(ids - 1, 0)], at_start)
+
+
+def action_baselines(actions: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray, doc_first: np.ndarray,
+                     num_actions: int) -> dict[str, float]:
+    """Accuracies of predictors that ignore the sentence content, on the validation targets.
+
+    - `majority`: always the most frequent training action (top-5: the 5 most frequent);
+    - `previous`: the action of the previous sentence (the majority action at a document start);
+    - `bigram`: the most frequent next action after the previous sentence's action in training
+      (top-5: the 5 most frequent), a first-order Markov model over actions.
+    """
+    actions = np.asarray(actions, dtype=np.int64)
+    top = min(5, num_actions)
+    counts = np.bincount(actions[train_ids], minlength=num_actions)
+    ranked = np.argsort(-counts, kind="stable")
+    target = actions[val_ids]
+    prev = previous_actions(actions, val_ids, doc_first, ranked[0])
+
+    # transition counts on train (row = previous action, num_actions = "document start")
+    train_prev = previous_actions(actions, train_ids, doc_first, num_actions)
+    transitions = np.zeros((num_actions + 1, num_actions), dtype=np.int64)
+    np.add.at(transitions, (train_prev, actions[train_ids]), 1)
+    empty_rows = transitions.sum(1) == 0  # previous actions never seen in training
+    transitions[empty_rows] = counts
+    # ties broken by global frequency, then by id: rank by (count, global count)
+    order_key = transitions.astype(np.float64) + counts[None, :] / (counts.sum() + 1.0)
+    bigram_ranked = np.argsort(-order_key, axis=1, kind="stable")[:, :top]
+    val_prev_row = previous_actions(actions, val_ids, doc_first, num_actions)
+    bigram_top = bigram_ranked[val_prev_row]
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if len(x) else float("nan")
+
+    return {
+        "majority_top1": mean(target == ranked[0]),
+        f"majority_top{top}": mean(np.isin(target, ranked[:top])),
+        "previous_top1": mean(target == prev),
+        "bigram_top1": mean(target == bigram_top[:, 0]),
+        f"bigram_top{top}": mean((bigram_top == target[:, None]).any(1)),
     }

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from planner_lm.evaluation.structure import edit_distance, normalized_edit_distance, rouge2_f
-from planner_lm.generation import Generation, PlannerGenerator, SamplingConfig, nearest_actions
+from planner_lm.generation import PlannerGenerator, SamplingConfig
+from planner_lm.generation_plan import Generation
+from planner_lm.sentence_vectors import nearest_actions
 from planner_lm.sentences import sentence_spans
 
 CONDITIONED_SOURCES = ("planner", "forced", "fixed")

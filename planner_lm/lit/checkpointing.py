@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from planner_lm.errors import UserError
+from planner_lm.seeding import global_seed
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -45,7 +46,7 @@ class StepSeed(L.Callback):
         self.base_seed = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.base_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**32))
+        self.base_seed = global_seed(default=torch.initial_seed() % 2**32)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         key = f"{self.base_seed}:{trainer.current_epoch}:{batch_idx}:{trainer.global_rank}".encode()

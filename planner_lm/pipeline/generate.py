@@ -1,9 +1,9 @@
 """`make generate`: load a finished joint run and sample text with its plan.
 
-Everything is read from the run directory: the conditioned LM and its tokenizer
-(`4_joint-<selection>/lm`), its planner (its own `planner.pt`, else the pretrained one in
-`3_planner`), the sentence encoder named by the embed stage, and, for showing what an action
-means, the training sentences nearest to each centroid.
+Everything is read from the run directory (`planner_lm.run_folder.RunFolder`): the conditioned LM
+and its tokenizer (`4_joint-<selection>/lm`), its planner (its own, else the pretrained one), the
+sentence encoder with the embed stage's settings, and, for showing what an action means, the
+training sentences nearest to each centroid.
 """
 
 from __future__ import annotations
@@ -13,22 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from planner_lm.artifacts import atomic_write_text, read_manifest, stage_dir
+from planner_lm import sentence_vectors
+from planner_lm.artifacts import atomic_write_text
 from planner_lm.errors import UserError
-from planner_lm.generation import (
-    GENERATION_CONDITIONING,
-    GENERATION_SELECTIONS,
-    ActionExamples,
-    Generation,
-    PlannerGenerator,
-    SamplingConfig,
-    format_plan,
-    load_sentence_encoder,
-    run_temperature,
-)
-
+from planner_lm.generation import PlannerGenerator, SamplingConfig
+from planner_lm.generation_plan import Generation
+from planner_lm.generation_plan import ActionExamples, format_plan
+from planner_lm.hardware import resolve_device
+from planner_lm.models.selection import GENERATION_SELECTIONS, generation_selection
+from planner_lm.run_folder import RunFolder
+from planner_lm.tokenization import load_tokenizer
 
 
 @dataclass
@@ -86,52 +80,27 @@ def load_generator(run_dir: str | Path, selection: str = "soft", device: str = "
                    examples: int = 2) -> tuple[PlannerGenerator, str, float]:
     """A ready `PlannerGenerator` for `<run_dir>/4_joint-<selection>`, its default conditioning and
     the planner temperature the run was trained with."""
-    from planner_lm.evaluation.evaluate import resolve_device
-    from planner_lm.models.base_lm import load_tokenizer
     from planner_lm.models.conditioning import ActionConditionedLM
     from planner_lm.models.planner import Planner
-    from planner_lm.prepared import PreparedCorpus
 
-    run_dir = Path(run_dir)
-    joint_dir = run_dir / f"4_joint-{selection}"
-    if not (joint_dir / "manifest.json").is_file():
-        finished = sorted(p.name[len("4_joint-"):] for p in run_dir.glob("4_joint-*") if (p / "manifest.json").is_file())
-        hint = f" (finished: {', '.join(finished)})" if finished else ""
-        raise UserError(f"{joint_dir} is not a finished joint run{hint}; run `make finetune-joint` "
-                        f"(or `make baselines`), or choose another SELECTION")
-    joint = read_manifest(joint_dir, "finetune_joint")
-    embed = read_manifest(stage_dir(run_dir, "embed"), "embed")
-    cluster = read_manifest(stage_dir(run_dir, "cluster"), "cluster")
-    num_actions = int(cluster.fact("num_actions"))
-    joint.require("num_actions", num_actions, "joint run vs codebook")
+    folder = RunFolder(run_dir)
+    run = folder.joint_run(selection)
     device_ = resolve_device(device)
-
-    lm = ActionConditionedLM.from_pretrained(joint_dir / "lm").to(device_).eval()
-    tokenizer_dir = joint_dir / "lm" if (joint_dir / "lm" / "tokenizer_config.json").is_file() \
-        else stage_dir(run_dir, "pretrain_lm")
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    planner_path = joint_dir / "planner.pt"
-    if not planner_path.is_file():
-        planner_path = stage_dir(run_dir, "pretrain_planner") / "planner.pt"
-    planner = Planner.from_pretrained(planner_path).to(device_).eval() if planner_path.is_file() else None
-    encode = load_sentence_encoder(str(embed.fact("encoder")), device_)
-
+    lm = ActionConditionedLM.from_pretrained(run.lm_dir).to(device_).eval()
+    tokenizer = load_tokenizer(str(folder.tokenizer_dir(run)))
+    planner_path = folder.planner_path_for(run)
+    planner = Planner.from_pretrained(planner_path).to(device_).eval() if planner_path is not None else None
+    encode = sentence_vectors.load_sentence_encoder(folder.encoder_settings(), device_)
     lookup = None
     if examples > 0:
-        prepared = PreparedCorpus(stage_dir(run_dir, "prepare"))
-        lo, hi = prepared.sentence_range("train")
-        lookup = ActionExamples(
-            prepared.sentence_texts("train"),
-            np.load(embed.dir / "embeddings.npy", mmap_mode="r")[lo:hi],
-            np.load(cluster.dir / "actions.npy", mmap_mode="r")[lo:hi],
-            np.load(cluster.dir / "centroids.npy"),
-            per_action=examples,
-        )
-    generator = PlannerGenerator(lm, tokenizer, encode, num_actions, planner=planner, action_examples=lookup)
-    return generator, GENERATION_CONDITIONING.get(selection, "soft"), run_temperature(joint)
+        lo, hi = folder.prepared.sentence_range("train")
+        lookup = ActionExamples(folder.prepared.sentence_texts("train"), folder.embeddings()[lo:hi],
+                                folder.actions()[lo:hi], folder.codebook(), per_action=examples)
+    generator = PlannerGenerator(lm, tokenizer, encode, folder.num_actions, planner=planner, action_examples=lookup)
+    return generator, generation_selection(selection), run.planner_temperature
 
 
-def run_generate(cfg: GenerateConfig) -> list[Generation]:
+def generate_text(cfg: GenerateConfig) -> list[Generation]:
     """Generate, print text and plan, optionally write JSON."""
     if cfg.num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
@@ -157,3 +126,11 @@ def run_generate(cfg: GenerateConfig) -> list[Generation]:
         payload: list[dict[str, Any]] = [g.as_dict() for g in generations]
         atomic_write_text(Path(cfg.output), json.dumps(payload, indent=2) + "\n")
     return generations
+
+
+def run_generate(args: list[str] | None = None) -> list[Generation]:
+    """`stages/generate.py`: parse the command line (YAML configs + overrides) and generate."""
+    from planner_lm.cli import parse_config
+
+    return generate_text(parse_config(GenerateConfig, "Generate text that follows (and can be steered by) a plan.",
+                                      args))

@@ -1,0 +1,170 @@
+"""The evaluation report: every (run, code source) row with CIs and paired changes against the
+controls, the readable table of matched rows, `results.md`, `metrics.json`, plots and TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planner_lm.artifacts import atomic_write_text
+from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
+from planner_lm.evaluation.perplexity import nll_by_position
+from planner_lm.evaluation.report import (
+    SIGNIFICANT_MARK,
+    Column,
+    log_to_tensorboard,
+    plot_nll_by_position,
+    plot_ppl_intervals,
+    results_markdown,
+)
+from planner_lm.evaluation.scoring import TestSet, scored_sources
+from planner_lm.models.selection import eval_source
+from planner_lm.run_folder import JointRun
+
+REFERENCES = ("fixed", "boundary", "none")
+"""Controls every row is compared with (paired, per document): the parameter-matched constant
+code, the content-free sentence-boundary code, and the plain LM."""
+
+
+def _delta_column(reference: str) -> Column:
+    return Column(f"vs_{reference}", f"Δ vs {reference} [95 % CI]", fmt="{:+.2%}", better="lower",
+                  show_interval=True, mark_nonzero=True)
+
+
+PPL_COLUMNS = [
+    Column("ppl", "test PPL [95 % CI]", better="lower", show_interval=True),
+    *(_delta_column(reference) for reference in REFERENCES),
+    Column("top1", "planner top-1", fmt="{:.1%}", better="higher"),
+    Column("rouge2", "ROUGE-2 F", fmt="{:.3f}", better="higher"),
+    Column("follow", "plan following", fmt="{:.1%}", better="higher"),
+]
+"""The readable table: one row per run, scored with the code source it was trained with."""
+
+
+def run_protocol(runs: list[JointRun], embed: Any, num_actions: int, fingerprint: str) -> dict[str, Any]:
+    """Facts of the compared runs that a reader needs to interpret the table (from their manifests)."""
+    def common(key: str) -> Any:
+        values = {str(r.manifest.facts.get(key)) for r in runs if r.manifest.facts.get(key) is not None}
+        return values.pop() if len(values) == 1 else (", ".join(sorted(values)) if values else None)
+
+    steps = sorted({int(r.manifest.metrics["steps"]) for r in runs
+                    if r.manifest.facts.get("trained") and r.manifest.metrics.get("steps") is not None})
+    return {"base_lm": common("lm_name"), "base_mode": common("base_mode"), "tokenizer": fingerprint[:12],
+            "num_actions": num_actions, "encoder": embed.fact("encoder"),
+            "joint_steps": ", ".join(map(str, steps)) or None}
+
+
+def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, num_tokens, protocol) -> dict[str, Any]:
+    """Every (run, code source) row with CIs and paired changes; the table keeps the matched rows."""
+    indices = resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed)
+    references = {name: results.get((name, name)) for name in REFERENCES}
+    if references["none"] is None:  # a conditioned run scored without actions is the same plain LM
+        references["none"] = next((r for (_, source), r in results.items() if source == "none"), None)
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        matched = eval_source(run.selection)
+        for source in [s for s in scored_sources(run.selection, cfg.code_sources) if (run.selection, s) in results]:
+            result = results[(run.selection, source)]
+            row: dict[str, Any] = {
+                "label": f"{run.selection} · {source}",
+                "run": run.selection, "source": source, "matched": source == matched,
+                "ppl": ppl_interval(result.doc_nll, result.doc_tokens, indices, cfg.confidence),
+                "nll": result.mean_nll, "tokens": result.num_tokens,
+            }
+            for name, reference in references.items():
+                if reference is not None:
+                    row[f"vs_{name}"] = relative_change_interval(result.doc_nll, reference.doc_nll,
+                                                                 result.doc_tokens, indices, cfg.confidence)
+            if source == matched:
+                planner_name = run.selection if run.selection in planner_table else None
+                if planner_name:
+                    row.update({k: planner_table[planner_name][k] for k in ("top1", "top5", "mean_rank")})
+                row.update({k: v for k, v in structure.get(run.selection, {}).items()})
+            rows.append(row)
+    if "pretrained" in planner_table:
+        rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
+                     **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
+    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained"]
+    columns = [c for c in PPL_COLUMNS if any(row.get(c.key) is not None for row in shown)]  # e.g. no `none` run
+    table = results_markdown(shown, columns, label_header="run · code source")
+    as_json = [{k: (v.as_dict() if isinstance(v, Interval) else v) for k, v in row.items()} for row in rows]
+    return {
+        "rows": as_json,
+        "table": table,
+        "planner": planner_table,
+        "planner_baselines": baselines,
+        "structure": structure,
+        "protocol": {**protocol, "window": cfg.window, "stride": cfg.stride, "precision": cfg.precision,
+                     "test_docs": len(test.documents), "test_tokens": num_tokens,
+                     "bootstrap_samples": cfg.bootstrap_samples, "confidence": cfg.confidence},
+    }
+
+
+def setting_line(protocol: dict[str, Any]) -> str:
+    """The one-line description of what was compared, printed above the table."""
+    return (f"Setting: base LM {protocol.get('base_lm', '?')} ({protocol.get('base_mode', '?')} base weights, "
+            f"{protocol.get('joint_steps', '?')} joint steps), tokenizer {protocol.get('tokenizer', '?')}, "
+            f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; test split "
+            f"{protocol['test_docs']} documents, {protocol['test_tokens']} tokens, window {protocol['window']}, "
+            f"stride {protocol['stride']}, precision {protocol['precision']}"
+            + (f" (PPL {protocol['bf16_vs_fp32_ppl_rel_diff']:+.3%} against fp32 on a subset)"
+               if "bf16_vs_fp32_ppl_rel_diff" in protocol else "") + ".")
+
+
+def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> None:
+    matched_rows = [r for r in metrics["rows"] if "ppl" in r and r["matched"]]
+    entries = [(r["label"], Interval(**r["ppl"])) for r in matched_rows]
+    ppl_fig = plot_ppl_intervals(entries, out / "ppl.png")
+    curves, reference = {}, None
+    for run in runs:
+        source = eval_source(run.selection)
+        if (run.selection, source) in results:
+            mean, _ = nll_by_position(results[(run.selection, source)], test.documents, max_position=32)
+            curves[f"{run.selection} · {source}"] = mean
+            if source == "none":
+                reference = f"{run.selection} · {source}"
+    position_fig = plot_nll_by_position(curves, out / "nll_by_position.png", reference=reference)
+    protocol = metrics["protocol"]
+    notes = (
+        f"Each run is scored with the code source it was trained with (the full grid of runs × code sources "
+        f"is in `metrics.json`). Windows of {protocol['window']} tokens, stride {protocol['stride']} "
+        f"({'the papers’ exact protocol' if protocol['stride'] == 1 else 'stride 1 is the papers’ exact protocol'}). "
+        f"{protocol['confidence']:.0%} CIs: bootstrap over documents ({protocol['bootstrap_samples']} resamples). "
+        "Δ columns are paired relative PPL changes (negative = better) against three controls: `fixed` "
+        "(one constant action), `boundary` (an action that only marks where each sentence starts) and "
+        f"`none` (the plain LM); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
+    )
+    baselines = metrics["planner_baselines"]
+    notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
+              f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
+              f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
+    body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
+    atomic_write_text(out / "results.md", body)
+    atomic_write_text(out / "metrics.json", json.dumps(finite({k: v for k, v in metrics.items() if k != "table"}),
+                                                     indent=2) + "\n")
+    scalars: dict[str, float] = {}
+    for row in metrics["rows"]:
+        name = f"{row['run']}/{row['source']}"
+        if "ppl" in row:
+            scalars[f"test/ppl/{name}"] = row["ppl"]["value"]
+        for key in ("top1", "top5", "mean_rank", "rouge2", "edit", "follow"):
+            if row.get(key) is not None:
+                scalars[f"test/{key}/{row['run']}"] = row[key]
+    log_to_tensorboard(out / "tb", scalars, {"ppl": ppl_fig, "nll_by_position": position_fig}, {"results": body})
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python, NaN/inf to null."""
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,129 @@
+"""Scoring a conditioned LM on the test split: the documents, the action weights of each code
+source, and a token scorer that conditions every token on its target sentence's code.
+
+Plain torch: evaluation reads models and text code, never the Lightning modules.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from planner_lm.data.lm_windows import load_or_build_token_cache
+from planner_lm.errors import UserError
+from planner_lm.evaluation.perplexity import ScoringDocument, causal_lm_logprobs, sliding_window_nll
+from planner_lm.models.conditioning import CONFIG_FILE
+from planner_lm.models.selection import CODE_SOURCES, eval_source, select_weights
+from planner_lm.run_folder import JointRun, RunFolder
+
+
+@dataclass
+class TestSet:
+    """The scored test documents and their sentences (global ids ``first .. first + n - 1``)."""
+
+    documents: list[ScoringDocument]
+    texts: list[str]
+    spans: list[list[tuple[int, int]]]
+    doc_first: list[int]
+    first: int
+    sentence_ids: torch.Tensor
+    sentence_doc_first: torch.Tensor
+    actions: torch.Tensor
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Each sentence's index in its document (the boundary control's code)."""
+        return self.sentence_ids - self.sentence_doc_first
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(d.num_targets for d in self.documents)
+
+
+def load_test_set(folder: RunFolder, tokenizer: Any, fingerprint: str, max_docs: int | None) -> TestSet:
+    """Tokenize the test split once (the token cache the joint stage shares) and pick the documents."""
+    split = folder.prepared.split("test")
+    tokens = load_or_build_token_cache(split, tokenizer, folder.token_cache_dir, "test", fingerprint)
+    count = len(split) if max_docs is None else min(max_docs, len(split))
+    if count == 0:
+        raise UserError("the test split has no documents; re-run `make prepare` with split.test_docs > 0")
+    documents, texts, spans, firsts = [], [], [], []
+    for doc, row in enumerate(split.select(range(count))):
+        lo, hi = int(tokens.doc_offsets[doc]), int(tokens.doc_offsets[doc + 1])
+        documents.append(ScoringDocument(torch.from_numpy(np.array(tokens.input_ids[lo:hi], dtype=np.int64)),
+                                         torch.from_numpy(np.array(tokens.target_sentence[lo:hi], dtype=np.int64))))
+        texts.append(row["text"])
+        spans.append(list(zip(row["sent_start"], row["sent_end"])))
+        firsts.append(int(row["first_sentence"]))
+    ids = np.arange(firsts[0], firsts[-1] + len(spans[-1]), dtype=np.int64)
+    true = np.array(folder.actions()[ids[0]:ids[-1] + 1], dtype=np.int64)
+    return TestSet(documents, texts, spans, firsts, firsts[0], torch.from_numpy(ids),
+                   torch.from_numpy(folder.doc_first[ids]), torch.from_numpy(true))
+
+
+def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor, num_actions: int,
+                 positions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor | None:
+    """Per-sentence action weights ``[M, K]`` of one code source (None for ``none``).
+
+    ``positions`` is each sentence's index in its document (boundary); ``temperature`` is the
+    softmax temperature the run was trained with (planner_soft).
+    """
+    if source == "planner_soft":
+        return select_weights(logits, "soft", temperature=temperature)
+    if source == "planner_hard":
+        return select_weights(logits, "hard")
+    if source == "oracle":
+        return select_weights(None, "oracle", oracle_actions=actions, num_actions=num_actions)
+    if source == "boundary":
+        return select_weights(None, "boundary", sentence_index=positions, num_actions=num_actions)
+    if source in ("fixed", "uniform"):
+        return select_weights(None, source, num_actions=num_actions, batch_shape=(len(actions),))
+    if source == "none":
+        return None
+    raise UserError(f"unknown code source {source!r}; choose from {', '.join(CODE_SOURCES)}")
+
+
+def make_scorer(lm: torch.nn.Module, table: torch.Tensor | None, first: int, device: torch.device, precision: str):
+    """A ``TokenScorer`` that conditions each token on its target sentence's row of ``table``."""
+    table = None if table is None else table.to(device)
+    autocast = precision == "bf16"
+
+    def score(ids: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor, keep: int) -> torch.Tensor:
+        weights = None
+        if table is not None:
+            rows = (cond - first).clamp(min=0, max=len(table) - 1)
+            weights = table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return causal_lm_logprobs(lm, ids, mask, keep, action_weights=weights)
+
+    return score
+
+
+def shared_plain_lm(run: JointRun) -> str | None:
+    """Runs whose plain LM (no actions) is the same frozen base share one `none` score: its key."""
+    config_path = run.lm_dir / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    if config.get("base_mode") == "frozen" and not config.get("base_saved") and config.get("base_fingerprint"):
+        return config["base_fingerprint"]
+    return None
+
+
+def bf16_vs_fp32(lm, table, test: TestSet, device: torch.device, docs: int, **windows: int) -> float:
+    """Relative PPL change of bf16 autocast against fp32 on the first `docs` test documents (one run);
+    `windows` are `sliding_window_nll`'s window, stride and batch_size."""
+    documents = test.documents[:docs]
+    ppl = {precision: sliding_window_nll(documents, make_scorer(lm, table, test.first, device, precision),
+                                         device=device, **windows).ppl for precision in ("32", "bf16")}
+    return ppl["bf16"] / ppl["32"] - 1
+
+
+def scored_sources(selection: str, requested: list[str]) -> list[str]:
+    """The code sources a run is scored with: its matched source first, then the requested ones
+    (`matched` stands for the matched source; no repeats)."""
+    matched = eval_source(selection)
+    return list(dict.fromkeys([matched, *(matched if s == "matched" else s for s in requested)]))

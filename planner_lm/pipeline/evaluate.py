@@ -1,0 +1,264 @@
+"""Stage 5 (`make evaluate`): the papers' comparison table in one command.
+
+For every finished `4_joint-<selection>/` run of the run directory it measures test perplexity
+with each code source the conditioned LM can be given at evaluation time (planner soft / hard,
+oracle, fixed, boundary, uniform, none), with bootstrap CIs over documents and the paired relative
+change against the parameter-matched `fixed` control, the content-free `boundary` control and the
+plain LM (`none`); planner accuracy for the pretrained planner and each jointly tuned one (did
+joint training make it forget?); and structure metrics of planner-in-the-loop generations on a
+few test documents. Everything goes to `5_eval/`: `metrics.json`, `results.md`, PNG plots and
+TensorBoard (`planner_lm.evaluation.results`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from planner_lm import sentence_vectors
+from planner_lm.artifacts import atomic_write_text, start_stage, write_manifest
+from planner_lm.errors import UserError
+from planner_lm.evaluation.perplexity import PerplexityResult, sliding_window_nll
+from planner_lm.evaluation.planner_metrics import action_baselines, planner_logits, planner_scores
+from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
+from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
+                                           scored_sources, shared_plain_lm)
+from planner_lm.hardware import resolve_device
+from planner_lm.models.selection import CODE_SOURCES, generation_selection
+from planner_lm.run_folder import PLANNER_FILE, JointRun, RunFolder
+from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
+
+STAGE = "evaluate"
+
+
+@dataclass
+class StructureConfig:
+    """Planner-in-the-loop generation on test documents (ROUGE-2, action edit distance, plan following).
+
+    Args:
+        docs: number of test documents to generate from (0 = skip structure metrics).
+        prompt_sentences: leading sentences of each document given as the prompt.
+        max_new_tokens: tokens generated per document.
+        temperature: token sampling temperature (the papers: 1.0).
+        top_p: nucleus sampling threshold (1.0 = off, as the papers).
+        batch_size: documents generated together.
+    """
+
+    docs: int = 50
+    prompt_sentences: int = 2
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of the evaluate stage.
+
+    Args:
+        run_dir: run directory; reads every finished `4_joint-*` run and writes `<run_dir>/5_eval`.
+        runs: selections to evaluate (e.g. `[soft, none, fixed]`); None = every finished run.
+        code_sources: code sources scored for each conditioned run, from planner_soft,
+            planner_hard, oracle, fixed, uniform, none, and `matched` (the source the run was
+            trained with: soft -> planner_soft, hard -> planner_hard, oracle -> oracle, ...).
+            The `none` run is only scored with none; the matched source is always scored.
+        window: tokens per scoring window, context included (the papers: 128).
+        stride: tokens between windows; 1 = the papers' exact protocol (every token with the
+            full window of context), window-1 = non-overlapping windows (fastest).
+        batch_size: windows per forward pass.
+        max_docs: evaluate only the first N test documents (None = all).
+        bootstrap_samples: resamples of the test documents for the confidence intervals.
+        confidence: confidence level of the intervals.
+        structure: generation-based structure metrics.
+        device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
+        precision: `32` or `bf16` (autocast; fast on GPUs). With bf16 the first run is also
+            scored in 32 on `precision_check_docs` documents and the difference is reported.
+        precision_check_docs: documents of that check (0 = skip it).
+        seed: seed of the bootstrap and of sampling.
+        overwrite: replace a finished evaluation made with a different config.
+    """
+
+    run_dir: str = "runs/demo"
+    runs: list[str] | None = None
+    code_sources: list[str] = field(default_factory=lambda: list(CODE_SOURCES))
+    window: int = 128
+    stride: int = 64
+    batch_size: int = 32
+    max_docs: int | None = None
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    device: str = "auto"
+    precision: str = "32"
+    precision_check_docs: int = 20
+    seed: int = 0
+    overwrite: bool = False
+
+
+def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
+    """Build `5_eval/`; returns the metrics. ``encoder`` overrides the embed stage's encoder (tests)."""
+    from planner_lm.models.conditioning import ActionConditionedLM
+    from planner_lm.models.planner import Planner
+
+    started = time.perf_counter()
+    _check_config(cfg)
+    folder = RunFolder(cfg.run_dir)
+    num_actions = folder.num_actions
+    pretrained = folder.pretrained_planner()
+    runs = folder.joint_runs(cfg.runs)
+    out = folder.dir("evaluate")
+    config = asdict(cfg)
+    start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(str(folder.tokenizer_dir(runs[0])))
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprints = {r.manifest.facts.get("tokenizer_fingerprint") for r in runs} - {None}
+    if fingerprints and fingerprint not in fingerprints:
+        raise UserError(f"the tokenizer next to {runs[0].lm_dir} is not the one the runs were trained with")
+    test = load_test_set(folder, tokenizer, fingerprint, cfg.max_docs)
+    print(f"evaluating {len(runs)} run(s) on {len(test.documents)} test documents, {test.num_tokens} tokens, "
+          f"{len(test.sentence_ids)} sentences (window {cfg.window}, stride {cfg.stride}, {device})")
+
+    # ---- planners: the pretrained one and every jointly tuned one
+    planners: dict[str, Planner] = {}
+    if pretrained is not None:
+        planners["pretrained"] = Planner.from_pretrained(pretrained.dir / PLANNER_FILE)
+    for run in runs:
+        if run.planner_path is not None:
+            planners[run.selection] = Planner.from_pretrained(run.planner_path)
+    embeddings = folder.embeddings()
+    logits = {name: planner_logits(p.to(device), embeddings, test.sentence_ids, test.sentence_doc_first, device=device)
+              for name, p in planners.items()}
+    planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
+    train_lo, train_hi = folder.prepared.sentence_range("train")
+    baselines = action_baselines(np.asarray(folder.actions()), np.arange(train_lo, train_hi),
+                                 test.sentence_ids.numpy(), folder.doc_first, num_actions)
+
+    structure_eval = _structure_evaluator(cfg, test, folder, device, encoder)
+    structure: dict[str, dict[str, float]] = {}
+    samples: list[dict[str, Any]] = []
+
+    # ---- perplexity of every run with every code source, then generation
+    results: dict[tuple[str, str], PerplexityResult] = {}
+    none_cache: dict[str, PerplexityResult] = {}
+    timings: dict[str, float] = {}
+    precision_check: float | None = None
+    windows = {"window": cfg.window, "stride": cfg.stride, "batch_size": cfg.batch_size}
+    for run in runs:
+        lm = ActionConditionedLM.from_pretrained(run.lm_dir).to(device).eval()
+        run_logits = logits.get(run.selection, logits.get("pretrained"))
+        sources = ["none"] if run.selection == "none" else scored_sources(run.selection, cfg.code_sources)
+        for source in sources:
+            if source.startswith("planner") and run_logits is None:
+                print(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
+                continue
+            key = shared_plain_lm(run) if source == "none" else None
+            tick = time.perf_counter()
+            if key is not None and key in none_cache:
+                results[(run.selection, source)] = none_cache[key]
+                continue
+            table = code_weights(source, run_logits, test.actions, num_actions, test.positions,
+                                 run.planner_temperature)
+            if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None:
+                precision_check = bf16_vs_fp32(lm, table, test, device, cfg.precision_check_docs, **windows)
+                print(f"  bf16 vs fp32 on {cfg.precision_check_docs} documents: PPL {precision_check:+.3%}")
+            result = sliding_window_nll(test.documents, make_scorer(lm, table, test.first, device, cfg.precision),
+                                        device=device, progress=f"{run.selection} / {source}", **windows)
+            results[(run.selection, source)] = result
+            if key is not None:
+                none_cache[key] = result
+            timings[f"{run.selection}/{source}"] = round(time.perf_counter() - tick, 2)
+            print(f"  {run.selection:>16} / {source:<12} ppl {result.ppl:9.3f}")
+        if structure_eval is not None:
+            tick = time.perf_counter()
+            scored = _generate_and_score(structure_eval, run, lm, planners, tokenizer, num_actions)
+            if scored is not None:
+                structure[run.selection], generations = scored
+                samples.extend({"run": run.selection, **g.as_dict()} for g in generations)
+                timings[f"{run.selection}/generation"] = round(time.perf_counter() - tick, 2)
+                print(f"  {run.selection:>16} / generation   " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in structure[run.selection].items() if k in ("rouge2", "edit", "follow")))
+        del lm
+
+    protocol = run_protocol(runs, folder.embed_manifest(), num_actions, fingerprint)
+    if precision_check is not None:
+        protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check
+    metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
+                               protocol)
+    metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
+    write_outputs(out, runs, results, test, metrics)
+    atomic_write_text(out / "generations.jsonl", "".join(json.dumps(finite(x)) + "\n" for x in samples))
+    inputs = {"prepare": folder.dir("prepare"), "embed": folder.dir("embed"), "cluster": folder.dir("cluster"),
+              **({"planner": pretrained.dir} if pretrained is not None else {}),
+              **{f"joint-{r.selection}": r.dir for r in runs}}
+    headline = {row["label"]: row["ppl"]["value"] for row in metrics["rows"] if row.get("matched")}
+    write_manifest(out, stage=STAGE, config=config, inputs=inputs,
+                   outputs=["metrics.json", "results.md", "ppl.png", "nll_by_position.png", "generations.jsonl"],
+                   facts={"test_docs": len(test.documents), "test_tokens": test.num_tokens},
+                   metrics={"test/ppl": headline, "seconds": metrics["seconds"]["total"]}, seed=cfg.seed)
+    print()
+    print(setting_line(metrics["protocol"]))
+    print(metrics["table"])
+    print(f"written to {out} in {metrics['seconds']['total']:.0f} s")
+    return metrics
+
+
+def _structure_evaluator(cfg: EvaluateConfig, test: TestSet, folder: RunFolder, device: torch.device, encoder: Any):
+    """The generation task on the first test documents, or None when disabled or impossible."""
+    from planner_lm.evaluation.structure_eval import StructureEvaluator, make_task
+    from planner_lm.generation import SamplingConfig
+
+    if cfg.structure.docs == 0:
+        return None
+    task = make_task(test.texts, test.spans, test.doc_first, folder.actions(), cfg.structure.prompt_sentences,
+                     cfg.structure.docs)
+    if not task.prompts:
+        print(f"no test document has more than {cfg.structure.prompt_sentences} sentences: structure metrics skipped")
+        return None
+    encode = encoder or sentence_vectors.load_sentence_encoder(folder.encoder_settings(), device)
+    sampling = SamplingConfig(max_new_tokens=cfg.structure.max_new_tokens, temperature=cfg.structure.temperature,
+                              top_p=cfg.structure.top_p, seed=cfg.seed)
+    return StructureEvaluator(task, encode, torch.from_numpy(folder.codebook()), sampling, cfg.structure.batch_size)
+
+
+def _generate_and_score(evaluator, run: JointRun, lm, planners, tokenizer, num_actions: int):
+    from planner_lm.generation import PlannerGenerator
+
+    selection = generation_selection(run.selection)
+    planner = planners.get(run.selection, planners.get("pretrained"))
+    if planner is None and selection in ("soft", "hard"):
+        print(f"  {run.selection}: no planner for generation (run `make pretrain-planner`); skipped")
+        return None
+    generator = PlannerGenerator(lm, tokenizer, evaluator.encode, num_actions, planner=planner)
+    generations = evaluator.generate(generator, selection, run.planner_temperature)
+    return evaluator.score(generations), generations
+
+
+def _check_config(cfg: EvaluateConfig) -> None:
+    unknown = [s for s in cfg.code_sources if s not in (*CODE_SOURCES, "matched")]
+    if unknown:
+        raise UserError(f"unknown code source(s) {', '.join(unknown)}; choose from {', '.join(CODE_SOURCES)}, matched")
+    if cfg.window < 2 or not 1 <= cfg.stride <= cfg.window - 1:
+        raise UserError(f"need window >= 2 and 1 <= stride <= window - 1, got window {cfg.window}, stride {cfg.stride}")
+    if cfg.precision not in ("32", "bf16"):
+        raise UserError(f"precision must be '32' or 'bf16', got {cfg.precision!r}")
+    if cfg.max_docs is not None and cfg.max_docs < 1:
+        raise UserError(f"max_docs must be >= 1 (or null for all), got {cfg.max_docs}")
+    if cfg.structure.docs < 0 or cfg.structure.prompt_sentences < 1:
+        raise UserError("structure.docs must be >= 0 and structure.prompt_sentences >= 1")
+
+
+def run_evaluate(args: list[str] | None = None) -> dict[str, Any]:
+    """`stages/evaluate.py`: parse the command line (YAML configs + overrides) and evaluate every run."""
+    from planner_lm.cli import parse_config
+
+    return evaluate_runs(parse_config(EvaluateConfig, "Evaluate every finished joint run on the test split (stage 5).",
+                                      args))
