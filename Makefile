@@ -4,6 +4,8 @@
 #   RUN=runs/demo       run directory (every stage writes a sub-directory of it)
 #   PRESET=demo         config preset: configs/presets/$(PRESET)/<stage>.yaml overrides configs/<stage>.yaml
 #   CORPUS=...          corpus for `prepare`: demo, local files (.txt/.jsonl/.json/.parquet), or a hub dataset
+#   EVAL_CORPUS="..."   `make evaluate` scores these corpora (same forms as CORPUS, space-separated) instead
+#                       of the test split, each into RUN/5_eval-<name>
 #   BASE_LM=...         a pretrained base LM for finetune-joint (hub name or local HF folder; PRESET=paper: gpt2,
 #                       PRESET=olmo: allenai/OLMo-1B-hf); empty = the run's own LM, trained by `make pretrain-lm`
 #   ARGS="..."          extra options for the stage(s) named on the command line, e.g.
@@ -17,6 +19,7 @@
 RUN ?= runs/demo
 PRESET ?= demo
 CORPUS ?=
+EVAL_CORPUS ?=
 ARGS ?=
 OVERWRITE ?=
 VENV ?= .venv
@@ -120,7 +123,12 @@ baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every 
 
 $(EVAL): $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
 	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
-evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every finished run (5_eval)
+ifeq ($(strip $(EVAL_CORPUS)),)
+evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every finished run (5_eval; EVAL_CORPUS=... other text)
+else
+evaluate: $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
+	$(foreach c,$(EVAL_CORPUS),$(PY) stages/evaluate.py $(call cfg,evaluate) --corpus.name "$(c)" $(call args,evaluate) &&) true
+endif
 
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
 	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)

@@ -153,7 +153,7 @@ class PlannerGenerator:
         self._unconditioned = False
 
     # ------------------------------------------------------------------ planning
-    def _planner_logits(self, histories: Sequence[Sequence[Tensor]]) -> Tensor | None:
+    def planner_logits(self, histories: Sequence[Sequence[Tensor]]) -> Tensor | None:
         """Planner logits ``[n, K]`` for contexts given as lists of previous sentence vectors.
 
         Each history is laid out as a document of its own (global ids ``first .. first + len - 1``)
@@ -217,7 +217,7 @@ class PlannerGenerator:
         if texts:
             row.vectors = list(self.encode(texts).float().cpu())
         # every sentence of the prompt, and the open one, planned from the sentences before it
-        logits = self._planner_logits([row.vectors[:j] for j in range(len(closed) + 1)])
+        logits = self.planner_logits([row.vectors[:j] for j in range(len(closed) + 1)])
         for j in range(len(closed) + 1):
             entry, weights = self._decide(
                 None if logits is None else logits[j], self._forced(row, j), config,
@@ -272,8 +272,9 @@ class PlannerGenerator:
         logits, past = self._forward(ids, mask, positions, None if self._unconditioned else weights, None)
         return logits, past, mask
 
-    def _context_window(self, config: SamplingConfig) -> int:
-        if config.context_window:
+    def context_window(self, config: SamplingConfig | None = None) -> int:
+        """Tokens the LM can attend to: the sampling setting, else the model's position count."""
+        if config is not None and config.context_window:
             return config.context_window
         lm_config = getattr(self.lm, "config", None) or getattr(getattr(self.lm, "base", None), "config", None)
         for name in ("n_positions", "max_position_embeddings"):
@@ -298,7 +299,7 @@ class PlannerGenerator:
         if config.selection == "none" and any(plans):
             raise ValueError("a plan cannot steer an unconditioned LM (selection 'none')")
         self._unconditioned = config.selection == "none"
-        window = self._context_window(config)
+        window = self.context_window(config)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         rows = [self._start_row(p, plan, config) for p, plan in zip(prompts, plans)]
         if not rows:
@@ -344,7 +345,7 @@ class PlannerGenerator:
         for (row, text), vector in zip(closing, vectors):
             row.sentences[-1].text = text
             row.vectors.append(vector)
-        logits = self._planner_logits([row.vectors for row, _ in closing])
+        logits = self.planner_logits([row.vectors for row, _ in closing])
         for i, (row, _) in enumerate(closing):
             index = len(row.sentences)
             entry, weights = self._decide(

@@ -19,7 +19,8 @@ import numpy as np
 
 from planner_lm.artifacts import MANIFEST, Manifest, read_manifest
 from planner_lm.errors import UserError
-from planner_lm.models.planner import PLANNER_FILE  # 3_planner and 4_joint-*: the planner
+from planner_lm.models.planner import CONFIG_FILE as _PLANNER_CONFIG
+from planner_lm.models.planner import PLANNER_DIR  # 3_planner and 4_joint-*: the planner folder
 from planner_lm.models.selection import RUN_ORDER
 
 STAGE_DIRS: dict[str, str] = {
@@ -37,6 +38,7 @@ EMBEDDINGS_FILE = "embeddings.npy"  # 1_embed: float16 [num_sentences, dim], row
 CENTROIDS_FILE = "centroids.npy"  # 2_cluster: float32 [k, dim], the codebook of writing actions
 ACTIONS_FILE = "actions.npy"  # 2_cluster: int32 [num_sentences], the action of every sentence
 JOINT_LM_DIR = "lm"  # 4_joint-*: the conditioned LM (and its tokenizer)
+HUB_DIR = "hub"  # 4_joint-*: shareable copies with model cards (`planner_lm.publish`)
 TOKEN_CACHE_DIR = "tokens"  # tokenized splits, shared by every stage that reads tokens
 _TOKENIZER_MARKER = "tokenizer_config.json"
 
@@ -70,8 +72,13 @@ class JointRun:
     @property
     def planner_path(self) -> Path | None:
         """The planner this run tuned (None for selections that do not use one)."""
-        path = self.dir / PLANNER_FILE
-        return path if path.is_file() else None
+        path = self.dir / PLANNER_DIR
+        return path if (path / _PLANNER_CONFIG).is_file() else None
+
+    @property
+    def hub_dir(self) -> Path:
+        """Where `planner_lm.publish` saves the shareable copies (`lm/`, `planner/`)."""
+        return self.dir / HUB_DIR
 
     @property
     def planner_temperature(self) -> float:
@@ -89,6 +96,11 @@ class RunFolder:
     # ------------------------------------------------------------------ directories
     def dir(self, stage: str, selection: str | None = None) -> Path:
         return stage_dir(self.root, stage, selection)
+
+    def eval_dir(self, corpus: str | None = None) -> Path:
+        """`5_eval` for the run's test split, `5_eval-<corpus>` for another corpus."""
+        base = self.dir("evaluate")
+        return base if corpus is None else base.with_name(f"{base.name}-{corpus}")
 
     def has(self, stage: str) -> bool:
         """Whether `stage` finished in this run (its manifest exists)."""
@@ -191,7 +203,7 @@ class RunFolder:
         if run.planner_path is not None:
             return run.planner_path
         pretrained = self.pretrained_planner()
-        return None if pretrained is None else pretrained.dir / PLANNER_FILE
+        return None if pretrained is None else pretrained.dir / PLANNER_DIR
 
     # ------------------------------------------------------------------ joint runs
     def joint_run(self, selection: str) -> JointRun:

@@ -3,18 +3,20 @@
 nupunkt (Punkt with a pretrained English model, pure Python, no data download) was chosen for
 being fast (~4 MB/s here) and right on abbreviations such as "D.C.", "e.g." and "p.m.";
 blank lines always end a sentence (headings, list items). Every consumer — the prepare stage,
-the LM token alignment and generation-time re-planning — uses this module, so there is exactly
-one notion of where a sentence ends.
+the LM token alignment, evaluation of other corpora and generation-time re-planning — uses this
+module, so there is exactly one notion of where a sentence ends.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from multiprocessing import get_context
 
 import numpy as np
 
 import nupunkt
+from tqdm.auto import tqdm
 
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _NON_SPACE = re.compile(r"\S")
@@ -84,3 +86,27 @@ def is_sentence_complete(open_text: str) -> bool:
         return False
     spans = sentence_spans(open_text + PROBE)
     return len(spans) > 1 and spans[0][1] == len(stripped)
+
+
+def _spans_of(texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    return [sentence_spans(t) for t in texts]
+
+
+def split_sentences(texts: Sequence[str], workers: int) -> list[list[tuple[int, int]]]:
+    """Sentence spans for every text, in parallel chunks when the corpus is large."""
+    chunk = 5000
+    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
+    bar = tqdm(total=len(texts), desc="splitting sentences", unit="doc", leave=False)
+    out: list[list[tuple[int, int]]] = []
+    if workers > 1 and len(chunks) > 2:
+        # fork: nothing heavy is loaded yet, and it works from any entry point (stdin included)
+        with get_context("fork").Pool(workers) as pool:
+            for spans in pool.imap(_spans_of, chunks):
+                out.extend(spans)
+                bar.update(len(spans))
+    else:
+        for part in chunks:
+            out.extend(_spans_of(part))
+            bar.update(len(part))
+    bar.close()
+    return out

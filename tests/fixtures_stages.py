@@ -198,9 +198,9 @@ def write_fake_planner(run_dir: Path, num_actions: int, embedding_dim: int, cont
     planner = Planner(embedding_dim=embedding_dim, num_actions=num_actions, context_sentences=context_sentences,
                       ffn_dim=32, dropout=0.0)
     out = stage_dir(run_dir, "pretrain_planner")
-    planner.save_pretrained(out)
+    planner.save_pretrained(out / "planner")
     write_manifest(out, stage="pretrain_planner", config={"fake": True}, inputs={"cluster": stage_dir(run_dir, "cluster")},
-                   outputs=["planner.pt"], facts={"num_actions": num_actions, "embedding_dim": embedding_dim,
+                   outputs=["planner"], facts={"num_actions": num_actions, "embedding_dim": embedding_dim,
                                                   "context_sentences": context_sentences})
     return out
 

@@ -35,8 +35,8 @@ CHAIN = [
     ("embed", "1_embed", "shards/shard_*.npy", ["embeddings.npy"]),
     ("cluster", "2_cluster", "checkpoints/last.ckpt", ["centroids.npy", "actions.npy"]),
     ("pretrain-lm", "lm", "checkpoints/last.ckpt", ["model.safetensors"]),
-    ("pretrain-planner", "3_planner", "checkpoints/last.ckpt", ["planner.pt"]),
-    ("finetune-joint", "4_joint-soft", "checkpoints/last.ckpt", ["lm", "planner.pt"]),
+    ("pretrain-planner", "3_planner", "checkpoints/last.ckpt", ["planner"]),
+    ("finetune-joint", "4_joint-soft", "checkpoints/last.ckpt", ["lm", "planner"]),
     ("evaluate", "5_eval", None, ["metrics.json"]),
 ]
 

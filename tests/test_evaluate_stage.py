@@ -42,8 +42,8 @@ def write_joint_run(run_dir: Path, selection: str, tokenizer, with_planner: bool
     outputs = ["lm"]
     if with_planner:
         torch.manual_seed(1)
-        Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(out)
-        outputs.append("planner.pt")
+        Planner(embedding_dim=DIM, num_actions=K, context_sentences=3, ffn_dim=32).save_pretrained(out / "planner")
+        outputs.append("planner")
     write_manifest(out, stage="finetune_joint", config={"selection": selection}, outputs=outputs,
                    facts={"selection": selection, "num_actions": K, "embedding_dim": DIM,
                           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "lm_name": "tiny"})
@@ -121,7 +121,9 @@ def test_outputs_and_manifest(metrics, run_dir):
     table = (out / "results.md").read_text()
     assert "| run · code source |" in table and "| soft · planner_soft |" in table
     # one row per run with its own code source, plus the pretrained planner; the grid is in metrics.json
-    assert table.count("\n| ") == 1 + 5
+    main_table = table.split("PPL by document length")[0]
+    assert main_table.count("\n| ") == 1 + 5
+    assert table.count("\n| ") == 1 + 5 + 1 + 4  # and the by-length table: header + one row per run
     assert "Δ vs boundary [95 % CI]" in table and "Setting: base LM tiny (" in table
     protocol = metrics["protocol"]
     assert protocol["stride"] == 8 and protocol["test_docs"] == 3 and protocol["precision"] == "32"
@@ -267,3 +269,51 @@ def test_planner_codes_use_the_temperature_the_run_was_trained_with():
     assert JointRun("soft", Path("unused"), Trained()).planner_temperature == 0.5
     boundary = code_weights("boundary", logits, actions, K, positions)
     assert boundary.argmax(-1).tolist() == [0, 1, 0, 1, 0]
+
+
+# ----------------------------------------------------------------------------- other corpora
+def test_another_corpus_is_scored_with_the_runs_recipe(metrics, run_dir, tmp_path):
+    """The run's own test documents, handed in as an outside corpus, score exactly as the test split
+    wherever the code does not depend on the plan (fixed, none); a 300-sentence document works."""
+    from planner_lm.corpus import CorpusConfig
+    from planner_lm.prepared import PreparedCorpus
+
+    test_docs = PreparedCorpus(stage_dir(run_dir, "prepare")).split("test")["text"]
+    long_doc = " ".join(f"Sentence {i} of the long document." for i in range(300))
+    corpus = tmp_path / "outside.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*test_docs, long_doc]))
+
+    scores = evaluate_runs(config(run_dir, runs=["soft", "fixed", "none"], corpus=CorpusConfig(name=str(corpus)),
+                                  structure=StructureConfig(docs=0)), encoder=hash_encoder)
+    out = stage_dir(run_dir, "evaluate").with_name("5_eval-outside")
+    assert read_manifest(out, "evaluate").facts["scored"].startswith("corpus ")
+    assert np.load(out / "corpus" / "sentence_vectors.npy").shape == (len(test_docs) + 300 + sum(
+        len(r["sent_start"]) for r in PreparedCorpus(stage_dir(run_dir, "prepare")).split("test")) - len(test_docs), DIM)
+    rows = {(r["run"], r["source"]): r for r in scores["rows"]}
+    before = {(r["run"], r["source"]): r for r in metrics["rows"]}
+    last = scores["protocol"]["test_tokens"] - before[("fixed", "fixed")]["tokens"]
+    assert last > 300 * 5  # the long document was scored whole
+    # the shared documents score as before (up to float noise of other batch neighbours): compare
+    # through the length buckets, which the long document does not enter
+    assert rows[("fixed", "fixed")]["by_length"]["101+"]["docs"] == 1
+    for key in (("fixed", "fixed"), ("none", "none")):
+        shared = {k: v for k, v in rows[key]["by_length"].items() if k != "101+"}
+        assert shared.keys() == before[key]["by_length"].keys()
+        for bucket, value in shared.items():
+            assert value["tokens"] == before[key]["by_length"][bucket]["tokens"]
+            assert value["ppl"] == pytest.approx(before[key]["by_length"][bucket]["ppl"], rel=1e-6)
+    assert "PPL by document length" in (out / "results.md").read_text()
+
+
+def test_corpora_the_run_cannot_read_are_refused_in_one_line(run_dir, tmp_path):
+    from planner_lm.corpus import CorpusConfig
+
+    cases = {"empty.txt": ("   \n", "no non-empty documents"),
+             "russian.txt": ("Это предложение написано по-русски. " * 20, "mostly in CYRILLIC"),
+             "latin1.txt": ("caf\xe9 au lait. ".encode("latin-1") * 5, "not valid UTF-8")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(UserError, match=message):
+            evaluate_runs(config(run_dir, runs=["fixed"], corpus=CorpusConfig(name=str(path)),
+                                 structure=StructureConfig(docs=0)), encoder=hash_encoder)

@@ -247,7 +247,7 @@ def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, dat
     assert manifest["facts"]["selection"] == "soft" and manifest["facts"]["num_actions"] == K
     assert manifest["facts"]["trained"] and manifest["metrics"]["steps"] == 2
     assert "val/planner_acc" in manifest["metrics"]
-    assert (out / "planner.pt").is_file() and (out / "manifest.json").is_file()
+    assert (out / "planner" / "model.safetensors").is_file() and (out / "manifest.json").is_file()
     assert (out / "lm" / "tokenizer.json").is_file() or (out / "lm" / "vocab.json").is_file()
     # joint training updated the planner, not only the LM
     pretrained = Planner.from_pretrained(stage_dir(run_dir, "pretrain_planner")).state_dict()
@@ -269,8 +269,8 @@ def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, dat
 def test_plain_lm_with_frozen_weights_is_evaluated_untouched(run_dir):
     manifest = run_stage(run_dir, "none")
     assert manifest["facts"]["trained"] is False and manifest["metrics"]["steps"] == 0
-    assert "planner.pt" not in manifest["outputs"]
-    assert not (run_dir / "4_joint-none" / "planner.pt").exists()
+    assert "planner" not in manifest["outputs"]
+    assert not (run_dir / "4_joint-none" / "planner").exists()
 
 
 def test_best_validation_weights_are_handed_off(data):
@@ -295,8 +295,8 @@ def test_best_validation_weights_are_handed_off(data):
 
 
 def test_planner_dropout_is_off_in_joint_training_unless_asked(data, tmp_path):
-    Planner(embedding_dim=DIM, num_actions=K, context_sentences=CONTEXT, ffn_dim=32, dropout=0.3).save_pretrained(tmp_path)
-    pretrained_with_dropout = str(tmp_path / "planner.pt")
+    pretrained_with_dropout = str(Planner(embedding_dim=DIM, num_actions=K, context_sentences=CONTEXT, ffn_dim=32,
+                                          dropout=0.3).save_pretrained(tmp_path / "planner"))
 
     def dropouts(**kwargs) -> set[float]:
         model = make_model(data, "soft", **{**kwargs, "planner_path": pretrained_with_dropout})

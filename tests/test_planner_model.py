@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from planner_lm.data.contexts import gather_contexts
-from planner_lm.models.planner import PLANNER_FILE, Planner
+from planner_lm.models.planner import PLANNER_DIR, Planner
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,9 +139,9 @@ def test_planner_learns_a_planted_rule() -> None:
 
 def test_save_and_from_pretrained_round_trip(tmp_path) -> None:
     planner = Planner(8, 5, context_sentences=3, num_layers=2, ffn_dim=16, dropout=0.0).eval()
-    path = planner.save_pretrained(tmp_path, upstream={"cluster": "abc"})
-    assert path == tmp_path / PLANNER_FILE
-    for where in (tmp_path, path):
+    path = planner.save_pretrained(tmp_path / PLANNER_DIR, upstream={"cluster": "abc"})
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no pickle
+    for where in (tmp_path, path):  # the stage directory or the planner folder
         loaded = Planner.from_pretrained(where).eval()
         assert loaded.config == planner.config and loaded.upstream == {"cluster": "abc"}
         ctx, mask = torch.randn(2, 3, 8), torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)

@@ -134,7 +134,7 @@ def test_mismatched_k_is_one_clear_error(run_dir, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "k=5" in err and f"k={K}" in err and "make cluster" in err
-    assert not (run_dir / "3_planner" / "planner.pt").exists()
+    assert not (run_dir / "3_planner" / "planner").exists()
 
 
 def test_cluster_built_from_another_embedding_run_is_refused(run_dir) -> None:

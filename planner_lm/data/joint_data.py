@@ -29,7 +29,7 @@ from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import resumable_train_loader, world_size_of
 from planner_lm.errors import UserError
-from planner_lm.run_folder import PLANNER_FILE, RunFolder, finished
+from planner_lm.run_folder import PLANNER_DIR, RunFolder, finished
 
 __all__ = ["JointBatchCollator", "JointDataModule"]
 
@@ -77,7 +77,7 @@ class JointDataModule(L.LightningDataModule):
         run_dir: run directory holding the upstream stages (0_prepare, 1_embed, 2_cluster, lm, 3_planner).
         lm: base LM: a Hugging Face model directory or hub name; default `<run_dir>/lm` (the
             `pretrain-lm` stage).
-        planner_dir: directory holding `planner.pt`; default `<run_dir>/3_planner`.
+        planner_dir: stage directory holding the `planner/` folder; default `<run_dir>/3_planner`.
         needs_planner: whether the planner stage must exist; default (None): use it when its
             manifest exists (selections without a planner never read it). Batches carry planner
             contexts only when the model being trained uses a planner.
@@ -147,7 +147,7 @@ class JointDataModule(L.LightningDataModule):
         if self.needs_planner:
             planner_manifest = folder.check_planner(read_manifest(planner_dir_path, "pretrain_planner"))
             self.context_sentences = int(planner_manifest.fact("context_sentences"))
-            self.planner_path = str(planner_manifest.dir / PLANNER_FILE)
+            self.planner_path = str(planner_manifest.dir / PLANNER_DIR)
             self.inputs["planner"] = planner_manifest.dir
 
     @property

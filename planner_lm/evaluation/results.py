@@ -80,6 +80,7 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
                     row[f"vs_{name}"] = relative_change_interval(result.doc_nll, reference.doc_nll,
                                                                  result.doc_tokens, indices, cfg.confidence)
             if source == matched:
+                row["by_length"] = ppl_by_length(result, [len(spans) for spans in test.spans])
                 planner_name = run.selection if run.selection in planner_table else None
                 if planner_name:
                     row.update({k: planner_table[planner_name][k] for k in ("top1", "top5", "mean_rank")})
@@ -108,11 +109,46 @@ def setting_line(protocol: dict[str, Any]) -> str:
     """The one-line description of what was compared, printed above the table."""
     return (f"Setting: base LM {protocol.get('base_lm', '?')} ({protocol.get('base_mode', '?')} base weights, "
             f"{protocol.get('joint_steps', '?')} joint steps), tokenizer {protocol.get('tokenizer', '?')}, "
-            f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; test split "
+            f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; "
+            f"{protocol.get('scored', 'test split')} "
             f"{protocol['test_docs']} documents, {protocol['test_tokens']} tokens, window {protocol['window']}, "
             f"stride {protocol['stride']}, precision {protocol['precision']}"
             + (f" (PPL {protocol['bf16_vs_fp32_ppl_rel_diff']:+.3%} against fp32 on a subset)"
                if "bf16_vs_fp32_ppl_rel_diff" in protocol else "") + ".")
+
+
+LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 3), (4, 10), (11, 30), (31, 100), (101, None))
+"""Document lengths in sentences for the PPL-by-length breakdown (None: no upper bound)."""
+
+
+def ppl_by_length(result: Any, sentences_per_doc: list[int]) -> dict[str, dict[str, float]]:
+    """Token-weighted PPL of the documents in each length bucket (buckets without documents left out)."""
+    counts = np.asarray(sentences_per_doc)
+    out = {}
+    for lo, hi in LENGTH_BUCKETS:
+        keep = (counts >= lo) & (counts <= (hi if hi is not None else np.inf))
+        tokens = int(result.doc_tokens[keep].sum())
+        if tokens:
+            label = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+            out[label] = {"docs": int(keep.sum()), "tokens": tokens,
+                          "ppl": float(math.exp(result.doc_nll[keep].sum() / tokens))}
+    return out
+
+
+def length_markdown(rows: list[dict[str, Any]]) -> str:
+    """PPL by document length (sentences per document) for the matched rows, as a markdown table."""
+    buckets = [f"{lo}-{hi}" if hi is not None else f"{lo}+" for lo, hi in LENGTH_BUCKETS]
+    buckets = [b for b in buckets if any(b in (row.get("by_length") or {}) for row in rows)]
+    if not buckets or not rows:
+        return ""
+    docs = {b: next(row["by_length"][b]["docs"] for row in rows if b in (row.get("by_length") or {})) for b in buckets}
+    lines = ["", "PPL by document length (sentences per document; documents in each bucket):", "",
+             "| run · code source | " + " | ".join(f"{b} ({docs[b]})" for b in buckets) + " |",
+             "|---|" + "---|" * len(buckets)]
+    for row in rows:
+        cells = [f"{row['by_length'][b]['ppl']:.2f}" if b in (row.get("by_length") or {}) else "–" for b in buckets]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> None:
@@ -143,6 +179,7 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
+    body += length_markdown(matched_rows)
     atomic_write_text(out / "results.md", body)
     atomic_write_text(out / "metrics.json", json.dumps(finite({k: v for k, v in metrics.items() if k != "table"}),
                                                      indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Scoring a conditioned LM on the test split: the documents, the action weights of each code
+"""Scoring a conditioned LM on a text (the test split or another corpus): the documents, the action weights of each code
 source, and a token scorer that conditions every token on its target sentence's code.
 
 Plain torch: evaluation reads models and text code, never the Lightning modules.
@@ -17,7 +17,8 @@ from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import ScoringDocument, causal_lm_logprobs, sliding_window_nll
 from planner_lm.models.conditioning import CONFIG_FILE
 from planner_lm.models.selection import CODE_SOURCES, eval_source, select_weights
-from planner_lm.run_folder import JointRun, RunFolder
+from planner_lm.evaluation.texts import ScoredText
+from planner_lm.run_folder import JointRun
 
 
 @dataclass
@@ -43,13 +44,14 @@ class TestSet:
         return sum(d.num_targets for d in self.documents)
 
 
-def load_test_set(folder: RunFolder, tokenizer: Any, fingerprint: str, max_docs: int | None) -> TestSet:
-    """Tokenize the test split once (the token cache the joint stage shares) and pick the documents."""
-    split = folder.prepared.split("test")
-    tokens = load_or_build_token_cache(split, tokenizer, folder.token_cache_dir, "test", fingerprint)
+def load_test_set(text: ScoredText, tokenizer: Any, fingerprint: str, max_docs: int | None) -> TestSet:
+    """Tokenize the documents once (the token cache format training uses) and pick the first `max_docs`."""
+    split = text.documents
+    tokens = load_or_build_token_cache(split, tokenizer, text.token_cache_dir, text.name, fingerprint)
     count = len(split) if max_docs is None else min(max_docs, len(split))
     if count == 0:
-        raise UserError("the test split has no documents; re-run `make prepare` with split.test_docs > 0")
+        raise UserError(f"{text.name} has no documents to score; for the test split re-run `make prepare` with "
+                        "split.test_docs > 0")
     documents, texts, spans, firsts = [], [], [], []
     for doc, row in enumerate(split.select(range(count))):
         lo, hi = int(tokens.doc_offsets[doc]), int(tokens.doc_offsets[doc + 1])
@@ -59,9 +61,9 @@ def load_test_set(folder: RunFolder, tokenizer: Any, fingerprint: str, max_docs:
         spans.append(list(zip(row["sent_start"], row["sent_end"])))
         firsts.append(int(row["first_sentence"]))
     ids = np.arange(firsts[0], firsts[-1] + len(spans[-1]), dtype=np.int64)
-    true = np.array(folder.actions()[ids[0]:ids[-1] + 1], dtype=np.int64)
+    true = np.array(text.actions[ids[0]:ids[-1] + 1], dtype=np.int64)
     return TestSet(documents, texts, spans, firsts, firsts[0], torch.from_numpy(ids),
-                   torch.from_numpy(folder.doc_first[ids]), torch.from_numpy(true))
+                   torch.from_numpy(np.asarray(text.doc_first[ids], dtype=np.int64)), torch.from_numpy(true))
 
 
 def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor, num_actions: int,

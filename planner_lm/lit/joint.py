@@ -69,7 +69,7 @@ class JointPlannerLM(L.LightningModule):
         export_best: hand off the weights of the validation with the lowest LM loss (the papers
             select by validation loss) instead of the final ones.
         lm_path: base LM directory or hub name (linked from the data module).
-        planner_path: `planner.pt` of the pretrained planner (linked from the data module).
+        planner_path: the `planner/` folder of the pretrained planner (linked from the data module).
         codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
         num_actions: number of actions k (linked from the data module).
         embedding_dim: sentence-embedding dimension (linked from the data module).

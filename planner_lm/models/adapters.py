@@ -2,8 +2,9 @@
 
 The conditioned LM (`planner_lm.models.conditioning`) hooks one small adapter per chosen block;
 this module knows the blocks' paths per family (`ADAPTER_TARGETS`: add a family with one line),
-the two sites an action can enter (`ADAPTER_SITES`), which layers the paper conditions, and how
-LoRA layers are injected when the base trains through LoRA.
+the two sites an action can enter (`ADAPTER_SITES`), which layers the paper conditions, the
+settings that rebuild a conditioned LM, and how LoRA layers are injected when the base trains
+through LoRA.
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ ADAPTER_TARGETS: dict[str, AdapterTarget] = {
     "opt": AdapterTarget("model.decoder.layers", "self_attn.out_proj", ffn="fc1"),
 }
 """``config.model_type`` -> where the adapters go. Add a family with one line here."""
+
+
+@dataclass
+class ConditioningSettings:
+    """Everything needed to rebuild a conditioned LM around the same base (saved as JSON)."""
+
+    model_type: str
+    conditioned_layers: list[int]
+    num_actions: int
+    action_dim: int
+    per_layer_codebook: bool
+    train_codebook: bool
+    base_mode: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: list[str] | None
+    adapter_seed: int
+    adapter_site: str = "attention_output"
 
 
 def default_conditioned_layers(num_layers: int) -> list[int]:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
-from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, get_path, inject_lora, input_features,
-                                        normalise_layers)
+from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, ConditioningSettings, get_path, inject_lora,
+                                        input_features, normalise_layers)
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
+from planner_lm.models.hub import HUB_SETTINGS, HubArtefact
 
 __all__ = ["BASE_MODES", "ActionConditionedLM"]
 
@@ -45,26 +46,7 @@ FORMAT = "planner-lm/action-conditioned-lm"
 FORMAT_VERSION = 1
 
 
-@dataclass
-class _Settings:
-    """Everything needed to rebuild the wrapper around the same base (saved as JSON)."""
-
-    model_type: str
-    conditioned_layers: list[int]
-    num_actions: int
-    action_dim: int
-    per_layer_codebook: bool
-    train_codebook: bool
-    base_mode: str
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: list[str] | None
-    adapter_seed: int
-    adapter_site: str = "attention_output"
-
-
-class ActionConditionedLM(nn.Module):
+class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
     """A Hugging Face causal LM whose chosen layers read an action mixture per token.
 
     Args:
@@ -118,6 +100,7 @@ class ActionConditionedLM(nn.Module):
             )
         if base_mode not in BASE_MODES:
             raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
+        self._hub_mixin_config = None  # the JSON config is ours (conditioning_config.json), not the mixin's
         if adapter_site not in ADAPTER_SITES:
             raise UserError(f"adapter_site must be one of {', '.join(ADAPTER_SITES)}, got {adapter_site!r}")
         if codebook.ndim != 2:
@@ -128,7 +111,7 @@ class ActionConditionedLM(nn.Module):
 
         self.base = base
         self.base_reference = base_reference if base_reference is not None else base.name_or_path
-        self.settings = _Settings(
+        self.settings = ConditioningSettings(
             model_type=model_type,
             conditioned_layers=layers,
             num_actions=int(codebook.shape[0]),
@@ -263,17 +246,28 @@ class ActionConditionedLM(nn.Module):
         return [p for p in self.base.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-        """Write adapters, codebook(s) (and LoRA layers) plus a JSON config to ``save_dir``.
+    def save_pretrained(self, save_dir: str | os.PathLike, tokenizer: Any = None, *, include_base: bool = False,
+                        **hub_kwargs: Any) -> Path:
+        """Write adapters, codebook(s) (and LoRA layers), a JSON config and a model card to ``save_dir``
+        (``push_to_hub=True, repo_id=...`` also uploads it).
 
         The base model is referenced by name/path and fingerprint; its weights are written to
-        ``save_dir/base`` only when they trained ("full") or have no loadable reference.
-        A ``tokenizer`` given here is saved alongside, so the folder is self-contained for
-        ``from_pretrained`` + ``AutoTokenizer.from_pretrained(save_dir)``.
+        ``save_dir/base`` only when they trained ("full"), have no loadable reference, or
+        ``include_base`` asks for a self-contained folder (e.g. to share a base that is a local
+        directory). A ``tokenizer`` given here is saved alongside, so the folder is self-contained
+        for ``from_pretrained`` + ``AutoTokenizer.from_pretrained(save_dir)``.
         """
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-        save_base = self.settings.base_mode == "full" or not self.base_reference
+        outer = getattr(self, "_pending_save", None)  # push_to_hub saves again: keep what the outer call asked
+        self._pending_save = (tokenizer, include_base) if outer is None or tokenizer is not None else outer
+        try:
+            super().save_pretrained(save_dir, **hub_kwargs)
+        finally:
+            self._pending_save = outer
+        return Path(save_dir)
+
+    def _save_pretrained(self, save_dir: Path) -> None:
+        tokenizer, include_base = getattr(self, "_pending_save", None) or (None, False)
+        save_base = self.settings.base_mode == "full" or not self.base_reference or include_base
         reference = self.base_reference or ""
         relative = None
         if not save_base and Path(reference).is_dir():
@@ -305,7 +299,6 @@ class ActionConditionedLM(nn.Module):
         (save_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(save_dir)
-        return save_dir
 
     @classmethod
     def from_pretrained(
@@ -315,16 +308,19 @@ class ActionConditionedLM(nn.Module):
         *,
         check_fingerprint: bool = True,
         dtype: torch.dtype | str | None = None,
+        **hub_kwargs: Any,
     ) -> "ActionConditionedLM":
         """Load a conditioned LM saved with :meth:`save_pretrained` (no Lightning needed).
 
         Args:
-            save_dir: the folder written by ``save_pretrained``.
+            save_dir: the folder written by ``save_pretrained``, or a Hub repository id (only
+                JSON, safetensors and tokenizer text files are fetched: `planner_lm.models.hub`).
             base: an already loaded base model to wrap instead of loading the reference.
             check_fingerprint: refuse a referenced base whose weights changed since saving.
             dtype: load the base in this dtype (adapters stay float32).
+            hub_kwargs: `revision`, `cache_dir`, `token`, ... of the Hub download.
         """
-        save_dir = Path(save_dir)
+        save_dir = cls.local_folder(save_dir, **hub_kwargs)
         config_path = save_dir / CONFIG_FILE
         if not config_path.is_file():
             raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing)")
@@ -339,7 +335,7 @@ class ActionConditionedLM(nn.Module):
                 f"the base LM {config['base']!r} differs from the one {save_dir} was trained on "
                 "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
             )
-        settings = _Settings(**{k: config[k] for k in _Settings.__dataclass_fields__ if k in config})
+        settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
         state = load_file(str(save_dir / WEIGHTS_FILE))
         codebook = state["codebook"][0]
         model = cls(

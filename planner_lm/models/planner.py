@@ -26,14 +26,22 @@ Plain torch only: the Lightning wrapper lives in `planner_lm.lit.planner`.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-PLANNER_FILE = "planner.pt"
+from planner_lm.errors import UserError
+from planner_lm.models.hub import HUB_SETTINGS, HubArtefact
+
+PLANNER_DIR = "planner"
+"""The planner's folder inside a stage directory: `config.json`, `model.safetensors`, `README.md`."""
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 # Wikipedia sentences average ~25 GPT-2 tokens, so 6 previous sentences cover about the
 # 128-token context window of the paper (whose first sentence is usually truncated).
@@ -43,7 +51,7 @@ POOLINGS = ("mean", "last")
 """How the context is read out: averaged over all slots (the reference), or at the previous sentence's slot."""
 
 
-class Planner(nn.Module):
+class Planner(nn.Module, HubArtefact, **HUB_SETTINGS):
     """Next-action policy over cached sentence embeddings.
 
     Args:
@@ -98,6 +106,7 @@ class Planner(nn.Module):
         self.embedding_dim = embedding_dim
         self.num_actions = num_actions
         self.context_sentences = context_sentences
+        self.upstream: dict[str, Any] = {}  # manifest hashes of the stages it was trained from
 
         # Stands for "the document starts here"; unit-norm-ish like a real sentence vector.
         self.doc_start = nn.Parameter(torch.randn(embedding_dim) / embedding_dim**0.5)
@@ -197,32 +206,38 @@ class Planner(nn.Module):
         return self.head(self.output_proj(pooled))
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike, upstream: dict[str, Any] | None = None) -> Path:
-        """Write `directory/planner.pt`: weights, constructor kwargs and upstream manifest hashes."""
-        from planner_lm.artifacts import atomic_torch_save
+    def save_pretrained(self, save_directory: str | os.PathLike, upstream: dict[str, Any] | None = None,
+                        **hub_kwargs: Any) -> Path:
+        """Write the planner folder (weights as safetensors, constructor kwargs and the upstream
+        manifest hashes as JSON, a model card); `push_to_hub=True, repo_id=...` also uploads it."""
+        if upstream is not None:
+            self.upstream = dict(upstream)
+        super().save_pretrained(save_directory, **hub_kwargs)
+        return Path(save_directory)
 
-        path = Path(directory) / PLANNER_FILE
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        atomic_torch_save(path, {"state_dict": state, "config": dict(self.config), "upstream": dict(upstream or {})})
-        return path
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(save_directory / WEIGHTS_FILE))
+        config = {**self.config, "upstream": self.upstream}
+        (save_directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load_checkpoint(cls, path: str | os.PathLike) -> dict[str, Any]:
-        """Read the raw `planner.pt` dictionary (a directory holding one is accepted)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / PLANNER_FILE
-        if not path.is_file():
-            from planner_lm.errors import UserError
-
+    def from_pretrained(cls, pretrained: str | os.PathLike, **hub_kwargs: Any) -> Planner:
+        """A planner from its folder, a stage directory holding one, or a Hub repository id."""
+        path = Path(pretrained)
+        if (path / PLANNER_DIR / CONFIG_FILE).is_file():
+            path = path / PLANNER_DIR
+        if path.exists() and not (path / CONFIG_FILE).is_file():
             raise UserError(f"no planner at {path}; run `make pretrain-planner` first")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return cls._load_folder(cls.local_folder(path if path.exists() else str(pretrained), **hub_kwargs))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> Planner:
-        """Rebuild a planner saved by `save_pretrained` (a directory or the `planner.pt` file)."""
-        saved = cls.load_checkpoint(path)
-        planner = cls(**saved["config"])
-        planner.load_state_dict(saved["state_dict"])
-        planner.upstream = saved.get("upstream", {})
+    def _load_folder(cls, folder: Path) -> Planner:
+        if (folder / PLANNER_DIR / CONFIG_FILE).is_file():  # a repository holding the planner beside an LM
+            folder = folder / PLANNER_DIR
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        upstream = config.pop("upstream", {})
+        planner = cls(**config)
+        planner.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        planner.upstream = upstream
         return planner

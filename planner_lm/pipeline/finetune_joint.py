@@ -1,7 +1,7 @@
 """Stage 4: planner + action-conditioned LM fine-tuned end to end (`make finetune-joint`, `make baselines`).
 
 Writes `<run_dir>/4_joint-<selection>/`: `lm/` (the conditioned LM, loadable without this repo's
-Lightning code through `ActionConditionedLM.from_pretrained`), `planner.pt` (selections that use
+Lightning code through `ActionConditionedLM.from_pretrained`), `planner/` (selections that use
 the planner) and `manifest.json` with the final validation perplexity.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint)
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.lit.joint import JointPlannerLM
-from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_FILE, stage_dir
+from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, stage_dir
 
 STAGE = "finetune_joint"
 
@@ -58,9 +58,9 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     if trainer.is_global_zero:
         model.lm.save_pretrained(out / JOINT_LM_DIR, tokenizer=data.tokenizer)
         if model.planner is not None:
-            model.planner.save_pretrained(out, upstream={name: str(path) for name, path in data.inputs.items()})
+            model.planner.save_pretrained(out / PLANNER_DIR, upstream={name: str(path) for name, path in data.inputs.items()})
     if model.planner is not None:
-        outputs.append(PLANNER_FILE)
+        outputs.append(PLANNER_DIR)
     metrics = {key: round(float(value), 6) for key, value in validation.items()}
     if model.planner_acc_start is not None:
         metrics["val/planner_acc_start"] = round(model.planner_acc_start, 6)

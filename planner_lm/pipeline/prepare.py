@@ -10,9 +10,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from planner_lm.corpus import CorpusConfig, Document, corpus_description, iter_d
 from planner_lm.errors import UserError
 from planner_lm.prepared import SPLITS, STAGE
 from planner_lm.run_folder import stage_dir
-from planner_lm.sentences import sentence_spans, splitter_name
+from planner_lm.sentences import split_sentences, splitter_name
 
 HISTOGRAM_BINS = (1, 2, 3, 4, 5, 9, 17, 33, 65, 129, 257, 513)  # bin i holds counts in [b_i, b_{i+1})
 
@@ -63,30 +61,6 @@ def split_documents(num_docs: int, cfg: SplitConfig, seed: int) -> dict[str, np.
     if cfg.max_train_docs is not None:
         train = train[: cfg.max_train_docs]
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def _spans_of(texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-    return [sentence_spans(t) for t in texts]
-
-
-def split_sentences(texts: Sequence[str], workers: int) -> list[list[tuple[int, int]]]:
-    """Sentence spans for every text, in parallel chunks when the corpus is large."""
-    chunk = 5000
-    chunks = [texts[i:i + chunk] for i in range(0, len(texts), chunk)]
-    bar = tqdm(total=len(texts), desc="splitting sentences", unit="doc", leave=False)
-    out: list[list[tuple[int, int]]] = []
-    if workers > 1 and len(chunks) > 2:
-        # fork: nothing heavy is loaded yet, and it works from any entry point (stdin included)
-        with get_context("fork").Pool(workers) as pool:
-            for spans in pool.imap(_spans_of, chunks):
-                out.extend(spans)
-                bar.update(len(spans))
-    else:
-        for part in chunks:
-            out.extend(_spans_of(part))
-            bar.update(len(part))
-    bar.close()
-    return out
 
 
 def _histogram(counts: np.ndarray) -> dict[str, int]:

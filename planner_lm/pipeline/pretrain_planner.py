@@ -1,7 +1,7 @@
 """Stage 3: pretrain the planner on next-action prediction (`make pretrain-planner`).
 
 Reads `0_prepare`, `1_embed` and `2_cluster` of the run directory (k, the embedding size and the
-codebook come from their manifests) and writes `<run_dir>/3_planner/`: `planner.pt` (loadable
+codebook come from their manifests) and writes `<run_dir>/3_planner/`: `planner/` (safetensors + JSON, loadable
 without Lightning via `Planner.from_pretrained`), `manifest.json` with validation accuracy next
 to content-free baselines, TensorBoard events in `tb/` and resumable checkpoints in `checkpoints/`.
 """
@@ -12,7 +12,7 @@ import time
 from planner_lm.cli import StageSpec, build_cli, finish_stage, resume_checkpoint
 from planner_lm.data.planner_data import PlannerDataModule
 from planner_lm.lit.planner import PlannerModule
-from planner_lm.models.planner import PLANNER_FILE
+from planner_lm.models.planner import PLANNER_DIR
 
 STAGE = "pretrain_planner"
 
@@ -44,7 +44,7 @@ def summary_table(metrics: dict[str, float]) -> str:
 
 
 def run_pretrain_planner(args: list[str] | None = None) -> dict:
-    """Train (or resume), export `planner.pt`, write the manifest; return it."""
+    """Train (or resume), export `planner/`, write the manifest; return it."""
     cli = build_cli(SPEC, args)
     model: PlannerModule = cli.model
     data: PlannerDataModule = cli.datamodule
@@ -59,7 +59,7 @@ def run_pretrain_planner(args: list[str] | None = None) -> dict:
     validation = trainer.validate(model, datamodule=data, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}
-    model.planner.save_pretrained(out, upstream=data.upstream_hashes)
+    model.planner.save_pretrained(out / PLANNER_DIR, upstream=data.upstream_hashes)
     metrics = {key: round(float(value), 6) for key, value in validation.items()}
     trained_steps = max(0, steps - start_step)
     metrics.update(
@@ -76,8 +76,8 @@ def run_pretrain_planner(args: list[str] | None = None) -> dict:
         "train_sentences": data.num_train,
         "val_sentences": data.num_val,
     }
-    manifest = finish_stage(cli, inputs=data.inputs, outputs=[PLANNER_FILE], facts=facts, metrics=metrics)
+    manifest = finish_stage(cli, inputs=data.inputs, outputs=[PLANNER_DIR], facts=facts, metrics=metrics)
     print(summary_table(metrics))
     print(f"pretrain-planner: k={data.num_actions}, {facts['num_parameters']:,} parameters, {steps} steps "
-          f"(weights of step {exported_step}), {metrics['train_examples_per_s']:.0f} examples/s -> {out / PLANNER_FILE}")
+          f"(weights of step {exported_step}), {metrics['train_examples_per_s']:.0f} examples/s -> {out / PLANNER_DIR}")
     return manifest

@@ -1,0 +1,96 @@
+"""Scoring arbitrary text with a joint run (planner in the loop) and the lm-evaluation-harness adapter."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fixtures_stages import make_fake_upstream, write_fake_lm, write_fake_planner
+from test_evaluate_stage import DIM, K, config, hash_encoder, write_joint_run
+from planner_lm.corpus import CorpusConfig
+from planner_lm.pipeline.evaluate import StructureConfig, evaluate_runs
+from planner_lm.run_folder import stage_dir
+from planner_lm.tokenization import load_tokenizer
+
+TEXT = "Sentence 1 of document 3. Sentence 2 of document 3. Sentence 3 of document 3. The end of it."
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = make_fake_upstream(tmp_path_factory.mktemp("harness"), num_docs=20, sentences_per_doc=(2, 5), dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, context_sentences=3)
+    tokenizer = load_tokenizer("gpt2")
+    for selection, with_planner in (("soft", True), ("fixed", False)):
+        write_joint_run(run, selection, tokenizer, with_planner)
+    return run
+
+
+@pytest.fixture
+def planned(run_dir, monkeypatch):
+    import planner_lm.sentence_vectors
+    from planner_lm.planned_scoring import PlannedLM
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    return lambda selection, **kw: PlannedLM(stage_dir(run_dir, "finetune_joint", selection), device="cpu", **kw)
+
+
+def test_planned_scoring_matches_the_evaluate_stage_on_the_same_text(run_dir, planned, tmp_path):
+    """One document scored by the harness path and by `make evaluate EVAL_CORPUS=...`: same plan,
+    same conditioning, same windows, so the same log-likelihood (the stage stores vectors as fp16)."""
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": TEXT}) + "\n")
+    metrics = evaluate_runs(config(run_dir, runs=["soft"], window=16, stride=15, code_sources=["matched"],
+                                   corpus=CorpusConfig(name=str(corpus)), structure=StructureConfig(docs=0)),
+                            encoder=hash_encoder)
+    row = next(r for r in metrics["rows"] if r["run"] == "soft" and r["matched"])
+    rolling = planned("soft", max_length=16).rolling_loglikelihood(TEXT)
+    assert rolling == pytest.approx(-row["nll"] * row["tokens"], rel=1e-3)
+    # the plan matters: the same text with the planner-free control scores differently
+    assert planned("fixed", max_length=16).rolling_loglikelihood(TEXT) != pytest.approx(rolling, rel=1e-6)
+
+
+def test_continuation_loglikelihood_is_the_difference_of_prefix_scores(planned):
+    model = planned("fixed")
+    context, continuation = "Sentence 1 of document 3. Sentence 2", " of document 3."
+    logprob, greedy = model.loglikelihood(context, continuation)
+    expected = model.rolling_loglikelihood(context + continuation) - model.rolling_loglikelihood(context)
+    assert logprob == pytest.approx(expected, abs=1e-4) and logprob < 0
+    assert isinstance(greedy, bool)
+    text = model.generate("Sentence 1 of document 3.", until=["document"], max_new_tokens=12)
+    assert isinstance(text, str) and "document" not in text
+
+
+def test_harness_runs_a_local_perplexity_task(run_dir, planned, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from planner_lm.harness import TEXT_TASK, PlannerHarnessLM, main, write_text_task
+
+    import planner_lm.sentence_vectors
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    texts = [TEXT, "Sentence 1 of document 9. Sentence 2 of document 9."]
+    task_dir = write_text_task(texts, tmp_path / "task")
+    model = PlannerHarnessLM.create_from_arg_string(f"run={stage_dir(run_dir, 'finetune_joint', 'soft')},device=cpu")
+    results = lm_eval.simple_evaluate(model=model, tasks=[TEXT_TASK], task_manager=TaskManager(include_path=str(task_dir)))
+    scores = results["results"][TEXT_TASK]
+    total = sum(model.model.rolling_loglikelihood(t) for t in texts)
+    words = sum(len(t.split()) for t in texts)
+    assert scores["word_perplexity,none"] == pytest.approx(math.exp(-total / words), rel=1e-4)
+    # the offline task writer of the command line
+    main(["task", str(run_dir), str(tmp_path / "run_task")])
+    assert (tmp_path / "run_task" / f"{TEXT_TASK}.yaml").is_file()
+
+
+def test_harness_model_args_errors_are_one_line(run_dir):
+    pytest.importorskip("lm_eval")
+    from planner_lm.errors import UserError
+    from planner_lm.harness import PlannerHarnessLM
+
+    with pytest.raises(UserError, match="run="):
+        PlannerHarnessLM.create_from_arg_string("device=cpu")
+    with pytest.raises(UserError, match="not a finished joint run"):
+        PlannerHarnessLM.create_from_arg_string(f"run={stage_dir(run_dir, 'finetune_joint', 'hard')}")
