@@ -84,6 +84,19 @@ MUTANTS = [
     Mutant("14: an unfreeze schedule lets held parameters train", "planner_lm/lit/callbacks.py",
            "                parameter.grad = None", "                pass",
            ("tests/test_joint.py::test_unfreeze_schedule_holds_weights_until_the_global_step",)),
+    Mutant("15: activation checkpointing recomputes blocks without the actions", "planner_lm/models/conditioning.py",
+           "keep = action_weights is not None and _checkpointing(self.base) and torch.is_grad_enabled()", "keep = False",
+           ("tests/test_conditioning.py::test_activation_checkpointing_gives_the_same_gradients",)),
+    Mutant("16: resume checkpoints carry the frozen base", "planner_lm/lit/joint.py",
+           "        for key in self._frozen_base_keys():\n            state.pop(key, None)",
+           "        pass",
+           ("tests/test_joint.py::test_resume_checkpoints_leave_the_frozen_base_out_and_still_resume",)),
+    Mutant("17: k-means Hartigan step ignores the cluster sizes of the clusters a point could join",
+           "planner_lm/models/kmeans.py", "        cost.mul_(move_weight)  # the cost of joining each other cluster",
+           "        pass", ("tests/test_kmeans.py::test_hartigan_assign_follows_the_size_weighted_rule",)),
+    Mutant("18: k-means keeps a Hartigan iteration that raised the inertia", "planner_lm/lit/kmeans.py",
+           "if hartigan and improvement is not None and improvement < 0:", "if False:",
+           ("tests/test_kmeans.py::test_a_hartigan_iteration_that_raises_the_inertia_is_undone",)),
 ]
 
 

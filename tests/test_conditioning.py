@@ -222,3 +222,25 @@ def test_ffn_input_site_conditions_the_feed_forward_input_and_survives_a_round_t
         torch.testing.assert_close(loaded(ids, action_weights=weights).logits, conditioned)
     with pytest.raises(UserError, match="adapter_site"):
         ActionConditionedLM(tiny_base("gpt2"), codebook(), adapter_site="embeddings")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients(model_type):
+    """Blocks recomputed in backward must read the same action weights as in forward."""
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if model_type == "gpt2" else {}
+    torch.manual_seed(0)
+    base_state = AutoModelForCausalLM.from_config(tiny_config(model_type, **no_dropout)).state_dict()
+    codebook, ids = torch.randn(4, 8), torch.randint(0, 96, (2, 10))
+    weights = torch.softmax(torch.randn(2, 10, 4), -1)
+    grads = []
+    for checkpointing in (False, True):
+        base = AutoModelForCausalLM.from_config(tiny_config(model_type, **no_dropout))
+        base.load_state_dict(base_state)
+        lm = ActionConditionedLM(base, codebook, base_mode="full").train()
+        if checkpointing:
+            lm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm(input_ids=ids, action_weights=weights, labels=ids).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in lm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("adapters" in name for name in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -317,3 +317,24 @@ def test_corpora_the_run_cannot_read_are_refused_in_one_line(run_dir, tmp_path):
         with pytest.raises(UserError, match=message):
             evaluate_runs(config(run_dir, runs=["fixed"], corpus=CorpusConfig(name=str(path)),
                                  structure=StructureConfig(docs=0)), encoder=hash_encoder)
+
+
+@pytest.mark.slow
+def test_documents_sharded_over_two_processes_give_the_same_table(metrics, run_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 stages/evaluate.py`: each process scores every other document;
+    rank 0 gathers them and writes the same rows as one process."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("5_eval*"))
+    args = ["--run_dir", str(copy), "--window", "16", "--stride", "8", "--batch_size", "8", "--bootstrap_samples",
+            "200", "--device", "cpu", "--structure.docs", "0"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(Path(__file__).resolve().parents[1] / "stages" / "evaluate.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout
+    sharded = json.loads((stage_dir(copy, "evaluate") / "metrics.json").read_text())
+    rows = {(r["run"], r["source"]): r for r in metrics["rows"] if "ppl" in r}
+    for row in (r for r in sharded["rows"] if "ppl" in r):
+        assert row["tokens"] == rows[(row["run"], row["source"])]["tokens"]
+        assert row["nll"] == pytest.approx(rows[(row["run"], row["source"])]["nll"], rel=1e-6)

@@ -317,3 +317,27 @@ def test_boundary_control_alternates_by_sentence_and_builds_no_planner(data):
     expected = (batch["plan_sentence"] - torch.as_tensor(
         data.prepared.sentence_doc_first[batch["plan_sentence"].numpy()])) % 2
     assert torch.equal(weights.argmax(-1), expected[batch["token_plan"]])
+
+
+def test_resume_checkpoints_leave_the_frozen_base_out_and_still_resume(tmp_path):
+    """A frozen (here bf16) base is reloaded from the base LM, never written into checkpoints; a
+    run that resumes from such a checkpoint hands off the same weights."""
+    from planner_lm.models.base_lm import load_base_lm
+
+    run = make_fake_upstream(tmp_path, num_docs=12, dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
+    args = ("--model.base_mode", "frozen", "--model.base_dtype", "bfloat16", "--model.activation_checkpointing", "true")
+    run_stage(run, "soft", *args)
+    out = stage_dir(run, "finetune_joint", "soft")
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    base_params = {f"lm.base.{name}" for name, _ in load_base_lm(str(stage_dir(run, "pretrain_lm"))).named_parameters()}
+    assert not base_params & set(checkpoint["state_dict"])
+    assert any(".adapters." in key for key in checkpoint["state_dict"]) and any(
+        key.startswith("planner.") for key in checkpoint["state_dict"])
+    first = {k: v.clone() for k, v in Planner.from_pretrained(out).state_dict().items()}
+    (out / "manifest.json").unlink()  # as if killed after the last checkpoint: the re-run resumes
+    again = run_stage(run, "soft", *args)
+    assert again["metrics"]["steps"] == 2
+    for name, value in Planner.from_pretrained(out).state_dict().items():
+        assert torch.equal(value, first[name]), name

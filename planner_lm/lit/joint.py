@@ -23,11 +23,16 @@ from planner_lm.errors import UserError
 from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
 from planner_lm.lit.losses import global_batch_mean, next_token_nll
+from planner_lm.lit import strategies
 from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.models.scale import build_conditioned_lm, full_copy, shard
 from planner_lm.models.planner import Planner
 from planner_lm.models.selection import GRADIENT_SELECTIONS, PLANNER_SELECTIONS, check_selection, select_weights
 
 __all__ = ["JointPlannerLM"]
+
+FSDP_STRATEGY = strategies.NAME
+"""`--trainer.strategy fsdp2`: registered with Lightning when this module is imported."""
 
 
 class JointPlannerLM(L.LightningModule):
@@ -68,6 +73,10 @@ class JointPlannerLM(L.LightningModule):
             has none; its pretraining dropout would otherwise make training noisier than evaluation).
         export_best: hand off the weights of the validation with the lowest LM loss (the papers
             select by validation loss) instead of the final ones.
+        base_dtype: load a frozen base in this dtype (`bfloat16`: half the memory of a large
+            base; adapters, codebooks and planner stay float32); None = as saved.
+        activation_checkpointing: recompute each base block's activations in backward instead of
+            keeping them (memory for time on large bases).
         lm_path: base LM directory or hub name (linked from the data module).
         planner_path: the `planner/` folder of the pretrained planner (linked from the data module).
         codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
@@ -95,6 +104,8 @@ class JointPlannerLM(L.LightningModule):
         forgetting_warn_drop: float = 5.0,
         planner_dropout: float = 0.0,
         export_best: bool = True,
+        base_dtype: str | None = None,
+        activation_checkpointing: bool = False,
         lm_path: str = "",
         planner_path: str | None = None,
         codebook_path: str = "",
@@ -122,8 +133,7 @@ class JointPlannerLM(L.LightningModule):
         codebook = torch.from_numpy(np.load(codebook_path).astype(np.float32))
         if tuple(codebook.shape) != (num_actions, embedding_dim):
             raise UserError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
-        self.lm = build_conditioned_lm(lm_path, codebook, selection, base_mode, conditioned_layers,
-                                       per_layer_codebook, lora_r, lora_alpha, adapter_site)
+        self.lm = self._build_lm(codebook)
         self.planner: Planner | None = None
         if self.uses_planner:
             if not planner_path:
@@ -147,6 +157,36 @@ class JointPlannerLM(L.LightningModule):
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
         self.schedules: dict[str, UnfreezeSchedule] = {}
+        self.strict_loading = False  # resume checkpoints leave the frozen base out (on_save_checkpoint)
+        self._sharded = False
+
+    def _build_lm(self, codebook: Tensor) -> ActionConditionedLM:
+        h = self.hparams
+        return build_conditioned_lm(h.lm_path, codebook, h.selection, h.base_mode, h.conditioned_layers,
+                                    h.per_layer_codebook, h.lora_r, h.lora_alpha, h.adapter_site, h.base_dtype,
+                                    h.activation_checkpointing)
+
+    # ------------------------------------------------------------------ large bases
+    def configure_model(self) -> None:
+        """FSDP under `--trainer.strategy fsdp2` (configs/strategies/fsdp.yaml): shard the base blocks, the
+        conditioned LM and the planner over the data-parallel mesh; other strategies: nothing."""
+        if self.device_mesh is not None and not self._sharded:
+            shard(self.lm, self.planner, self.device_mesh["data_parallel"])
+            self._sharded = True
+
+    def hand_off_modules(self) -> tuple[ActionConditionedLM | None, Planner | None]:
+        """The conditioned LM and planner to save: these modules, or, when sharded, full copies
+        gathered from every rank (call on every rank; rank 0 gets them, others None)."""
+        if not self._sharded:
+            return self.lm, self.planner
+        codebook = torch.from_numpy(np.load(self.hparams.codebook_path).astype(np.float32))
+        lm = full_copy(self.lm, lambda: self._build_lm(codebook))
+        planner = None if self.planner is None else full_copy(self.planner, lambda: Planner(**self.planner.config))
+        return lm, planner
+
+    def _frozen_base_keys(self) -> set[str]:
+        """State-dict keys of the base weights nothing trains (reloaded from the base LM, never checkpointed)."""
+        return {f"lm.base.{name}" for name, p in self.lm.base.named_parameters() if not p.requires_grad}
 
     # ------------------------------------------------------------------ conditioning
     def action_weights(self, batch: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -232,9 +272,16 @@ class JointPlannerLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["joint_best"] = self.best.to_checkpoint()
+        state = checkpoint.get("state_dict", {})
+        for key in self._frozen_base_keys():
+            state.pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best.load_checkpoint(checkpoint.get("joint_best"))
+        missing = set(self.state_dict()) - set(checkpoint.get("state_dict", {})) - self._frozen_base_keys()
+        if missing:
+            raise UserError(f"the resume checkpoint lacks trained weights ({sorted(missing)[:3]}...); "
+                            "delete the stage's checkpoints/ folder and run it again")
 
     def _check_forgetting(self, accuracy: float) -> None:
         if self.planner_acc_start is None or self.trainer.sanity_checking:
@@ -306,25 +353,3 @@ class JointPlannerLM(L.LightningModule):
             self.schedules["codebook"] = UnfreezeSchedule("codebook", lambda module: module.lm.codebook_parameters(),
                                                           self.hparams.codebook_unfreeze_at)
         return list(self.schedules.values())
-
-
-def build_conditioned_lm(
-    lm_path: str, codebook: Tensor, selection: str, base_mode: str, conditioned_layers: list[int] | None,
-    per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32, adapter_site: str = "attention_output",
-) -> ActionConditionedLM:
-    """Load the base LM and wrap it with action adapters.
-
-    For the plain-LM selection (`none`) the adapters and codebook are frozen and never see an
-    action, so the model is the base LM bit for bit and only the base weights (lora / full) train.
-    """
-    from planner_lm.models.base_lm import load_base_lm
-
-    lm = ActionConditionedLM(
-        load_base_lm(lm_path), codebook, conditioned_layers=conditioned_layers,
-        per_layer_codebook=per_layer_codebook, base_mode=base_mode, lora_r=lora_r, lora_alpha=lora_alpha,
-        adapter_site=adapter_site,
-    )
-    if selection == "none":
-        for parameter in [*lm.adapter_parameters(), *lm.codebook_parameters()]:
-            parameter.requires_grad_(False)
-    return lm

@@ -161,6 +161,10 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
     def num_actions(self) -> int:
         return self.settings.num_actions
 
+    def blocks(self) -> list[nn.Module]:
+        """The base's transformer blocks (the units FSDP shards and activation checkpointing wraps)."""
+        return list(get_path(self.base, ADAPTER_TARGETS[self.settings.model_type].layers))
+
     @property
     def conditioned_layers(self) -> list[int]:
         return list(self.settings.conditioned_layers)
@@ -193,14 +197,15 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
                     f"action_weights must be [batch, positions, {self.num_actions}], got "
                     f"{tuple(action_weights.shape)}"
                 )
-            if _checkpointing(self.base) and torch.is_grad_enabled():
-                raise ValueError("gradient checkpointing of the base LM is not supported with "
-                                 "action conditioning (recomputation would run without actions)")
+        # with activation checkpointing the blocks run again in backward, after this block ends:
+        # they must read the same weights then, so training keeps them until the next forward
+        keep = action_weights is not None and _checkpointing(self.base) and torch.is_grad_enabled()
         previous, self._action_weights = self._action_weights, action_weights
         try:
             yield
         finally:
-            self._action_weights = previous
+            if not keep:
+                self._action_weights = previous
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, action_weights: Tensor | None = None, **kwargs: Any) -> Tensor:

@@ -22,14 +22,14 @@ import torch
 from planner_lm import sentence_vectors
 from planner_lm.artifacts import atomic_write_text, start_stage, write_manifest
 from planner_lm.errors import UserError
-from planner_lm.evaluation.perplexity import PerplexityResult, sliding_window_nll
+from planner_lm.evaluation.perplexity import PerplexityResult
+from planner_lm.evaluation.sharding import barrier, process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
 from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
 from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
 from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, test_split_text
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
-from planner_lm.hardware import resolve_device
 from planner_lm.models.selection import CODE_SOURCES, generation_selection
 from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
 from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -120,8 +120,11 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     runs = folder.joint_runs(cfg.runs)
     out = folder.eval_dir(corpus_slug(cfg.corpus) if cfg.corpus else None)
     config = asdict(cfg)
-    start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
-    device = resolve_device(cfg.device)
+    rank, world, device = process_group(cfg.device)  # torchrun: documents dealt over the processes
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    if rank == 0:
+        start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
+    barrier(world)
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(str(folder.tokenizer_dir(runs[0])))
@@ -129,12 +132,13 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     fingerprints = {r.manifest.facts.get("tokenizer_fingerprint") for r in runs} - {None}
     if fingerprints and fingerprint not in fingerprints:
         raise UserError(f"the tokenizer next to {runs[0].lm_dir} is not the one the runs were trained with")
-    text = (external_text(folder, cfg.corpus, out / "corpus", device, encoder) if cfg.corpus
-            else test_split_text(folder))
+    corpus_cache = out / "corpus" if world == 1 else out / "corpus" / f"rank{rank}"
+    text = external_text(folder, cfg.corpus, corpus_cache, device, encoder) if cfg.corpus else test_split_text(folder)
     scored = f"corpus {corpus_description(cfg.corpus)}" if cfg.corpus else "test split"
     test = load_test_set(text, tokenizer, fingerprint, cfg.max_docs)
-    print(f"evaluating {len(runs)} run(s) on {scored}: {len(test.documents)} documents, {test.num_tokens} tokens, "
-          f"{len(test.sentence_ids)} sentences (window {cfg.window}, stride {cfg.stride}, {device})")
+    say(f"evaluating {len(runs)} run(s) on {scored}: {len(test.documents)} documents, {test.num_tokens} tokens, "
+          f"{len(test.sentence_ids)} sentences (window {cfg.window}, stride {cfg.stride}, {device}"
+          + (f", {world} processes" if world > 1 else "") + ")")
 
     # ---- planners: the pretrained one and every jointly tuned one
     planners: dict[str, Planner] = {}
@@ -148,7 +152,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
     baselines = text.content_free_baselines(folder, test.sentence_ids.numpy())
 
-    structure_eval = _structure_evaluator(cfg, test, text, folder, device, encoder)
+    structure_eval = _structure_evaluator(cfg, test, text, folder, device, encoder) if rank == 0 else None
     structure: dict[str, dict[str, float]] = {}
     samples: list[dict[str, Any]] = []
 
@@ -164,7 +168,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
         sources = ["none"] if run.selection == "none" else scored_sources(run.selection, cfg.code_sources)
         for source in sources:
             if source.startswith("planner") and run_logits is None:
-                print(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
+                say(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
                 continue
             key = shared_plain_lm(run) if source == "none" else None
             tick = time.perf_counter()
@@ -173,16 +177,16 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                 continue
             table = code_weights(source, run_logits, test.actions, num_actions, test.positions,
                                  run.planner_temperature)
-            if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None:
+            if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None and rank == 0:
                 precision_check = bf16_vs_fp32(lm, table, test, device, cfg.precision_check_docs, **windows)
-                print(f"  bf16 vs fp32 on {cfg.precision_check_docs} documents: PPL {precision_check:+.3%}")
-            result = sliding_window_nll(test.documents, make_scorer(lm, table, test.first, device, cfg.precision),
-                                        device=device, progress=f"{run.selection} / {source}", **windows)
+                say(f"  bf16 vs fp32 on {cfg.precision_check_docs} documents: PPL {precision_check:+.3%}")
+            result = score_documents(test.documents, make_scorer(lm, table, test.first, device, cfg.precision),
+                                     rank, world, device=device, progress=f"{run.selection} / {source}", **windows)
             results[(run.selection, source)] = result
             if key is not None:
                 none_cache[key] = result
             timings[f"{run.selection}/{source}"] = round(time.perf_counter() - tick, 2)
-            print(f"  {run.selection:>16} / {source:<12} ppl {result.ppl:9.3f}")
+            say(f"  {run.selection:>16} / {source:<12} ppl {result.ppl:9.3f}")
         if structure_eval is not None:
             tick = time.perf_counter()
             generated = _generate_and_score(structure_eval, run, lm, planners, tokenizer, num_actions)
@@ -194,6 +198,8 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                     f"{k} {v:.3f}" for k, v in structure[run.selection].items() if k in ("rouge2", "edit", "follow")))
         del lm
 
+    if rank != 0:
+        return {}
     protocol = {**run_protocol(runs, folder.embed_manifest(), num_actions, fingerprint), "scored": scored}
     if precision_check is not None:
         protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check

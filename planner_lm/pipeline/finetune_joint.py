@@ -55,10 +55,11 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
 
     outputs = [JOINT_LM_DIR]
+    lm, planner = model.hand_off_modules()  # under FSDP: full copies gathered from every rank
     if trainer.is_global_zero:
-        model.lm.save_pretrained(out / JOINT_LM_DIR, tokenizer=data.tokenizer)
-        if model.planner is not None:
-            model.planner.save_pretrained(out / PLANNER_DIR, upstream={name: str(path) for name, path in data.inputs.items()})
+        lm.save_pretrained(out / JOINT_LM_DIR, tokenizer=data.tokenizer)
+        if planner is not None:
+            planner.save_pretrained(out / PLANNER_DIR, upstream={name: str(path) for name, path in data.inputs.items()})
     if model.planner is not None:
         outputs.append(PLANNER_DIR)
     metrics = {key: round(float(value), 6) for key, value in validation.items()}
