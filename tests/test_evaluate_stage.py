@@ -49,15 +49,22 @@ def write_joint_run(run_dir: Path, selection: str, tokenizer, with_planner: bool
                           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "lm_name": "tiny"})
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = make_fake_upstream(tmp_path_factory.mktemp("eval"), num_docs=30, sentences_per_doc=(2, 6), dim=DIM, k=K)
+def fake_joint_runs(where: Path, selections: tuple[str, ...], num_docs: int = 30,
+                    sentences_per_doc: tuple[int, int] = (2, 6)) -> Path:
+    """A fake run (upstream stages, tiny LM, planner) with untrained joint runs of `selections`
+    (the planner selections get their own planner)."""
+    run = make_fake_upstream(where, num_docs=num_docs, sentences_per_doc=sentences_per_doc, dim=DIM, k=K)
     write_fake_lm(run)
     write_fake_planner(run, K, DIM, context_sentences=3)
     tokenizer = load_tokenizer("gpt2")
-    for selection, with_planner in (("soft", True), ("fixed", False), ("boundary", False), ("none", False)):
-        write_joint_run(run, selection, tokenizer, with_planner)
+    for selection in selections:
+        write_joint_run(run, selection, tokenizer, with_planner=selection in ("soft", "hard"))
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return fake_joint_runs(tmp_path_factory.mktemp("eval"), ("soft", "fixed", "boundary", "none"))
 
 
 def config(run_dir: Path, **overrides) -> EvaluateConfig:

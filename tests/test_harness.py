@@ -7,25 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_stages import make_fake_upstream, write_fake_lm, write_fake_planner
-from test_evaluate_stage import DIM, K, config, hash_encoder, write_joint_run
+from test_evaluate_stage import config, fake_joint_runs, hash_encoder
 from planner_lm.corpus import CorpusConfig
 from planner_lm.pipeline.evaluate import StructureConfig, evaluate_runs
 from planner_lm.run_folder import stage_dir
-from planner_lm.tokenization import load_tokenizer
 
 TEXT = "Sentence 1 of document 3. Sentence 2 of document 3. Sentence 3 of document 3. The end of it."
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    run = make_fake_upstream(tmp_path_factory.mktemp("harness"), num_docs=20, sentences_per_doc=(2, 5), dim=DIM, k=K)
-    write_fake_lm(run)
-    write_fake_planner(run, K, DIM, context_sentences=3)
-    tokenizer = load_tokenizer("gpt2")
-    for selection, with_planner in (("soft", True), ("fixed", False)):
-        write_joint_run(run, selection, tokenizer, with_planner)
-    return run
+    return fake_joint_runs(tmp_path_factory.mktemp("harness"), ("soft", "fixed"), num_docs=20, sentences_per_doc=(2, 5))
 
 
 @pytest.fixture

@@ -7,14 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures_stages import make_fake_upstream, write_fake_lm, write_fake_planner
-from test_evaluate_stage import DIM, K, write_joint_run
+from test_evaluate_stage import K, fake_joint_runs
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.hub import SAFE_PATTERNS
 from planner_lm.models.planner import Planner
 from planner_lm.publish import main, publish
 from planner_lm.run_folder import stage_dir
-from planner_lm.tokenization import load_tokenizer
 
 
 @pytest.fixture
@@ -47,10 +45,7 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_a_run_is_pushed_with_cards_and_loads_back_anywhere(tmp_path, hub):
-    run = make_fake_upstream(tmp_path, num_docs=12, dim=DIM, k=K)
-    write_fake_lm(run)
-    write_fake_planner(run, K, DIM, context_sentences=3)
-    write_joint_run(run, "soft", load_tokenizer("gpt2"), with_planner=True)
+    run = fake_joint_runs(tmp_path, ("soft",), num_docs=12)
     original = ActionConditionedLM.from_pretrained(stage_dir(run, "finetune_joint", "soft") / "lm").eval()
 
     out = publish(run, "soft", repo="me/planner-demo", output=tmp_path / "hub")
@@ -76,12 +71,11 @@ def test_a_run_is_pushed_with_cards_and_loads_back_anywhere(tmp_path, hub):
 
 
 def test_publish_command_line_saves_locally_and_refuses_bad_repo_names(tmp_path, capsys):
-    run = make_fake_upstream(tmp_path, num_docs=12, dim=DIM, k=K)
-    write_fake_lm(run)
-    write_joint_run(run, "fixed", load_tokenizer("gpt2"), with_planner=False)
+    run = fake_joint_runs(tmp_path, ("fixed",), num_docs=12)
     main([str(run), "--selection", "fixed"])
     hub_dir = stage_dir(run, "finetune_joint", "fixed") / "hub"
-    assert (hub_dir / "lm" / "conditioning.safetensors").is_file() and not (hub_dir / "planner").exists()
+    assert (hub_dir / "lm" / "conditioning.safetensors").is_file()
+    assert (hub_dir / "planner" / "config.json").is_file()  # the planner its generations use: the pretrained one
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--selection", "fixed", "--repo", "no-owner"])
     assert exit_info.value.code == 2 and "user or org" in capsys.readouterr().err
