@@ -1,18 +1,35 @@
-"""Embedding throughput: our predict loop vs plain `SentenceTransformer.encode(batch_size=256)`.
+"""Embedding throughput and fidelity of each backend vs plain `SentenceTransformer.encode(batch_size=256)`.
 
-Both encode the same sentences (a seeded sample of a prepared corpus, or of the bundled demo
-corpus when no run directory is given) with the same encoder, in one process, alternating runs
-so background load hits both alike. Prints JSON: sentences/s of each, the speed-up, and the
-cosine similarity of our vectors to the fp32 reference.
+All variants encode the same sentences (a seeded sample of a run's prepared corpus, by default
+`runs/demo`, else of the bundled demo corpus) with the same encoder, in one process.
 
-    .venv/bin/python bench/bench_embed.py --sentences 2048 --repeats 2
-    .venv/bin/python bench/bench_embed.py --run_dir runs/demo --encoder all-MiniLM-L6-v2
+Speed, side by side: the sentences sorted by length (as `encode` sorts them) are cut into the
+reference's batches of 256; each repeat passes every such unit to the reference (plain `encode`,
+torch fp32) and to each variant's stage step (`SentenceEmbedder.predict_step` on length-sorted
+batches of --batch_size, what `Trainer.predict` runs), in a rotating order, so load that comes
+and goes hits every method alike. `speedup_vs_encode` is the median over repeats of reference
+time / variant time. Fidelity: one full stage run per variant (`Trainer.predict` + shard writer +
+consolidation, also timed as `stage_sentences_per_s`) against the reference's torch fp32 vectors:
+mean (and min) cosine, and the share of sentences whose nearest k-means centroid (the run's
+`2_cluster/centroids.npy`, when there is one) stays the same.
+
+Variants: `torch` (the Trainer precision this host defaults to), `onnx` (ONNX Runtime fp32),
+`onnx-int8` (dynamic int8), `openvino` (fp32; plus `openvino-bf16` on hosts with native bf16),
+each where its extra is installed. `chosen` is the fastest variant that meets the fidelity bar
+(mean cosine >= 0.995 and >= 95 % of actions kept); `auto_backend` is what `--model.backend auto`
+picks on this host (`planner_lm.sentence_vectors.resolve_embed_backend`). Prints one JSON object
+(progress and notes go to stderr).
+
+    .venv/bin/python bench/bench_embed.py                       # runs/demo, 2048 sentences, 3 repeats
+    .venv/bin/python bench/bench_embed.py --sentences 1024 --variants torch,openvino
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import tempfile
 import time
 import warnings
@@ -23,6 +40,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+MIN_MEAN_COSINE, MIN_ACTIONS_KEPT = 0.995, 0.95
+VARIANTS = {  # name -> (backend, quantize, precision or None for this host's default)
+    "torch": ("torch", False, None),
+    "onnx": ("onnx", False, "32-true"),
+    "onnx-int8": ("onnx", True, "32-true"),
+    "openvino": ("openvino", False, "32-true"),
+    "openvino-bf16": ("openvino", False, "bf16-mixed"),
+}
 
 
 def demo_sentences() -> list[str]:
@@ -37,82 +63,190 @@ def demo_sentences() -> list[str]:
     return texts
 
 
-def ours(texts: list[str], encoder: str, batch_size: int, precision: str, devices: int | str) -> tuple[np.ndarray, float]:
-    """Our stage's path: SentenceEmbedder + length-sorted SentenceBatches + ShardWriter, via Trainer.predict."""
-    import lightning as L
-    from torch.utils.data import DataLoader
+class Ours:
+    """One variant of our stage's path, built once (model load and ONNX export are not timed)."""
 
-    from planner_lm.data.embed_data import EmbedPlan, SentenceBatches, length_sorted_batches
-    from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards
+    def __init__(self, encoder: str, backend: str, quantize: bool, precision: str, batch_size: int) -> None:
+        from planner_lm.lit.embed import SentenceEmbedder
 
-    model = SentenceEmbedder(encoder=encoder)
-    lengths = np.array([len(t) for t in texts])
-    plan = EmbedPlan(length_sorted_batches(lengths, batch_size), shard_batches=16)
-    with tempfile.TemporaryDirectory() as tmp:
-        shard_dir = os.path.join(tmp, "shards")
-        loader = DataLoader(SentenceBatches(texts, plan, list(range(plan.num_shards))), batch_size=None,
-                            collate_fn=lambda item: item)
-        trainer = L.Trainer(accelerator="auto", devices=devices, precision=precision, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[ShardWriter(shard_dir)])
+        self.model = SentenceEmbedder(encoder=encoder, backend=backend, quantize=quantize)
+        self.precision, self.batch_size = precision, batch_size
+
+    def step(self, texts: list[str]) -> np.ndarray:
+        """The stage's work on already length-sorted texts, as Trainer.predict runs it (no Trainer)."""
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if ("bf16" in self.precision and self.model.backend == "torch"
+                                                                    and not torch.cuda.is_available()) else contextlib.nullcontext()
+        parts = []
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(texts), self.batch_size):
+                batch = {"texts": texts[start:start + self.batch_size], "shard": 0, "shard_size": 1, "batch": 0}
+                parts.append(self.model.predict_step(batch, 0)["vectors"])
+        return torch.cat(parts).float().numpy()
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, float]:
+        import lightning as L
+        from torch.utils.data import DataLoader
+
+        from planner_lm.data.embed_data import EmbedPlan, SentenceBatches, length_sorted_batches
+        from planner_lm.lit.embed import ShardWriter, consolidate_shards
+
+        lengths = np.array([len(t) for t in texts])
+        plan = EmbedPlan(length_sorted_batches(lengths, self.batch_size), shard_batches=16)
+        with tempfile.TemporaryDirectory() as tmp:
+            shard_dir = os.path.join(tmp, "shards")
+            loader = DataLoader(SentenceBatches(texts, plan, list(range(plan.num_shards))), batch_size=None,
+                                collate_fn=lambda item: item)
+            trainer = L.Trainer(accelerator="auto", devices=1, precision=self.precision, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                callbacks=[ShardWriter(shard_dir)])
+            start = time.perf_counter()
+            trainer.predict(self.model, dataloaders=loader, return_predictions=False)
+            out = os.path.join(tmp, "embeddings.npy")
+            consolidate_shards(Path(shard_dir), plan, len(texts), Path(out))
+            seconds = time.perf_counter() - start
+            return np.load(out).astype(np.float32), seconds
+
+
+class Reference:
+    """Plain `SentenceTransformer.encode(batch_size=256)`, torch fp32."""
+
+    def __init__(self, encoder: str) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from planner_lm.sentence_vectors import resolve_encoder_path
+
+        self.model = SentenceTransformer(resolve_encoder_path(encoder),
+                                         device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        trainer.predict(model, dataloaders=loader, return_predictions=False)
-        out = os.path.join(tmp, "embeddings.npy")
-        consolidate_shards(Path(shard_dir), plan, len(texts), Path(out))
-        seconds = time.perf_counter() - start
-        return np.load(out).astype(np.float32), seconds
+        vectors = self.model.encode(texts, batch_size=256, normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32), time.perf_counter() - start
 
 
-def reference(texts: list[str], encoder: str) -> tuple[np.ndarray, float]:
-    from sentence_transformers import SentenceTransformer
-
-    from planner_lm.sentence_vectors import resolve_encoder_path
-
-    model = SentenceTransformer(resolve_encoder_path(encoder), device="cuda" if torch.cuda.is_available() else "cpu")
-    start = time.perf_counter()
-    vectors = model.encode(texts, batch_size=256, normalize_embeddings=True, show_progress_bar=False)
-    return np.asarray(vectors, dtype=np.float32), time.perf_counter() - start
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def main() -> None:
+    from planner_lm.encoder_runtimes import runtime_available
+    from planner_lm.hardware import cpu_flags, fast_precision
+    from planner_lm.sentence_vectors import nearest_actions, resolve_embed_backend
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", default=None, help="take sentences from this run's 0_prepare (default: demo corpus)")
+    parser.add_argument("--run_dir", default="runs/demo",
+                        help="sentences (0_prepare) and centroids (2_cluster) of this run; the demo corpus if absent")
     parser.add_argument("--encoder", default="all-MiniLM-L6-v2", help="encoder name or folder")
     parser.add_argument("--sentences", type=int, default=2048, help="seeded sample size")
-    parser.add_argument("--batch_size", type=int, default=128, help="our batch size")
-    parser.add_argument("--precision", default="bf16-mixed", help="our Trainer precision")
-    parser.add_argument("--devices", default="auto", help="Trainer devices for our run")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the best time counts")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch_size", type=int, default=128, help="our batch size (the demo preset's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch, ONNX Runtime, OpenVINO)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    if args.run_dir:
+    native_bf16 = fast_precision() != "32-true"
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    centroids = None
+    if run_dir is not None and (run_dir / "0_prepare").is_dir():
         from planner_lm.run_folder import RunFolder
 
-        texts = RunFolder(args.run_dir).prepared.sentence_texts()
+        texts = RunFolder(run_dir).prepared.sentence_texts()
+        if (run_dir / "2_cluster" / "centroids.npy").is_file():
+            centroids = torch.from_numpy(np.load(run_dir / "2_cluster" / "centroids.npy").astype(np.float32))
     else:
-        texts = demo_sentences()
+        run_dir, texts = None, demo_sentences()
     rng = np.random.default_rng(0)
     texts = [texts[i] for i in rng.choice(len(texts), size=min(args.sentences, len(texts)), replace=False)]
-    best_ours, best_ref = float("inf"), float("inf")
-    for _ in range(args.repeats):
-        ref_vectors, seconds = reference(texts, args.encoder)
-        best_ref = min(best_ref, seconds)
-        our_vectors, seconds = ours(texts, args.encoder, args.batch_size, args.precision, args.devices)
-        best_ours = min(best_ours, seconds)
-    cosine = (our_vectors * ref_vectors).sum(1)
+
+    variants, skipped = {}, {}
+    for name in args.variants.split(","):
+        backend, quantize, precision = VARIANTS[name]
+        if backend != "torch" and not runtime_available(backend):
+            skipped[name] = f"extra [{backend}] not installed"
+        elif name == "openvino-bf16" and not native_bf16:
+            skipped[name] = "no native bf16 on this host (OpenVINO would emulate it)"
+        else:
+            variants[name] = Ours(args.encoder, backend, quantize, precision or fast_precision(), args.batch_size)
+    reference = Reference(args.encoder)
+    reference(texts[:64])  # warm-up
+    for run in variants.values():
+        if hasattr(run.model.encoder, "set_precision"):
+            run.model.encoder.set_precision(run.precision)
+        run.model.embed(texts[:64])  # warm-up: sessions compiled, exports cached
+
+    # Side by side at a fine grain: the reference's own batches (texts sorted by length as `encode`
+    # sorts them, 256 a batch) are the unit; every unit is encoded by the reference and then by each
+    # variant's stage step (`predict_step` on batches of --batch_size, as Trainer.predict runs it),
+    # in a rotating order, so load that comes and goes hits every method alike.
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    units = [[texts[i] for i in order[start:start + 256]] for start in range(0, len(order), 256)]
+    methods = ["encode", *variants]
+    times = {name: np.zeros((args.repeats, len(units))) for name in methods}
+    step = 0
+    for repeat in range(args.repeats):
+        for u, unit in enumerate(units):
+            for name in methods[step % len(methods):] + methods[:step % len(methods)]:
+                start = time.perf_counter()
+                reference.model.encode(unit, batch_size=256, normalize_embeddings=True, show_progress_bar=False) \
+                    if name == "encode" else variants[name].step(unit)
+                times[name][repeat, u] = time.perf_counter() - start
+            step += 1
+    ratios = {name: times["encode"].sum(1) / times[name].sum(1) for name in variants}
+
+    # The full stage path once per variant (Trainer.predict, shard writer, consolidation): its
+    # vectors are the ones whose fidelity is reported.
+    vectors: dict[str, np.ndarray] = {"encode": reference(texts)[0]}
+    stage_seconds = {}
+    for name in variants:
+        vectors[name], stage_seconds[name] = variants[name](texts)
+
+    ref_actions = np.array(nearest_actions(torch.from_numpy(vectors["encode"]), centroids)) if centroids is not None else None
+    results = {}
+    for name in variants:
+        cosine = (vectors[name] * vectors["encode"]).sum(1)
+        entry = {"sentences_per_s": round(len(texts) / float(np.median(times[name].sum(1))), 1),
+                 "speedup_vs_encode": round(float(np.median(ratios[name])), 2),
+                 "speedups_per_repeat": [round(float(r), 2) for r in ratios[name]],
+                 "stage_sentences_per_s": round(len(texts) / stage_seconds[name], 1),
+                 "compute": getattr(variants[name].model.encoder, "description",
+                                    f"torch {variants[name].precision}"),
+                 "cosine_to_torch_fp32_mean": round(float(cosine.mean()), 5),
+                 "cosine_to_torch_fp32_min": round(float(cosine.min()), 5)}
+        if ref_actions is not None:
+            kept = np.array(nearest_actions(torch.from_numpy(vectors[name]), centroids)) == ref_actions
+            entry["actions_kept"] = round(float(kept.mean()), 4)
+        entry["meets_fidelity"] = bool(entry["cosine_to_torch_fp32_mean"] >= MIN_MEAN_COSINE
+                                       and entry.get("actions_kept", 1.0) >= MIN_ACTIONS_KEPT)
+        results[name] = entry
+    auto_backend, auto_int8 = resolve_embed_backend("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    passing = [n for n in results if results[n]["meets_fidelity"]]
+    chosen = max(passing, key=lambda n: results[n]["speedup_vs_encode"]) if passing else None
     print(json.dumps({
         "encoder": args.encoder,
         "sentences": len(texts),
-        "device": "cuda" if torch.cuda.is_available() else f"cpu x{args.threads} threads",
-        "reference": "SentenceTransformer.encode(batch_size=256), fp32",
-        "ours": f"Trainer.predict, length-sorted batches of {args.batch_size}, {args.precision}, shard writer",
-        "reference_sentences_per_s": round(len(texts) / best_ref, 1),
-        "ours_sentences_per_s": round(len(texts) / best_ours, 1),
-        "speedup": round(best_ref / best_ours, 2),
-        "cosine_to_reference_min": round(float(cosine.min()), 6),
-        "cosine_to_reference_mean": round(float(cosine.mean()), 6),
+        "source": f"{run_dir}/0_prepare" if run_dir else "bundled demo corpus",
+        "centroids": f"{run_dir}/2_cluster/centroids.npy (k={len(centroids)})" if centroids is not None else None,
+        "host": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "native_bf16": native_bf16,
+                 "threads": args.threads, "cuda": torch.cuda.is_available()},
+        "reference": "SentenceTransformer.encode(batch_size=256), torch fp32",
+        "reference_sentences_per_s": round(len(texts) / float(np.median(times["encode"].sum(1))), 1),
+        "ours": f"SentenceEmbedder.predict_step on length-sorted batches of {args.batch_size} (timed side by side "
+                f"with the reference, 256 sentences at a time); fidelity and stage_sentences_per_s from one "
+                f"full Trainer.predict + shard writer run each",
+        "variants": results,
+        "skipped": skipped,
+        "fidelity_bar": {"cosine_to_torch_fp32_mean": MIN_MEAN_COSINE, "actions_kept": MIN_ACTIONS_KEPT},
+        "chosen": chosen,
+        "speedup_vs_encode": results[chosen]["speedup_vs_encode"] if chosen else None,
+        "auto_backend": auto_backend + ("-int8" if auto_int8 else ""),
         "repeats": args.repeats,
     }, indent=2))
 

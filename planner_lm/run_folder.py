@@ -176,7 +176,8 @@ class RunFolder:
         """How the embed stage encoded sentences: the one recipe every later encoder must follow."""
         embed = self.embed_manifest()
         return {"encoder": str(embed.fact("encoder")), "max_seq_length": embed.facts.get("max_seq_length"),
-                "precision": str(embed.metrics.get("precision", "32-true"))}
+                "precision": str(embed.metrics.get("precision", "32-true")),
+                "backend": str(embed.facts.get("backend", "torch")), "quantize": bool(embed.facts.get("quantize", False))}
 
     @cached_property
     def doc_first(self) -> np.ndarray:

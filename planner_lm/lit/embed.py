@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from planner_lm.artifacts import atomic_save_npy
 from planner_lm.data.embed_data import EmbedPlan, shard_path
 from planner_lm.errors import UserError
-from planner_lm.sentence_vectors import encode_batch, load_encoder
+from planner_lm.sentence_vectors import encode_batch, load_encoder, resolve_embed_backend
 
 # Shards are identified by the batch itself, not by sampler indices, so Lightning's guess is not needed.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
@@ -39,14 +39,29 @@ class SentenceEmbedder(LightningModule):
             folder, or a Hugging Face Hub name such as ``sentence-transformers/all-mpnet-base-v2``
             (the papers' encoder; needs network access the first time).
         max_seq_length: truncate sentences to this many tokens (None = the encoder's own limit).
+        backend: where the network runs: ``torch``, ``onnx`` (ONNX Runtime, extra ``[onnx]``),
+            ``openvino`` (extra ``[openvino]``), or ``auto``: torch (bf16 autocast) on GPUs and
+            native-bf16 CPUs, elsewhere the fastest installed runtime that meets the fidelity bar
+            as measured by ``bench/bench_embed.py`` (ONNX Runtime int8, then OpenVINO fp32; see
+            `planner_lm.sentence_vectors.resolve_embed_backend`). The manifest records the one used, and
+            evaluation/generation encode new text with it.
+        quantize: int8 dynamic quantization of the weights (ONNX Runtime only): true asks for it,
+            false rules it out, null (default) lets ``backend: auto`` decide.
     """
 
-    def __init__(self, encoder: str = "all-MiniLM-L6-v2", max_seq_length: int | None = None) -> None:
+    def __init__(self, encoder: str = "all-MiniLM-L6-v2", max_seq_length: int | None = None,
+                 backend: str = "auto", quantize: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if max_seq_length is not None and max_seq_length < 1:
             raise UserError(f"model.max_seq_length must be >= 1, got {max_seq_length}")
-        self.encoder = load_encoder(encoder, max_seq_length=max_seq_length)
+        self.backend, self.quantize = resolve_embed_backend(backend, "cuda" if torch.cuda.is_available() else "cpu", quantize)
+        self.encoder = load_encoder(encoder, max_seq_length=max_seq_length, backend=self.backend,
+                                    quantize=self.quantize)
+
+    def on_predict_start(self) -> None:
+        if self.backend == "openvino":  # OpenVINO computes in bf16 where the Trainer's precision says so
+            self.encoder.set_precision(str(self.trainer.precision))
 
     @property
     def embedding_dim(self) -> int:

@@ -37,7 +37,8 @@ def run_embed(args: list[str] | None = None) -> dict:
     data: EmbedDataModule = cli.datamodule
     trainer, out = cli.trainer, cli.output_dir
     plan = data.plan_record(encoder=model.hparams.encoder, max_seq_length=model.hparams.max_seq_length,
-                            precision=str(trainer.precision))
+                            precision=str(trainer.precision), backend=model.backend,
+                            quantize=model.quantize)
     if trainer.global_rank == 0:
         resumed = reset_shards_if_plan_changed(data.shard_dir, plan)
         pending = len(data.pending_shards())
@@ -53,7 +54,8 @@ def run_embed(args: list[str] | None = None) -> dict:
     dim = consolidate_shards(data.shard_dir, data.plan, data.num_sentences, out / EMBEDDINGS_FILE)
     norms = np.linalg.norm(np.load(out / EMBEDDINGS_FILE, mmap_mode="r")[:4096].astype(np.float32), axis=1)
     facts = {"encoder": model.hparams.encoder, "embedding_dim": dim, "num_sentences": data.num_sentences,
-             "dtype": "float16", "max_seq_length": model.encoder.max_seq_length}
+             "dtype": "float16", "max_seq_length": model.encoder.max_seq_length,
+             "backend": model.backend, "quantize": model.quantize}
     window = int(model.encoder.max_seq_length)
     truncated = count_truncated(data.texts, model.encoder.tokenizer, window)
     if truncated:
@@ -62,10 +64,11 @@ def run_embed(args: list[str] | None = None) -> dict:
     metrics = {"seconds": round(seconds, 2), "sentences_per_s": round(data.num_sentences / max(seconds, 1e-9), 1),
                "truncated_sentences": truncated,
                "precision": str(trainer.precision), "devices": trainer.world_size,
+               "compute": getattr(model.encoder, "description", f"torch {trainer.precision}"),
                "norm_min": round(float(norms.min()), 4), "norm_max": round(float(norms.max()), 4)}
     manifest = finish_stage(cli, inputs=data.inputs, outputs=[EMBEDDINGS_FILE], facts=facts,
                             metrics=metrics)
     shutil.rmtree(data.shard_dir)  # the consolidated file supersedes them
-    print(f"embed: {data.num_sentences:,} × {dim} ({model.hparams.encoder}, {trainer.precision}) in {seconds:.1f} s "
+    print(f"embed: {data.num_sentences:,} × {dim} ({model.hparams.encoder}, {metrics['compute']}) in {seconds:.1f} s "
           f"({metrics['sentences_per_s']:.0f} sentences/s over this run) -> {out / EMBEDDINGS_FILE}")
     return manifest
