@@ -11,11 +11,14 @@ from torch.utils.data import DataLoader
 
 from planner_lm.data.embeddings import EmbeddingBatches
 from planner_lm.lit.kmeans import KMeansModule
+import planner_lm.models.kmeans as kmeans_lib
 from planner_lm.models.kmeans import (
     FaissAssigner,
     faiss_available,
+    hartigan_assign,
     initial_centroids,
     kmeans_plusplus_init,
+    lloyd_update,
     resolve_backend,
     torch_assign,
     update_centroids,
@@ -39,9 +42,20 @@ def purity(predicted: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(labels)
 
 
-def fit(points: np.ndarray, k: int, epochs: int, tmp_path=None, ckpt_path=None, **module_kwargs) -> KMeansModule:
+def unit_noise(num_points: int, dim: int, seed: int) -> np.ndarray:
+    """Random unit vectors (float16): no cluster structure, like heavily overlapping embeddings."""
+    x = np.random.default_rng(seed).standard_normal((num_points, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def inertia_of(points: np.ndarray, centroids: torch.Tensor) -> float:
+    return float(torch_assign(torch.from_numpy(points).float(), centroids.detach().float())[1].double().sum())
+
+
+def fit(points: np.ndarray, k: int, epochs: int, tmp_path=None, ckpt_path=None, module_class=None,
+        **module_kwargs) -> KMeansModule:
     L.seed_everything(3)
-    module = KMeansModule(num_clusters=k, embedding_dim=points.shape[1], **module_kwargs)
+    module = (module_class or KMeansModule)(num_clusters=k, embedding_dim=points.shape[1], **module_kwargs)
     callbacks = []
     if tmp_path is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
@@ -103,6 +117,35 @@ def test_kmeans_plusplus_seeds_one_centre_per_planted_cluster():
     assert torch.unique(initial_centroids(x, 6, "random", seed=5), dim=0).shape[0] == 6
 
 
+def test_kmeans_plusplus_from_pairwise_distances_equals_the_per_step_matmul(monkeypatch):
+    points, _ = planted(num_points=1200, k=10, spread=3.0)
+    x = torch.from_numpy(points).float()
+    pairwise = kmeans_plusplus_init(x, 10, torch.Generator().manual_seed(4))
+    monkeypatch.setattr(kmeans_lib, "PAIRWISE_MAX_ROWS", 0)
+    per_step = kmeans_plusplus_init(x, 10, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(pairwise, per_step)
+
+
+def test_hartigan_assign_follows_the_size_weighted_rule():
+    """Brute force in float64: x in its nearest cluster a (n_a members) moves to b when
+    n_b/(n_b+1)·||x-c_b||² < n_a/(n_a-1)·||x-c_a||²; a cluster of one member keeps its point."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 8, generator=gen, dtype=torch.float64)
+    centroids = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    sizes = torch.randint(2, 40, (40,), generator=gen).double()
+    sizes[:5] = 1.0
+    chosen, nearest = hartigan_assign(x, centroids, sizes, rows_per_chunk=512)
+    d = torch.cdist(x, centroids) ** 2
+    own = d.argmin(dim=1)
+    stay = d.min(dim=1).values * torch.where(sizes > 1, sizes / (sizes - 1), 0.0)[own]
+    move = (d * sizes / (sizes + 1)).scatter(1, own.unsqueeze(1), torch.inf)
+    expected = torch.where(stay <= move.min(dim=1).values, own, move.argmin(dim=1))
+    assert torch.equal(chosen, expected)
+    torch.testing.assert_close(nearest, d.min(dim=1).values)
+    assert 0.05 < (chosen != own).double().mean() < 0.95  # the rule matters here, and is not Lloyd's
+    assert torch.equal(chosen[own < 5], own[own < 5])  # singletons stay
+
+
 def test_update_moves_to_means_and_splits_the_largest_cluster_into_empty_ones():
     previous = torch.zeros(3, 4)
     sums = torch.tensor([[3.0, 3, 3, 3], [0, 0, 0, 0], [10, 5, 0, -5]], dtype=torch.float64)
@@ -114,6 +157,8 @@ def test_update_moves_to_means_and_splits_the_largest_cluster_into_empty_ones():
     # the empty cluster and the largest one straddle the largest one's mean
     torch.testing.assert_close((centroids[1] + centroids[2]) / 2, mean_largest)
     assert not torch.equal(centroids[1], centroids[2])
+    # the two halves share the split cluster's members (Hartigan weighs the next step with them)
+    assert lloyd_update(sums, counts, previous)[2].tolist() == [3.0, 2.5, 2.5]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=needs_faiss)])
@@ -128,6 +173,48 @@ def test_lightning_kmeans_recovers_planted_clusters(backend):
     x = torch.from_numpy(points).float()
     for c in range(6):
         torch.testing.assert_close(module.centroids[c].detach(), x[ids == c].mean(0), rtol=1e-3, atol=1e-3)
+
+
+def test_hartigan_reaches_a_lower_inertia_than_lloyd_and_scikit_learn():
+    """Small overlapping clusters (15 points each), where Lloyd's rule stops early: the default
+    (Hartigan, then Lloyd) ends >= 2 % below Lloyd alone and scikit-learn's KMeans (k-means++,
+    n_init 1), and as Lloyd's fixed point (every centroid the mean of its nearest points)."""
+    sklearn = pytest.importorskip("sklearn.cluster")
+    points = unit_noise(1500, 16, seed=0)
+    hartigan = fit(points, k=100, epochs=100, backend="torch")
+    lloyd = fit(points, k=100, epochs=100, backend="torch", algorithm="lloyd")
+    reference = sklearn.KMeans(100, init="k-means++", n_init=1, random_state=0).fit(points.astype(np.float32))
+    assert hartigan.converged and hartigan.phase == "lloyd" and lloyd.converged
+    assert inertia_of(points, hartigan.centroids) < 0.98 * min(inertia_of(points, lloyd.centroids), reference.inertia_)
+    x = torch.from_numpy(points).float()
+    ids, _ = torch_assign(x, hartigan.centroids.detach())
+    means = torch.zeros(100, 16).index_add_(0, ids, x) / torch.bincount(ids, minlength=100).clamp_min(1)[:, None]
+    torch.testing.assert_close(hartigan.centroids.detach()[torch.bincount(ids, minlength=100) > 0],
+                               means[torch.bincount(ids, minlength=100) > 0], rtol=1e-3, atol=2e-3)
+
+
+class _FloodedKMeans(KMeansModule):
+    """Fakes cluster sizes of 2 before iteration 3, so that Hartigan's rule sends nearly every point
+    to its second-nearest centroid; records the centroids after each iteration."""
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.current_epoch == 2:
+            self.cluster_sizes.fill_(2.0)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.history = getattr(self, "history", []) + [self.centroids.detach().clone()]
+
+
+def test_a_hartigan_iteration_that_raises_the_inertia_is_undone():
+    points = unit_noise(1500, 16, seed=1)
+    module = fit(points, k=50, epochs=8, backend="torch", tolerance=0.0, module_class=_FloodedKMeans)
+    curve = module.inertia_curve
+    assert curve[3] > curve[2]  # the flooded iteration's centroids were worse ...
+    torch.testing.assert_close(module.history[3], module.history[1])  # ... so they were replaced by the previous ones
+    assert module.phase == "lloyd" and curve[4] == pytest.approx(curve[2])
+    assert all(a >= b for a, b in zip(curve[4:], curve[5:]))  # Lloyd from there: monotone
 
 
 def test_killed_fit_resumes_from_checkpoint(tmp_path):
@@ -152,15 +239,17 @@ class _ShardedPoints(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=None)
 
 
-def test_two_process_ddp_equals_one_process():
+@pytest.mark.parametrize("algorithm", ["hartigan", "lloyd"])
+def test_two_process_ddp_equals_one_process(algorithm):
     """DDP on gloo (2 forked CPU processes): each rank sums its shard; the all-reduced updates
     equal the single-process fit. A rank that saw every row would double the inertia; padded
-    (repeated) rows would move the centroids."""
+    (repeated) rows would move the centroids; Hartigan steps need the all-reduced sizes."""
     points, _ = planted(num_points=2000, k=8, spread=1.5)
     results = []
     for devices in (1, 2):
         L.seed_everything(7)
-        module = KMeansModule(num_clusters=8, embedding_dim=points.shape[1], backend="torch", tolerance=0.0)
+        module = KMeansModule(num_clusters=8, embedding_dim=points.shape[1], backend="torch", tolerance=0.0,
+                              algorithm=algorithm)
         trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
                             max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)

@@ -125,6 +125,6 @@ def run_cluster(args: list[str] | None = None) -> dict:
     manifest = finish_stage(cli, inputs=data.inputs, outputs=[CENTROIDS_FILE, ACTIONS_FILE, "report"], facts=facts,
                             metrics=metrics)
     print(format_summary(stats))
-    print(f"cluster: k={k}, {model.iterations} Lloyd iterations ({'converged' if model.converged else 'max_epochs'}), "
+    print(f"cluster: k={k}, {model.iterations} k-means iterations ({'converged' if model.converged else 'max_epochs'}), "
           f"final inertia {final_inertia:.2f}, {seconds:.1f} s -> {out}")
     return manifest
