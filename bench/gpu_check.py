@@ -86,7 +86,7 @@ def check_embed(device: torch.device, toy: bool) -> dict:
 
 
 def check_kmeans(device: torch.device, toy: bool) -> dict:
-    from planner_lm.models.kmeans import torch_assign
+    from planner_lm.models.kmeans import accumulate, lloyd_update, torch_assign
 
     n, dim, k = (20000, 64, 64) if toy else (1_000_000, 768, 1024)
     x = F.normalize(torch.randn(n, dim, device=device), dim=1)
@@ -94,9 +94,10 @@ def check_kmeans(device: torch.device, toy: bool) -> dict:
 
     def iteration() -> None:
         ids, _ = torch_assign(x, centroids, rows_per_chunk=65536)
-        sums = torch.zeros_like(centroids).index_add_(0, ids, x)
-        counts = torch.bincount(ids, minlength=k).clamp(min=1).unsqueeze(1)
-        centroids.copy_(sums / counts)
+        sums = torch.zeros(k, dim, dtype=torch.float64, device=device)
+        counts = torch.zeros(k, dtype=torch.float64, device=device)
+        accumulate(x, ids, sums, counts)
+        centroids.copy_(lloyd_update(sums, counts, centroids)[0])
 
     seconds = timed(iteration, device, 3)
     return {"n": n, "dim": dim, "k": k, "seconds_per_iteration": round(seconds, 4)}
@@ -143,7 +144,6 @@ def check_joint(name: str, spec: dict, device: torch.device, toy: bool, peak: fl
         result["mfu"] = round(6 * count * tokens_per_s / (peak * 1e12), 4)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    del lm, planner, optimizer
     return result
 
 

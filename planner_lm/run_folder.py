@@ -92,6 +92,7 @@ class RunFolder:
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.root = Path(run_dir)
         self._manifests: dict[str, Manifest] = {}
+        self._checked: dict[str, Manifest] = {}  # manifests whose cross-stage checks passed
 
     # ------------------------------------------------------------------ directories
     def dir(self, stage: str, selection: str | None = None) -> Path:
@@ -125,19 +126,26 @@ class RunFolder:
 
     # ------------------------------------------------------------------ embeddings and codebook
     def embed_manifest(self) -> Manifest:
-        """1_embed, checked against 0_prepare (same sentences, built from this corpus)."""
+        """1_embed, checked against 0_prepare (same sentences, built from this corpus; checked once)."""
+        if "embed" in self._checked:
+            return self._checked["embed"]
         embed = self.manifest("embed")
         embed.check_built_from("prepare", self.prepared.manifest)
         embed.require("num_sentences", self.prepared.num_sentences, "sentence embeddings vs prepared corpus")
+        self._checked["embed"] = embed
         return embed
 
     def cluster_manifest(self) -> Manifest:
-        """2_cluster, checked against 1_embed and 0_prepare: the one cross-stage check of the codebook."""
+        """2_cluster, checked against 1_embed and 0_prepare: the one cross-stage check of the codebook
+        (done once per reader)."""
+        if "cluster" in self._checked:
+            return self._checked["cluster"]
         embed = self.embed_manifest()
         cluster = self.manifest("cluster")
         cluster.require("embedding_dim", int(embed.fact("embedding_dim")), "codebook vs sentence embeddings")
         cluster.require("num_sentences", int(embed.fact("num_sentences")), "actions vs sentence embeddings")
         cluster.check_built_from("embed", embed)
+        self._checked["cluster"] = cluster
         return cluster
 
     @property

@@ -24,7 +24,6 @@ from planner_lm import sentence_vectors
 from planner_lm.corpus import CorpusConfig, corpus_description, iter_documents
 from planner_lm.errors import UserError
 from planner_lm.evaluation.planner_metrics import action_baselines
-from planner_lm.models.kmeans import torch_assign
 from planner_lm.run_folder import RunFolder
 from planner_lm.sentences import split_sentences, splitter_name
 
@@ -159,6 +158,6 @@ def encode_and_assign(folder: RunFolder, sentences: Sequence[str], cache_dir: Pa
         if chunk.shape[1] != codebook.shape[1]:
             raise UserError(f"the encoder gives {chunk.shape[1]}-d vectors but the codebook is {codebook.shape[1]}-d")
         vectors[ids] = chunk.numpy().astype(np.float16)
-        actions[ids] = torch_assign(chunk, codebook)[0].numpy()
+        actions[ids] = sentence_vectors.nearest_actions(chunk, codebook)
     vectors.flush()
     return vectors, actions

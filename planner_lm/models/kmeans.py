@@ -264,17 +264,6 @@ def accumulate(
     counts += torch.bincount(ids, minlength=counts.shape[0]).to(counts.dtype)
 
 
-def update_centroids(
-    sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """New centroids (float32 [k, d]) = member means; empty clusters re-seeded by splitting.
-
-    See `lloyd_update` (which also returns the cluster sizes after re-seeding).
-    """
-    centroids, reseeded, _ = lloyd_update(sums, counts, previous)
-    return centroids, reseeded
-
-
 def lloyd_update(
     sums: torch.Tensor, counts: torch.Tensor, previous: torch.Tensor
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
