@@ -3,11 +3,17 @@ and the device evaluation and generation run on."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_flags", "fast_precision", "resolve_device"]
+__all__ = ["PRECISION_ENV", "cpu_flags", "fast_precision", "resolve_device"]
+
+PRECISION_ENV = "PLANNER_LM_PRECISION"
+"""Environment variable that overrides the detected default precision on any host (e.g.
+`bf16-mixed` on an AVX2 CPU, where bf16 is emulated: slow but numerically what a native-bf16 host
+computes). CI sets it to run the numeric tests as native-bf16 hosts and GPUs do."""
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -29,8 +35,12 @@ def fast_precision() -> str:
     bf16 autocast (`bf16-mixed`: weights and optimizer state stay fp32) where bf16 is native:
     CUDA GPUs with bf16 (fp16 autocast with loss scaling on older GPUs), CPUs with AVX512-BF16 or
     AMX. Plain fp32 elsewhere, where bf16 is emulated and several times slower (measured: 7x
-    slower on an AVX2-only AMD EPYC). `--trainer.precision` overrides it in every stage.
+    slower on an AVX2-only AMD EPYC). `--trainer.precision` overrides it in every stage, and the
+    environment variable `PLANNER_LM_PRECISION` overrides the detection itself.
     """
+    forced = os.environ.get(PRECISION_ENV, "").strip()
+    if forced:
+        return forced
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     flags = _cpuinfo_flags()

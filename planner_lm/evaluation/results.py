@@ -58,12 +58,25 @@ def run_protocol(runs: list[JointRun], embed: Any, num_actions: int, fingerprint
             "joint_steps": ", ".join(map(str, steps)) or None}
 
 
+def untouched_base_result(runs: list[JointRun], results: dict) -> Any:
+    """The scores of the untouched pretrained base LM, the only meaning of "Δ vs none", or None.
+
+    That is the `none` run when it trained nothing, else any run whose base weights stayed frozen
+    scored without actions (adapters off: the same model). A `none` run that fine-tuned its base
+    (`base_mode: full` or `lora`), or a fine-tuned run scored without actions, is a different LM.
+    """
+    untouched = [run for run in runs
+                 if (run.selection == "none" and run.manifest.facts.get("trained") is False)
+                 or run.manifest.facts.get("base_mode") == "frozen"]
+    untouched.sort(key=lambda run: run.selection != "none")  # the `none` run itself first
+    return next((results[(run.selection, "none")] for run in untouched if (run.selection, "none") in results), None)
+
+
 def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, num_tokens, protocol) -> dict[str, Any]:
     """Every (run, code source) row with CIs and paired changes; the table keeps the matched rows."""
     indices = resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed)
-    references = {name: results.get((name, name)) for name in REFERENCES}
-    if references["none"] is None:  # a conditioned run scored without actions is the same plain LM
-        references["none"] = next((r for (_, source), r in results.items() if source == "none"), None)
+    references = {name: results.get((name, name)) for name in ("fixed", "boundary")}
+    references["none"] = untouched_base_result(runs, results)
     rows: list[dict[str, Any]] = []
     for run in runs:
         matched = eval_source(run.selection)
@@ -172,7 +185,7 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
         f"{protocol['confidence']:.0%} CIs: bootstrap over documents ({protocol['bootstrap_samples']} resamples). "
         "Δ columns are paired relative PPL changes (negative = better) against three controls: `fixed` "
         "(one constant action), `boundary` (an action that only marks where each sentence starts) and "
-        f"`none` (the plain LM); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
+        f"`none` (the untouched pretrained base LM, shown only when a run kept it); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
     )
     baselines = metrics["planner_baselines"]
     notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "

@@ -22,8 +22,8 @@ from planner_lm.generation_plan import Generation
 from planner_lm.sentence_vectors import nearest_actions
 from planner_lm.sentences import sentence_spans
 
-CONDITIONED_SOURCES = ("planner", "forced", "fixed")
-"""Plan entries the LM was actually conditioned on (uniform / none carry no single action)."""
+CONDITIONED_SOURCES = ("planner", "forced", "fixed", "boundary")
+"""Plan entries the LM was actually conditioned on, one action each (uniform / none carry none)."""
 
 
 @dataclass
