@@ -43,6 +43,9 @@ VARIANT_ARGS ?=
 VARIANT_RUNS ?= fixed
 VARIANT_LINKS ?=
 QUALITY_RUN ?= runs/quality
+# make demo SEEDS=3: also train the planner and joint runs with seeds 43 and 44 and print the verdicts of all three
+SEEDS ?= 1
+EXTRA_SEEDS := $(shell seq 43 $$((41 + $(SEEDS))))
 
 # a named base LM is used as it is: only the run's own LM (BASE_LM empty) makes joint runs wait for pretrain-lm
 BASE_LM_paper := gpt2
@@ -72,7 +75,7 @@ JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
 .PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
-        evaluate generate demo variant quality quality-forgetting test test-slow tensorboard clean
+        evaluate generate demo seeds variant quality quality-forgetting test test-slow tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -133,8 +136,22 @@ endif
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
 	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
 
-demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the results table
+demo: $(EVAL) $(if $(EXTRA_SEEDS),seeds) ## the whole chain offline on the demo corpus, then print the results table (SEEDS=3: and the verdicts of 3 seeds)
 	@cat $(RUN)/5_eval/results.md
+	$(if $(EXTRA_SEEDS),@echo; echo "## verdicts over $(SEEDS) seeds"; cat $(RUN)/seeds.md)
+
+# seeds beyond the first (seed_everything 42): RUN/seed-43, ... share RUN's prepare, embed, cluster and
+# base LM (links); the planner and every compared joint run are trained again with that seed
+$(RUN)/seed-%/.linked: $(CLUSTER) $(if $(BASE_LM),,$(LM))
+	mkdir -p $(RUN)/seed-$* $(RUN)/tokens
+	for d in 0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens; do ln -sfn ../$$d $(RUN)/seed-$*/$$d; done
+	@touch $@
+seeds: $(EVAL) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)/.linked) ## SEEDS=N: the planner and joint runs again with N-1 more seeds; verdicts in RUN/seeds.md
+	$(foreach s,$(EXTRA_SEEDS),$(MAKE) --no-print-directory evaluate RUN=$(RUN)/seed-$(s) PRESET=$(PRESET) ARGS= \
+		ARGS_pretrain_planner="$(ARGS_pretrain_planner) --seed_everything $(s)" \
+		ARGS_finetune_joint="$(ARGS_finetune_joint) --seed_everything $(s)" &&) true
+	$(PY) -m planner_lm.evaluation.compare --verdicts $(RUN) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)) \
+		--labels "seed 42" $(foreach s,$(EXTRA_SEEDS),"seed $(s)") --output $(RUN)/seeds.md
 
 # a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only
 # its own joint runs train

@@ -52,3 +52,32 @@ def test_plan_following_judges_every_run_conditioned_on_one_action_boundary_incl
     for source in ("uniform", "none"):
         scores = evaluator.score([generation(source, [-1, -1], [0, 1])])
         assert scores["judged_sentences"] == 0 and np.isnan(scores["follow"])
+
+
+def _fake_evaluation(run_dir, soft_vs_fixed: tuple[float, float, float], top1: float, previous: float) -> None:
+    def cell(value: float, low: float, high: float) -> dict[str, float]:
+        return {"value": value, "low": low, "high": high}
+
+    rows = [{"run": "oracle", "matched": True, "vs_fixed": cell(-0.01, -0.012, -0.008)},
+            {"run": "soft", "matched": True, "vs_fixed": cell(*soft_vs_fixed), "vs_boundary": cell(-0.005, -0.007, -0.003)},
+            {"run": "soft", "matched": False, "vs_fixed": cell(0.5, 0.4, 0.6)}]  # another code source: ignored
+    metrics = {"rows": rows, "planner": {"pretrained": {"top1": top1}}, "planner_baselines": {"previous_top1": previous}}
+    (run_dir / "5_eval").mkdir(parents=True)
+    (run_dir / "5_eval" / "metrics.json").write_text(__import__("json").dumps(metrics))
+
+
+def test_verdicts_across_seeds_agree_or_say_they_flip(tmp_path, capsys):
+    from planner_lm.evaluation import compare
+
+    _fake_evaluation(tmp_path / "a", (-0.006, -0.008, -0.004), top1=0.373, previous=0.335)
+    _fake_evaluation(tmp_path / "b", (-0.002, -0.004, 0.001), top1=0.344, previous=0.324)
+    rows = {row["question"]: row for row in compare.verdict_rows([tmp_path / "a", tmp_path / "b"])}
+    assert rows["oracle vs fixed"]["verdict"] == "helps" and rows["soft vs boundary"]["verdict"] == "helps"
+    soft = rows["soft vs fixed"]
+    assert soft["verdict"] == "flips: helps, no difference"  # the second CI includes 0
+    assert soft["cells"][0] == "-0.60% [-0.80%, -0.40%]" and soft["mean"] == "-0.40%" and soft["spread"] == "0.40%"
+    lead = rows["planner top-1 lead over copying"]
+    assert lead["cells"] == ["+3.8%", "+2.0%"] and lead["verdict"] == "flips: better, under 3% points"
+    assert compare.main(["--verdicts", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "seed 42", "seed 43"]) == 0
+    assert "| question | seed 42 | seed 43 | mean | spread | verdict |" in capsys.readouterr().out
+    assert compare.main(["--verdicts", str(tmp_path / "a"), "--labels", "x", "y"]) == 2

@@ -1,10 +1,14 @@
-"""One table across several evaluated run directories (a run and its variants).
+"""Tables across several evaluated run directories (a run and its variants or its other seeds).
 
 `make quality-forgetting` trains the soft run again with each anti-forgetting remedy in its own
-variant directory; each variant's `5_eval` scores it against the same `fixed` run. This module
-reads those finished evaluations and puts the soft rows side by side: what the remedy changed
-in the joint settings, test perplexity and Δ vs fixed with their CIs, and planner accuracy before
-joint training (the pretrained planner) and after it.
+variant directory; each variant's `5_eval` scores it against the same `fixed` run. The comparison
+table puts those soft rows side by side: what the remedy changed in the joint settings, test
+perplexity and Δ vs fixed with their CIs, and planner accuracy before joint training (the
+pretrained planner) and after it.
+
+`make demo SEEDS=3` trains the planner and every joint run again with other seeds; the verdict
+table (`--verdicts`) reads each seed's evaluation and says, for each question the demo answers,
+each seed's figure with its CI, their mean and spread, and whether every seed gives one verdict.
 """
 
 from __future__ import annotations
@@ -70,6 +74,71 @@ def comparison_table(run_dirs: Sequence[Path], selection: str = "soft") -> str:
     return results_markdown(rows, COLUMNS, label_header="run directory")
 
 
+VERDICT_CHANGES = (("oracle", "oracle", "fixed"), ("soft vs fixed", "soft", "fixed"), ("soft vs boundary", "soft", "boundary"))
+"""(question, run, control): the paired PPL changes whose sign is the demo's verdict."""
+COPY_LEAD_BAR = 0.03
+"""The planner must beat copying the previous sentence's action by this much top-1 to count as better."""
+
+
+def _change_verdict(change: Interval | None) -> str:
+    if change is None:
+        return "missing"
+    if change.high < 0:
+        return "helps"
+    return "hurts" if change.low > 0 else "no difference"
+
+
+def verdict_rows(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """One row per question: each run directory's figure (and CI), mean, spread and one verdict or 'flips'.
+
+    The questions: oracle, soft vs fixed and soft vs boundary (paired relative PPL change of the
+    run scored with its own codes; a verdict needs its CI to exclude 0), and the pretrained
+    planner's top-1 lead over copying the previous sentence's action (better only by at least
+    `COPY_LEAD_BAR`).
+    """
+    evaluations = [_read_json(RunFolder(d).dir("evaluate") / "metrics.json") for d in run_dirs]
+    rows = []
+    for question, run, control in VERDICT_CHANGES:
+        cells = []
+        for metrics in evaluations:
+            row = next((r for r in metrics["rows"] if r["run"] == run and r.get("matched")), None)
+            cells.append(_interval(row.get(f"vs_{control}")) if row else None)
+        rows.append(_verdict_row(f"{question} vs {control}" if question == run else question, cells,
+                                 [_change_verdict(c) for c in cells], "{:+.2%}"))
+    leads = []
+    for metrics in evaluations:
+        top1 = metrics.get("planner", {}).get("pretrained", {}).get("top1")
+        previous = metrics.get("planner_baselines", {}).get("previous_top1")
+        leads.append(None if top1 is None or previous is None else Interval(top1 - previous, top1 - previous,
+                                                                             top1 - previous))
+    verdicts = ["missing" if c is None else ("better" if c.value >= COPY_LEAD_BAR else
+                                             f"under {COPY_LEAD_BAR:.0%} points") for c in leads]
+    rows.append(_verdict_row("planner top-1 lead over copying", leads, verdicts, "{:+.1%}"))
+    return rows
+
+
+def _verdict_row(question: str, cells: list[Interval | None], verdicts: list[str], fmt: str) -> dict[str, Any]:
+    values = [c.value for c in cells if c is not None]
+    shown = [("–" if c is None else fmt.format(c.value) + ("" if c.low == c.high else
+                                                          f" [{fmt.format(c.low)}, {fmt.format(c.high)}]"))
+             for c in cells]
+    return {"question": question, "cells": shown, "verdicts": verdicts,
+            "mean": fmt.format(sum(values) / len(values)) if values else "–",
+            "spread": fmt.format(max(values) - min(values)).lstrip("+") if values else "–",
+            "verdict": verdicts[0] if len(set(verdicts)) == 1 else "flips: " + ", ".join(verdicts)}
+
+
+def verdict_table(run_dirs: Sequence[Path], labels: Sequence[str] | None = None) -> str:
+    """Markdown: one row per question, one column per run directory (e.g. per seed or precision)."""
+    labels = list(labels or [Path(d).name for d in run_dirs])
+    lines = ["| question | " + " | ".join(labels) + " | mean | spread | verdict |",
+             "|---|" + "---|" * (len(labels) + 3)]
+    for row in verdict_rows(run_dirs):
+        lines.append(f"| {row['question']} | " + " | ".join(row["cells"]) + f" | {row['mean']} | {row['spread']} "
+                     f"| {row['verdict']} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m planner_lm.evaluation.compare",
@@ -78,9 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories, each evaluated (`make evaluate RUN=...`)")
     parser.add_argument("--selection", default="soft", help="which joint run of each directory (default: soft)")
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("--verdicts", action="store_true",
+                        help="instead: each question the demo answers (oracle, soft vs fixed, soft vs boundary, "
+                             "planner vs copying), one column per run directory, and whether they agree")
+    parser.add_argument("--labels", nargs="+", default=None, help="column labels for --verdicts (default: folder names)")
     args = parser.parse_args(argv)
     try:
-        table = comparison_table(args.run_dirs, args.selection)
+        if args.labels is not None and len(args.labels) != len(args.run_dirs):
+            raise UserError(f"--labels names {len(args.labels)} columns for {len(args.run_dirs)} run directories")
+        table = (verdict_table(args.run_dirs, args.labels) if args.verdicts
+                 else comparison_table(args.run_dirs, args.selection))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
