@@ -40,7 +40,8 @@ class JointPlannerLM(L.LightningModule):
 
     Args:
         selection: how the LM sees the plan: soft (softmax(logits/T)·codebook, the paper's
-            method), hard (argmax, no gradient to the planner), straight_through (hard forward,
+            method), pred (the same soft weights from the frozen pretrained planner: the
+            reference's PRED stage, which joint training can warm-start from), hard (argmax, no gradient to the planner), straight_through (hard forward,
             soft backward), gumbel (Gumbel-softmax while training, soft at evaluation), oracle
             (k-means action of the true sentence), fixed (action 0 everywhere), boundary (actions
             0 and 1 alternating by sentence: marks sentence starts, no content), uniform (mean of
@@ -82,6 +83,8 @@ class JointPlannerLM(L.LightningModule):
         codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
         num_actions: number of actions k (linked from the data module).
         embedding_dim: sentence-embedding dimension (linked from the data module).
+        init_lm_path: start the LM from this saved conditioned LM's adapters and codebooks (linked
+            from the data module's `init_from`: a warm start from another joint run, e.g. `pred`).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class JointPlannerLM(L.LightningModule):
         codebook_path: str = "",
         num_actions: int = 0,
         embedding_dim: int = 0,
+        init_lm_path: str | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -128,12 +132,17 @@ class JointPlannerLM(L.LightningModule):
         self.uses_planner = selection in PLANNER_SELECTIONS
         if planner_loss_weight > 0 and not self.uses_planner:
             raise UserError(f"--model.planner_loss_weight > 0 needs a planner, but selection {selection!r} uses none")
+        if planner_loss_weight > 0 and selection == "pred":
+            raise UserError("selection 'pred' keeps the pretrained planner frozen: drop --model.planner_loss_weight "
+                            "(or train selection soft)")
         self.num_actions = num_actions
 
         codebook = torch.from_numpy(np.load(codebook_path).astype(np.float32))
         if tuple(codebook.shape) != (num_actions, embedding_dim):
             raise UserError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
         self.lm = self._build_lm(codebook)
+        if init_lm_path:
+            self.lm.warm_start(init_lm_path)
         self.planner: Planner | None = None
         if self.uses_planner:
             if not planner_path:

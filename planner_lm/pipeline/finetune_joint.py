@@ -29,7 +29,7 @@ SPEC = StageSpec(
     datamodule_class=JointDataModule,
     description="Fine-tune the planner and the action-conditioned LM end to end (stage 4).",
     links=tuple((f"data.{name}", f"model.{name}") for name in
-                ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim")),
+                ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim", "init_lm_path")),
     output_dir=joint_dir,
 )
 
@@ -76,6 +76,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
         "lm_name": data.lm_name,
         "base_mode": model.hparams.base_mode,
         "trained": trained,
+        "init_from": data.init_from,  # warm start: the joint run whose LM this one started from
         "note": None if trained else "plain LM with frozen weights: the untouched base LM, evaluated directly",
     }
     manifest: dict = {}
