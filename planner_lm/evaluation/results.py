@@ -22,7 +22,7 @@ from planner_lm.evaluation.report import (
     results_markdown,
 )
 from planner_lm.evaluation.scoring import TestSet, scored_sources
-from planner_lm.models.selection import eval_source
+from planner_lm.models.selection import OTHER_DOC_SOURCE, eval_source
 from planner_lm.run_folder import JointRun
 
 REFERENCES = ("fixed", "boundary", "none")
@@ -89,7 +89,8 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
     if "pretrained" in planner_table:
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
-    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained"]
+    # the table: each run with its own code source, the soft runs' other-document control, the pretrained planner
+    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained" or row["source"] == OTHER_DOC_SOURCE]
     columns = [c for c in PPL_COLUMNS if any(row.get(c.key) is not None for row in shown)]  # e.g. no `none` run
     table = results_markdown(shown, columns, label_header="run · code source")
     as_json = [{k: (v.as_dict() if isinstance(v, Interval) else v) for k, v in row.items()} for row in rows]
@@ -174,6 +175,11 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
         "(one constant action), `boundary` (an action that only marks where each sentence starts) and "
         f"`none` (the plain LM); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
     )
+    if any(r["source"] == OTHER_DOC_SOURCE for r in metrics["rows"]):
+        notes += (f"\n`{OTHER_DOC_SOURCE}` rows: the same trained run, its planner fed the context sentences of "
+                  "another test document (the next one; same position, clipped to its length): the codes keep "
+                  "their form but lose this document's content, so the gap to the run's own row is what "
+                  "content contributes.\n")
     baselines = metrics["planner_baselines"]
     notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "

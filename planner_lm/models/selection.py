@@ -81,8 +81,15 @@ RUN_ORDER: tuple[str, ...] = ("soft", "pred", "gumbel", "straight_through", "har
                               "fixed", "none")
 """Order of the runs in tables: the method, its planner variants, then the controls."""
 
-CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
-"""What a trained conditioned LM can be given at evaluation time (any run with any source)."""
+OTHER_DOC_SOURCE = "planner_soft_other_doc"
+"""The content control of a soft-conditioned run: the planner's soft weights computed from the context
+sentences of another test document (same position in it, clipped to its length), so the codes keep
+their form and their mix but no longer describe this document."""
+
+CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", OTHER_DOC_SOURCE, "oracle", "fixed", "boundary",
+                                 "uniform", "none")
+"""What a trained conditioned LM can be given at evaluation time (any run with any source; the
+other-document control only for runs scored with planner_soft)."""
 
 GENERATION_SELECTIONS: tuple[str, ...] = ("soft", "hard", "fixed", "boundary", "uniform", "none")
 """What the LM can be conditioned on while generating (oracle needs the true text)."""
