@@ -409,3 +409,25 @@ def test_warm_started_stage_records_its_source(pred_run):
     manifest = run_stage(pred_run, "soft", "--data.init_from", "pred")
     assert manifest["facts"]["init_from"] == "pred"
     assert "init" in manifest["inputs"]
+
+
+def test_runs_record_their_learning_curve_and_evaluation_tabulates_it_against_fixed(pred_run, tmp_path):
+    from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
+    from planner_lm.run_folder import RunFolder
+
+    manifest = run_stage(pred_run, "fixed", "--trainer.val_check_interval", "1", "--trainer.max_steps", "3",
+                         "--model.export_best", "false")
+    folder = RunFolder(pred_run)
+    fixed = folder.joint_run("fixed")
+    curve = fixed.val_curve()
+    assert [row["step"] for row in curve] == [1, 2, 3] and "val_curve.json" in manifest["outputs"]
+    assert curve[-1]["val/ppl"] == pytest.approx(manifest["metrics"]["val/ppl"], rel=1e-5)
+    # pred never validated inside fit (2 steps, one epoch-end validation): its final validation is its one point
+    assert [row["step"] for row in folder.joint_run("pred").val_curve()] == [2]
+    curves = val_curves(folder.joint_runs(["pred", "fixed"]))
+    table = curve_markdown(curves)
+    pred_at_2 = curves["pred"][2] / curves["fixed"][2] - 1
+    assert f"| 2 | {curves['pred'][2]:.2f} ({pred_at_2:+.2%}) | {curves['fixed'][2]:.2f} |" in table
+    assert "| 1 | – |" in table
+    plot_curves(curves, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

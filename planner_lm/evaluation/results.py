@@ -12,6 +12,7 @@ import numpy as np
 
 from planner_lm.artifacts import atomic_write_text
 from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
+from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
 from planner_lm.evaluation.perplexity import nll_by_position
 from planner_lm.evaluation.report import (
     SIGNIFICANT_MARK,
@@ -25,6 +26,7 @@ from planner_lm.evaluation.scoring import TestSet, scored_sources
 from planner_lm.models.selection import OTHER_DOC_SOURCE, eval_source
 from planner_lm.run_folder import JointRun
 
+CURVE_PLOT = "val_curve.png"  # 5_eval: validation PPL of the joint runs by training step (when they validated)
 REFERENCES = ("fixed", "boundary", "none")
 """Controls every row is compared with (paired, per document): the parameter-matched constant
 code, the content-free sentence-boundary code, and the plain LM."""
@@ -152,7 +154,8 @@ def length_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> None:
+def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> list[str]:
+    """Write results.md, metrics.json, the plots and TensorBoard; returns the plot files written."""
     matched_rows = [r for r in metrics["rows"] if "ppl" in r and r["matched"]]
     entries = [(r["label"], Interval(**r["ppl"])) for r in matched_rows]
     ppl_fig = plot_ppl_intervals(entries, out / "ppl.png")
@@ -186,6 +189,12 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
     body += length_markdown(matched_rows)
+    curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step
+    metrics["val_curves"] = {name: {str(step): ppl for step, ppl in points.items()} for name, points in curves.items()}
+    body += curve_markdown(curves)
+    figures = {"ppl": ppl_fig, "nll_by_position": position_fig}
+    if any(len(points) > 1 for points in curves.values()):
+        figures["val_curve"] = plot_curves(curves, out / CURVE_PLOT)
     atomic_write_text(out / "results.md", body)
     atomic_write_text(out / "metrics.json", json.dumps(finite({k: v for k, v in metrics.items() if k != "table"}),
                                                      indent=2) + "\n")
@@ -197,7 +206,8 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
         for key in ("top1", "top5", "mean_rank", "rouge2", "edit", "follow"):
             if row.get(key) is not None:
                 scalars[f"test/{key}/{row['run']}"] = row[key]
-    log_to_tensorboard(out / "tb", scalars, {"ppl": ppl_fig, "nll_by_position": position_fig}, {"results": body})
+    log_to_tensorboard(out / "tb", scalars, figures, {"results": body})
+    return [f"{name}.png" for name in figures]
 
 
 def finite(value: Any) -> Any:

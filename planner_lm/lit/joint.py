@@ -165,6 +165,7 @@ class JointPlannerLM(L.LightningModule):
         self.val_nll = MeanMetric()
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
+        self.val_curve: list[dict[str, float]] = []  # one row per validation during fit: step and val/* metrics
         self.schedules: dict[str, UnfreezeSchedule] = {}
         self.strict_loading = False  # resume checkpoints leave the frozen base out (on_save_checkpoint)
         self._sharded = False
@@ -264,6 +265,9 @@ class JointPlannerLM(L.LightningModule):
             self._check_forgetting(float(accuracy))
         if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
             self.best.offer(values["val/lm_loss"], self.global_step, self, self._handed_off_names(), values)
+            # the learning curve (val_curve.json): rank 0 writes it, every rank holds the same reduced values
+            self.val_curve = [row for row in self.val_curve if row["step"] != self.global_step]
+            self.val_curve.append({"step": int(self.global_step), **{k: round(v, 6) for k, v in values.items()}})
 
     def _handed_off_names(self) -> list[str]:
         """Names of the weights joint training can change (adapters, codebooks, LoRA/base, planner)."""
@@ -281,12 +285,14 @@ class JointPlannerLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["joint_best"] = self.best.to_checkpoint()
+        checkpoint["val_curve"] = list(self.val_curve)
         state = checkpoint.get("state_dict", {})
         for key in self._frozen_base_keys():
             state.pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best.load_checkpoint(checkpoint.get("joint_best"))
+        self.val_curve = list(checkpoint.get("val_curve", []))
         missing = set(self.state_dict()) - set(checkpoint.get("state_dict", {})) - self._frozen_base_keys()
         if missing:
             raise UserError(f"the resume checkpoint lacks trained weights ({sorted(missing)[:3]}...); "

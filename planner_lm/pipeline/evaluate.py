@@ -216,14 +216,14 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
                                protocol)
     metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
-    write_outputs(out, runs, results, test, metrics)
+    plots = write_outputs(out, runs, results, test, metrics)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(finite(x)) + "\n" for x in samples))
     inputs = {"prepare": folder.dir("prepare"), "embed": folder.dir("embed"), "cluster": folder.dir("cluster"),
               **({"planner": pretrained.dir} if pretrained is not None else {}),
               **{f"joint-{r.selection}": r.dir for r in runs}}
     headline = {row["label"]: row["ppl"]["value"] for row in metrics["rows"] if row.get("matched")}
     write_manifest(out, stage=STAGE, config=config, inputs=inputs,
-                   outputs=["metrics.json", "results.md", "ppl.png", "nll_by_position.png", "generations.jsonl"],
+                   outputs=["metrics.json", "results.md", *plots, "generations.jsonl"],
                    facts={"scored": scored, "test_docs": len(test.documents), "test_tokens": test.num_tokens},
                    metrics={"test/ppl": headline, "seconds": metrics["seconds"]["total"]}, seed=cfg.seed)
     print()

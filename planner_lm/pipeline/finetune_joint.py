@@ -6,14 +6,16 @@ the planner) and `manifest.json` with the final validation perplexity.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from planner_lm.artifacts import atomic_write_text
 from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint)
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.lit.joint import JointPlannerLM
-from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, stage_dir
+from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, VAL_CURVE_FILE, stage_dir
 
 STAGE = "finetune_joint"
 
@@ -55,8 +57,15 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
 
     outputs = [JOINT_LM_DIR]
+    curve = list(model.val_curve)
+    if best is None and trained and (not curve or curve[-1]["step"] != trainer.global_step):
+        curve.append({"step": int(trainer.global_step), **{k: round(float(v), 6) for k, v in validation.items()}})
+    if curve:
+        outputs.append(VAL_CURVE_FILE)
     lm, planner = model.hand_off_modules()  # under FSDP: full copies gathered from every rank
     if trainer.is_global_zero:
+        if curve:
+            atomic_write_text(out / VAL_CURVE_FILE, json.dumps(curve, indent=1) + "\n")
         lm.save_pretrained(out / JOINT_LM_DIR, tokenizer=data.tokenizer)
         if planner is not None:
             planner.save_pretrained(out / PLANNER_DIR, upstream={name: str(path) for name, path in data.inputs.items()})
