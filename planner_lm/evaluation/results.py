@@ -120,7 +120,8 @@ def setting_line(protocol: dict[str, Any]) -> str:
                if "bf16_vs_fp32_ppl_rel_diff" in protocol else "") + ".")
 
 
-LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 3), (4, 10), (11, 30), (31, 100), (101, None))
+LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 3), (4, 10), (11, 30), (31, 100), (101, 300), (301, 1000),
+                                                     (1001, None))
 """Document lengths in sentences for the PPL-by-length breakdown (None: no upper bound)."""
 
 
