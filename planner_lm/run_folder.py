@@ -9,6 +9,7 @@ codebook, document starts, the token cache and the joint runs by selection.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,6 +39,7 @@ EMBEDDINGS_FILE = "embeddings.npy"  # 1_embed: float16 [num_sentences, dim], row
 CENTROIDS_FILE = "centroids.npy"  # 2_cluster: float32 [k, dim], the codebook of writing actions
 ACTIONS_FILE = "actions.npy"  # 2_cluster: int32 [num_sentences], the action of every sentence
 JOINT_LM_DIR = "lm"  # 4_joint-*: the conditioned LM (and its tokenizer)
+VAL_CURVE_FILE = "val_curve.json"  # 4_joint-*: [{step, val/ppl, val/lm_loss, ...}] of every validation in training
 HUB_DIR = "hub"  # 4_joint-*: shareable copies with model cards (`planner_lm.publish`)
 TOKEN_CACHE_DIR = "tokens"  # tokenized splits, shared by every stage that reads tokens
 _TOKENIZER_MARKER = "tokenizer_config.json"
@@ -74,6 +76,15 @@ class JointRun:
         """The planner this run tuned (None for selections that do not use one)."""
         path = self.dir / PLANNER_DIR
         return path if (path / _PLANNER_CONFIG).is_file() else None
+
+    @property
+    def val_curve_path(self) -> Path:
+        return self.dir / VAL_CURVE_FILE
+
+    def val_curve(self) -> list[dict[str, float]]:
+        """Validation metrics by training step (empty for runs that never validated during training)."""
+        path = self.val_curve_path
+        return json.loads(path.read_text()) if path.is_file() else []
 
     @property
     def hub_dir(self) -> Path:

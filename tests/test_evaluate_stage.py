@@ -91,7 +91,7 @@ def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
     rows = {(r["run"], r["source"]): r for r in metrics["rows"]}
     sources = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
     expected = {(run, s) for run in ("soft", "fixed", "boundary") for s in sources}
-    expected |= {("none", "none"), ("pretrained", "-")}
+    expected |= {("none", "none"), ("pretrained", "-"), ("soft", "planner_soft_other_doc")}  # the control: soft runs only
     assert set(rows) == expected
     assert rows[("soft", "planner_soft")]["matched"] and not rows[("soft", "oracle")]["matched"]
     for key, row in rows.items():
@@ -129,8 +129,8 @@ def test_outputs_and_manifest(metrics, run_dir):
     assert "| run · code source |" in table and "| soft · planner_soft |" in table
     # one row per run with its own code source, plus the pretrained planner; the grid is in metrics.json
     main_table = table.split("PPL by document length")[0]
-    assert main_table.count("\n| ") == 1 + 5
-    assert table.count("\n| ") == 1 + 5 + 1 + 4  # and the by-length table: header + one row per run
+    assert main_table.count("\n| ") == 1 + 6 and "| soft · planner_soft_other_doc |" in main_table
+    assert table.count("\n| ") == 1 + 6 + 1 + 4  # and the by-length table: header + one row per run
     assert "Δ vs boundary [95 % CI]" in table and "Setting: base LM tiny (" in table
     protocol = metrics["protocol"]
     assert protocol["stride"] == 8 and protocol["test_docs"] == 3 and protocol["precision"] == "32"
@@ -302,9 +302,9 @@ def test_another_corpus_is_scored_with_the_runs_recipe(metrics, run_dir, tmp_pat
     assert last > 300 * 5  # the long document was scored whole
     # the shared documents score as before (up to float noise of other batch neighbours): compare
     # through the length buckets, which the long document does not enter
-    assert rows[("fixed", "fixed")]["by_length"]["101+"]["docs"] == 1
+    assert rows[("fixed", "fixed")]["by_length"]["101-300"]["docs"] == 1
     for key in (("fixed", "fixed"), ("none", "none")):
-        shared = {k: v for k, v in rows[key]["by_length"].items() if k != "101+"}
+        shared = {k: v for k, v in rows[key]["by_length"].items() if k != "101-300"}
         assert shared.keys() == before[key]["by_length"].keys()
         for bucket, value in shared.items():
             assert value["tokens"] == before[key]["by_length"][bucket]["tokens"]
@@ -345,3 +345,32 @@ def test_documents_sharded_over_two_processes_give_the_same_table(metrics, run_d
     for row in (r for r in sharded["rows"] if "ppl" in r):
         assert row["tokens"] == rows[(row["run"], row["source"])]["tokens"]
         assert row["nll"] == pytest.approx(rows[(row["run"], row["source"])]["nll"], rel=1e-6)
+
+
+def test_other_document_control_feeds_the_planner_another_documents_context(run_dir):
+    """Same position in the next document (clipped to its length), deterministic, and other codes."""
+    from planner_lm.evaluation.planner_metrics import other_document_logits, other_document_targets, planner_logits
+    from planner_lm.evaluation.scoring import code_weights
+    from planner_lm.evaluation.texts import test_split_text
+    from planner_lm.run_folder import RunFolder
+
+    # documents of 3, 1 and 2 sentences starting at ids 10, 13, 14
+    ids, firsts = torch.tensor([10, 11, 12, 13, 14, 15]), torch.tensor([10, 10, 10, 13, 14, 14])
+    other_ids, other_firsts = other_document_targets(ids, firsts)
+    assert other_firsts.tolist() == [13, 13, 13, 14, 10, 10]
+    assert other_ids.tolist() == [13, 14, 14, 14, 10, 11]  # positions 0,1,2 -> 0,1,1 (1 sentence); 0 -> 0; 0,1 -> 0,1
+
+    folder = RunFolder(run_dir)
+    text = test_split_text(folder)
+    planner = Planner.from_pretrained(stage_dir(run_dir, "pretrain_planner") / "planner")
+    lo, hi = folder.prepared.sentence_range("test")
+    test_ids = torch.arange(lo, hi)
+    doc_first = torch.from_numpy(np.asarray(folder.doc_first[lo:hi], dtype=np.int64))
+    own = planner_logits(planner, text.embeddings, test_ids, doc_first)
+    other = other_document_logits(planner, text.embeddings, test_ids, doc_first)
+    assert torch.equal(other, other_document_logits(planner, text.embeddings, test_ids, doc_first))
+    first_sentences = test_ids == doc_first  # no context in either document: the same (empty) input
+    assert torch.equal(other[first_sentences], own[first_sentences])
+    assert not torch.allclose(other[~first_sentences], own[~first_sentences])
+    weights = code_weights("planner_soft_other_doc", other, torch.zeros(len(test_ids)), K, test_ids - doc_first)
+    torch.testing.assert_close(weights, torch.softmax(other, -1))

@@ -342,3 +342,93 @@ def test_resume_checkpoints_leave_the_frozen_base_out_and_still_resume(tmp_path)
     assert again["metrics"]["steps"] == 2
     for name, value in Planner.from_pretrained(out).state_dict().items():
         assert torch.equal(value, first[name]), name
+
+
+def test_pred_trains_the_lm_on_the_frozen_planners_soft_weights(data):
+    """The reference's PRED stage: soft weights of the pretrained planner, which never changes."""
+    model = make_model(data, "pred")
+    assert not any(p.requires_grad for p in model.planner.parameters())
+    batch = next(iter(data.train_dataloader()))
+    pretrained = Planner.from_pretrained(data.planner_path).eval()
+    with torch.no_grad():
+        expected = torch.softmax(pretrained(batch["plan_context"], batch["plan_context_mask"]), -1)[batch["token_plan"]]
+    weights, _ = model.action_weights(batch)
+    torch.testing.assert_close(weights, expected)  # fp32 on every host: no autocast here
+    assert planner_grad_norm(model, batch) == 0.0
+    assert all(p.grad is not None for p in model.lm.adapter_parameters())
+    with pytest.raises(UserError, match="pred.*frozen"):
+        make_model(data, "pred", planner_loss_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def pred_run(tmp_path_factory) -> Path:
+    """A run directory with a finished 2-step `pred` run (the warm start's source)."""
+    run = make_fake_upstream(tmp_path_factory.mktemp("warm"), num_docs=12, dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
+    run_stage(run, "pred", "--model.lr", "1e-2")
+    return run
+
+
+def test_warm_start_begins_with_the_pred_runs_adapters_and_codebooks(pred_run):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(stage_dir(pred_run, "finetune_joint", "pred") / "lm" / "conditioning.safetensors"))
+    data = make_data(pred_run, init_from="pred")
+    assert data.inputs["init"] == stage_dir(pred_run, "finetune_joint", "pred")
+    warm = make_model(data, "soft", init_lm_path=data.init_lm_path)
+    cold = make_model(data, "soft")
+    for name, tensor in warm.lm.adapters.state_dict().items():
+        assert torch.equal(tensor, saved[f"adapters.{name}"]), name
+        assert not torch.equal(tensor, cold.lm.adapters.state_dict()[name]), name  # the pred run trained them
+    assert torch.equal(warm.lm.codebook.detach(), saved["codebook"])
+    assert not torch.equal(cold.lm.codebook.detach(), saved["codebook"])  # the pred run moved them
+
+
+def test_warm_start_refuses_a_run_of_other_layers_or_another_base(pred_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from planner_lm.models.base_lm import load_base_lm
+    from planner_lm.models.conditioning import ActionConditionedLM
+
+    data = make_data(pred_run, init_from="pred")
+    with pytest.raises(UserError, match="conditioned_layers"):
+        JointPlannerLM(selection="soft", lm_path=data.lm_path, planner_path=data.planner_path,
+                       codebook_path=data.codebook_path, num_actions=K, embedding_dim=DIM, conditioned_layers=[3],
+                       init_lm_path=data.init_lm_path)
+    base = load_base_lm(data.lm_path)
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(base.config)  # same shape, other weights
+    codebook = torch.from_numpy(np.load(data.codebook_path))
+    with pytest.raises(UserError, match="another base"):
+        ActionConditionedLM(other, codebook, conditioned_layers=[2, 3]).warm_start(data.init_lm_path)
+    with pytest.raises(UserError, match="not a finished joint run"):
+        make_data(pred_run, init_from="hard")
+
+
+def test_warm_started_stage_records_its_source(pred_run):
+    manifest = run_stage(pred_run, "soft", "--data.init_from", "pred")
+    assert manifest["facts"]["init_from"] == "pred"
+    assert "init" in manifest["inputs"]
+
+
+def test_runs_record_their_learning_curve_and_evaluation_tabulates_it_against_fixed(pred_run, tmp_path):
+    from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
+    from planner_lm.run_folder import RunFolder
+
+    manifest = run_stage(pred_run, "fixed", "--trainer.val_check_interval", "1", "--trainer.max_steps", "3",
+                         "--model.export_best", "false")
+    folder = RunFolder(pred_run)
+    fixed = folder.joint_run("fixed")
+    curve = fixed.val_curve()
+    assert [row["step"] for row in curve] == [1, 2, 3] and "val_curve.json" in manifest["outputs"]
+    assert curve[-1]["val/ppl"] == pytest.approx(manifest["metrics"]["val/ppl"], rel=1e-5)
+    # pred never validated inside fit (2 steps, one epoch-end validation): its final validation is its one point
+    assert [row["step"] for row in folder.joint_run("pred").val_curve()] == [2]
+    curves = val_curves(folder.joint_runs(["pred", "fixed"]))
+    table = curve_markdown(curves)
+    pred_at_2 = curves["pred"][2] / curves["fixed"][2] - 1
+    assert f"| 2 | {curves['pred'][2]:.2f} ({pred_at_2:+.2%}) | {curves['fixed'][2]:.2f} |" in table
+    assert "| 1 | – |" in table
+    plot_curves(curves, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

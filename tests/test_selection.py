@@ -41,7 +41,7 @@ def test_weights_are_distributions(logits, mode):
     assert (weights >= 0).all()
 
 
-@pytest.mark.parametrize("mode", ["soft", "straight_through", "gumbel", "hard"])
+@pytest.mark.parametrize("mode", ["soft", "pred", "straight_through", "gumbel", "hard"])
 def test_gradient_reaches_logits_only_in_differentiable_modes(logits, mode):
     weights = select_weights(logits, mode, training=True)
     target = torch.randn(K)

@@ -88,6 +88,9 @@ class JointDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         token_cache_dir: where tokenized splits are cached; default `<run_dir>/tokens` (shared by
             all selections; keyed by the prepared corpus's manifest hash and the tokenizer).
+        init_from: warm start: the selection of a finished joint run of this run directory (e.g.
+            `pred`) whose LM adapters and codebooks the LM starts from; it must share the base LM,
+            k and conditioned layers (the reference starts joint training from its PRED LM).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class JointDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         token_cache_dir: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         check_window(window, stride)
@@ -111,6 +115,8 @@ class JointDataModule(L.LightningDataModule):
         self.num_workers, self.needs_planner = num_workers, needs_planner
         self.folder = RunFolder(self.run_dir)
         self._read_upstream(lm, planner_dir)
+        self.init_from = init_from or None
+        self.init_lm_path = self._warm_start_source(init_from)
         self.token_cache_dir = (Path(token_cache_dir) / self.prepared.manifest.hash if token_cache_dir
                                 else self.folder.token_cache_dir)
         self._tokenizer: Any = None
@@ -149,6 +155,17 @@ class JointDataModule(L.LightningDataModule):
             self.context_sentences = int(planner_manifest.fact("context_sentences"))
             self.planner_path = str(planner_manifest.dir / PLANNER_DIR)
             self.inputs["planner"] = planner_manifest.dir
+
+    def _warm_start_source(self, init_from: str | None) -> str | None:
+        """The LM folder of the joint run `init_from` (recorded as an input), checked against this base LM."""
+        if not init_from:
+            return None
+        run = self.folder.joint_run(init_from)
+        if str(run.manifest.facts.get("lm_name")) != self.lm_name:
+            raise UserError(f"--data.init_from {init_from}: {run.dir} was trained on base LM "
+                            f"{run.manifest.facts.get('lm_name')!r}, not {self.lm_name!r}; warm-start from a run of this base")
+        self.inputs["init"] = run.dir
+        return str(run.lm_dir)
 
     @property
     def tokenizer(self) -> Any:

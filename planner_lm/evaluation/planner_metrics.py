@@ -42,6 +42,29 @@ def planner_logits(
     return torch.cat(chunks)
 
 
+def other_document_targets(sentence_ids: Tensor, doc_first_sentence: Tensor) -> tuple[Tensor, Tensor]:
+    """For each target sentence, the same position in the NEXT document (cyclically; clipped to that
+    document's length): ``(ids, doc_first)`` whose contexts are another document's sentences.
+
+    The content control of evaluation: the planner sees a real context of the same length (up to
+    the other document's length) that says nothing about this document. Deterministic; with a
+    single document it is that document (no other exists).
+    """
+    firsts, counts = torch.unique_consecutive(doc_first_sentence, return_counts=True)
+    doc = torch.repeat_interleave(torch.arange(len(firsts)), counts)
+    other = (doc + 1) % len(firsts)
+    position = sentence_ids - doc_first_sentence
+    # position == length is allowed: that target's context is the whole other document
+    return firsts[other] + torch.minimum(position, counts[other]), firsts[other]
+
+
+def other_document_logits(planner: torch.nn.Module, embeddings: np.ndarray | Tensor, sentence_ids: Tensor,
+                          doc_first_sentence: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Planner logits ``[M, K]`` from another document's context (`other_document_targets`)."""
+    ids, firsts = other_document_targets(sentence_ids, doc_first_sentence)
+    return planner_logits(planner, embeddings, ids, firsts, device=device)
+
+
 def planner_scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
     """``top1``, ``top5``, ``mean_rank`` and ``nll`` of ``logits [M, K]`` against ``targets [M]``."""
     if len(targets) == 0:

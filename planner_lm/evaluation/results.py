@@ -12,6 +12,7 @@ import numpy as np
 
 from planner_lm.artifacts import atomic_write_text
 from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
+from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
 from planner_lm.evaluation.perplexity import nll_by_position
 from planner_lm.evaluation.report import (
     SIGNIFICANT_MARK,
@@ -22,9 +23,10 @@ from planner_lm.evaluation.report import (
     results_markdown,
 )
 from planner_lm.evaluation.scoring import TestSet, scored_sources
-from planner_lm.models.selection import eval_source
+from planner_lm.models.selection import OTHER_DOC_SOURCE, eval_source
 from planner_lm.run_folder import JointRun
 
+CURVE_PLOT = "val_curve.png"  # 5_eval: validation PPL of the joint runs by training step (when they validated)
 REFERENCES = ("fixed", "boundary", "none")
 """Controls every row is compared with (paired, per document): the parameter-matched constant
 code, the content-free sentence-boundary code, and the plain LM."""
@@ -102,7 +104,8 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
     if "pretrained" in planner_table:
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
-    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained"]
+    # the table: each run with its own code source, the soft runs' other-document control, the pretrained planner
+    shown = [row for row in rows if row["matched"] or row["run"] == "pretrained" or row["source"] == OTHER_DOC_SOURCE]
     columns = [c for c in PPL_COLUMNS if any(row.get(c.key) is not None for row in shown)]  # e.g. no `none` run
     table = results_markdown(shown, columns, label_header="run · code source")
     as_json = [{k: (v.as_dict() if isinstance(v, Interval) else v) for k, v in row.items()} for row in rows]
@@ -130,7 +133,8 @@ def setting_line(protocol: dict[str, Any]) -> str:
                if "bf16_vs_fp32_ppl_rel_diff" in protocol else "") + ".")
 
 
-LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 3), (4, 10), (11, 30), (31, 100), (101, None))
+LENGTH_BUCKETS: tuple[tuple[int, int | None], ...] = ((1, 3), (4, 10), (11, 30), (31, 100), (101, 300), (301, 1000),
+                                                     (1001, None))
 """Document lengths in sentences for the PPL-by-length breakdown (None: no upper bound)."""
 
 
@@ -164,7 +168,8 @@ def length_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> None:
+def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metrics: dict) -> list[str]:
+    """Write results.md, metrics.json, the plots and TensorBoard; returns the plot files written."""
     matched_rows = [r for r in metrics["rows"] if "ppl" in r and r["matched"]]
     entries = [(r["label"], Interval(**r["ppl"])) for r in matched_rows]
     ppl_fig = plot_ppl_intervals(entries, out / "ppl.png")
@@ -187,12 +192,23 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
         "(one constant action), `boundary` (an action that only marks where each sentence starts) and "
         f"`none` (the untouched pretrained base LM, shown only when a run kept it); {SIGNIFICANT_MARK.strip()} = the CI excludes 0. Best value per column in bold.\n"
     )
+    if any(r["source"] == OTHER_DOC_SOURCE for r in metrics["rows"]):
+        notes += (f"\n`{OTHER_DOC_SOURCE}` rows: the same trained run, its planner fed the context sentences of "
+                  "another test document (the next one; same position, clipped to its length): the codes keep "
+                  "their form but lose this document's content, so the gap to the run's own row is what "
+                  "content contributes.\n")
     baselines = metrics["planner_baselines"]
     notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
     body += length_markdown(matched_rows)
+    curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step
+    metrics["val_curves"] = {name: {str(step): ppl for step, ppl in points.items()} for name, points in curves.items()}
+    body += curve_markdown(curves)
+    figures = {"ppl": ppl_fig, "nll_by_position": position_fig}
+    if any(len(points) > 1 for points in curves.values()):
+        figures["val_curve"] = plot_curves(curves, out / CURVE_PLOT)
     atomic_write_text(out / "results.md", body)
     atomic_write_text(out / "metrics.json", json.dumps(finite({k: v for k, v in metrics.items() if k != "table"}),
                                                      indent=2) + "\n")
@@ -204,7 +220,8 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
         for key in ("top1", "top5", "mean_rank", "rouge2", "edit", "follow"):
             if row.get(key) is not None:
                 scalars[f"test/{key}/{row['run']}"] = row[key]
-    log_to_tensorboard(out / "tb", scalars, {"ppl": ppl_fig, "nll_by_position": position_fig}, {"results": body})
+    log_to_tensorboard(out / "tb", scalars, figures, {"results": body})
+    return [f"{name}.png" for name in figures]
 
 
 def finite(value: Any) -> Any:

@@ -16,7 +16,7 @@ from planner_lm.data.lm_windows import load_or_build_token_cache
 from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import ScoringDocument, causal_lm_logprobs, sliding_window_nll
 from planner_lm.models.conditioning import CONFIG_FILE
-from planner_lm.models.selection import CODE_SOURCES, eval_source, select_weights
+from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, eval_source, select_weights
 from planner_lm.evaluation.texts import ScoredText
 from planner_lm.run_folder import JointRun
 
@@ -73,7 +73,7 @@ def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor
     ``positions`` is each sentence's index in its document (boundary); ``temperature`` is the
     softmax temperature the run was trained with (planner_soft).
     """
-    if source == "planner_soft":
+    if source in ("planner_soft", OTHER_DOC_SOURCE):  # the other-document control: logits of other contexts
         return select_weights(logits, "soft", temperature=temperature)
     if source == "planner_hard":
         return select_weights(logits, "hard")

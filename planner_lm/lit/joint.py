@@ -40,7 +40,8 @@ class JointPlannerLM(L.LightningModule):
 
     Args:
         selection: how the LM sees the plan: soft (softmax(logits/T)·codebook, the paper's
-            method), hard (argmax, no gradient to the planner), straight_through (hard forward,
+            method), pred (the same soft weights from the frozen pretrained planner: the
+            reference's PRED stage, which joint training can warm-start from), hard (argmax, no gradient to the planner), straight_through (hard forward,
             soft backward), gumbel (Gumbel-softmax while training, soft at evaluation), oracle
             (k-means action of the true sentence), fixed (action 0 everywhere), boundary (actions
             0 and 1 alternating by sentence: marks sentence starts, no content), uniform (mean of
@@ -82,6 +83,8 @@ class JointPlannerLM(L.LightningModule):
         codebook_path: `centroids.npy` of the cluster stage (linked from the data module).
         num_actions: number of actions k (linked from the data module).
         embedding_dim: sentence-embedding dimension (linked from the data module).
+        init_lm_path: start the LM from this saved conditioned LM's adapters and codebooks (linked
+            from the data module's `init_from`: a warm start from another joint run, e.g. `pred`).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class JointPlannerLM(L.LightningModule):
         codebook_path: str = "",
         num_actions: int = 0,
         embedding_dim: int = 0,
+        init_lm_path: str | None = None,
     ) -> None:
         super().__init__()
         try:
@@ -128,12 +132,17 @@ class JointPlannerLM(L.LightningModule):
         self.uses_planner = selection in PLANNER_SELECTIONS
         if planner_loss_weight > 0 and not self.uses_planner:
             raise UserError(f"--model.planner_loss_weight > 0 needs a planner, but selection {selection!r} uses none")
+        if planner_loss_weight > 0 and selection == "pred":
+            raise UserError("selection 'pred' keeps the pretrained planner frozen: drop --model.planner_loss_weight "
+                            "(or train selection soft)")
         self.num_actions = num_actions
 
         codebook = torch.from_numpy(np.load(codebook_path).astype(np.float32))
         if tuple(codebook.shape) != (num_actions, embedding_dim):
             raise UserError(f"codebook {codebook_path} has shape {tuple(codebook.shape)}, expected ({num_actions}, {embedding_dim})")
         self.lm = self._build_lm(codebook)
+        if init_lm_path:
+            self.lm.warm_start(init_lm_path)
         self.planner: Planner | None = None
         if self.uses_planner:
             if not planner_path:
@@ -156,6 +165,7 @@ class JointPlannerLM(L.LightningModule):
         self.val_nll = MeanMetric()
         self.val_planner_acc = MeanMetric()
         self.planner_acc_start: float | None = None
+        self.val_curve: list[dict[str, float]] = []  # one row per validation during fit: step and val/* metrics
         self.schedules: dict[str, UnfreezeSchedule] = {}
         self.strict_loading = False  # resume checkpoints leave the frozen base out (on_save_checkpoint)
         self._sharded = False
@@ -255,6 +265,9 @@ class JointPlannerLM(L.LightningModule):
             self._check_forgetting(float(accuracy))
         if not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
             self.best.offer(values["val/lm_loss"], self.global_step, self, self._handed_off_names(), values)
+            # the learning curve (val_curve.json): rank 0 writes it, every rank holds the same reduced values
+            self.val_curve = [row for row in self.val_curve if row["step"] != self.global_step]
+            self.val_curve.append({"step": int(self.global_step), **{k: round(v, 6) for k, v in values.items()}})
 
     def _handed_off_names(self) -> list[str]:
         """Names of the weights joint training can change (adapters, codebooks, LoRA/base, planner)."""
@@ -272,12 +285,14 @@ class JointPlannerLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["joint_best"] = self.best.to_checkpoint()
+        checkpoint["val_curve"] = list(self.val_curve)
         state = checkpoint.get("state_dict", {})
         for key in self._frozen_base_keys():
             state.pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best.load_checkpoint(checkpoint.get("joint_best"))
+        self.val_curve = list(checkpoint.get("val_curve", []))
         missing = set(self.state_dict()) - set(checkpoint.get("state_dict", {})) - self._frozen_base_keys()
         if missing:
             raise UserError(f"the resume checkpoint lacks trained weights ({sorted(missing)[:3]}...); "

@@ -38,6 +38,11 @@ __all__ = ["BASE_MODES", "ActionConditionedLM"]
 BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
 """How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
 
+WARM_START_MATCH: tuple[str, ...] = ("model_type", "conditioned_layers", "num_actions", "action_dim",
+                                     "per_layer_codebook", "adapter_site", "base_mode", "lora_r",
+                                     "lora_target_modules")
+"""Settings a warm start must share with the run it starts from (the weights' shapes and meaning)."""
+
 
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
@@ -363,19 +368,48 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         else:
             model._base_fingerprint = expected
             model.base_reference = config["base"]
-        device = model.codebook.device
+        model._load_trained(state, save_dir)
+        return model
+
+    def warm_start(self, save_dir: str | os.PathLike) -> None:
+        """Start from the adapters, codebook(s) and LoRA layers of a saved conditioned LM (e.g. the
+        `pred` run: the reference's joint training starts from the LM trained on the frozen planner's
+        predictions). Refuses one made for another base, k, codebook dimension or set of layers."""
+        save_dir = Path(save_dir)
+        config_path = save_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing); finish that run first")
+        config = json.loads(config_path.read_text())
+        mine = asdict(self.settings)
+        differ = [k for k in WARM_START_MATCH if config.get(k) != mine[k]]
+        if differ:
+            details = ", ".join(f"{k} {config.get(k)} vs {mine[k]}" for k in differ)
+            raise UserError(f"cannot warm-start from {save_dir}: it differs in {details}; train it with the same "
+                            "settings or drop --data.init_from")
+        if config.get("base_saved") or self.settings.base_mode == "full":
+            raise UserError(f"cannot warm-start from {save_dir}: warm starts carry adapters and codebooks over a "
+                            "frozen (or LoRA) base, not fully fine-tuned base weights")
+        if self._base_fingerprint is None:
+            self._base_fingerprint = weights_fingerprint(self.base)  # frozen/lora: the base never changes
+        if config.get("base_fingerprint") != self._base_fingerprint:
+            raise UserError(f"cannot warm-start from {save_dir}: it was trained on another base LM "
+                            f"({config.get('base')!r}); use a run of the same base")
+        self._load_trained(load_file(str(save_dir / WEIGHTS_FILE)), save_dir)
+
+    def _load_trained(self, state: dict[str, Tensor], save_dir: Path) -> None:
+        """Copy saved codebook(s), adapters and LoRA layers into this model."""
+        device = self.codebook.device
         with torch.no_grad():
-            model.codebook.copy_(state["codebook"].to(device))
-            model.adapters.load_state_dict(
+            self.codebook.copy_(state["codebook"].to(device))
+            self.adapters.load_state_dict(
                 {k[len("adapters."):]: v for k, v in state.items() if k.startswith("adapters.")}
             )
             lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
             if lora:
-                missing = set(lora) - set(model.base.state_dict())
+                missing = set(lora) - set(self.base.state_dict())
                 if missing:
                     raise UserError(f"{save_dir} has LoRA weights the rebuilt model lacks: {sorted(missing)[:3]}")
-                model.base.load_state_dict(lora, strict=False)
-        return model
+                self.base.load_state_dict(lora, strict=False)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -8,6 +8,7 @@ same code path, so comparisons between them are fair.
 | mode             | weights                                            | gradient to logits |
 |------------------|----------------------------------------------------|--------------------|
 | soft             | softmax(logits / T)  (the paper's method)          | yes                |
+| pred             | softmax(logits / T) of the frozen pretrained planner | no (planner frozen) |
 | hard             | one_hot(argmax logits)                             | no                 |
 | straight_through | forward one_hot(argmax), backward softmax(l / T)   | yes (biased)       |
 | gumbel           | softmax((logits + s*g) / T) in training, soft eval | yes                |
@@ -21,6 +22,10 @@ same code path, so comparisons between them are fair.
 next token opens a new sentence (a boundary the splitter drew by looking ahead), which fixed,
 uniform and none do not. It alternates between actions 0 and 1 at every sentence start and says
 nothing about content, so "planner vs boundary" is the gain from content alone.
+
+``pred`` is the reference's "PRED" stage: the LM learns to read the frozen pretrained planner's
+predictions (here its soft weights) before joint training; a soft run can start from its LM
+(``--data.init_from pred``, the authors' default warm start).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class SelectionRole:
 
 SELECTION_ROLES: dict[str, SelectionRole] = {
     "soft": SelectionRole(True, True, "planner_soft", "soft"),
+    "pred": SelectionRole(True, False, "planner_soft", "soft"),
     "hard": SelectionRole(True, False, "planner_hard", "hard"),
     "straight_through": SelectionRole(True, True, "planner_hard", "hard"),
     "gumbel": SelectionRole(True, True, "planner_soft", "soft"),
@@ -71,12 +77,19 @@ PLANNER_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items(
 GRADIENT_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items() if r.planner_gradient)
 """Modes through which the LM loss reaches the planner."""
 
-RUN_ORDER: tuple[str, ...] = ("soft", "gumbel", "straight_through", "hard", "oracle", "boundary", "uniform",
+RUN_ORDER: tuple[str, ...] = ("soft", "pred", "gumbel", "straight_through", "hard", "oracle", "boundary", "uniform",
                               "fixed", "none")
 """Order of the runs in tables: the method, its planner variants, then the controls."""
 
-CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
-"""What a trained conditioned LM can be given at evaluation time (any run with any source)."""
+OTHER_DOC_SOURCE = "planner_soft_other_doc"
+"""The content control of a soft-conditioned run: the planner's soft weights computed from the context
+sentences of another test document (same position in it, clipped to its length), so the codes keep
+their form and their mix but no longer describe this document."""
+
+CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", OTHER_DOC_SOURCE, "oracle", "fixed", "boundary",
+                                 "uniform", "none")
+"""What a trained conditioned LM can be given at evaluation time (any run with any source; the
+other-document control only for runs scored with planner_soft)."""
 
 GENERATION_SELECTIONS: tuple[str, ...] = ("soft", "hard", "fixed", "boundary", "uniform", "none")
 """What the LM can be conditioned on while generating (oracle needs the true text)."""
@@ -179,6 +192,8 @@ def _planner_weights(
     logits: Tensor, mode: str, temperature: float, training: bool, gumbel_scale: float
 ) -> Tensor:
     scaled = logits.float() / temperature
+    if mode == "pred":  # a frozen planner's predictions: the LM loss never reaches it
+        return torch.softmax(scaled.detach(), dim=-1)
     if mode == "soft" or (mode == "gumbel" and not training):
         return torch.softmax(scaled, dim=-1)
     if mode == "gumbel":

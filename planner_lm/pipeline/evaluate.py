@@ -25,12 +25,12 @@ from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import PerplexityResult
 from planner_lm.evaluation.sharding import barrier, process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
-from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
+from planner_lm.evaluation.planner_metrics import other_document_logits, planner_logits, planner_scores
 from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
 from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, test_split_text
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
-from planner_lm.models.selection import CODE_SOURCES, generation_selection
+from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, eval_source, generation_selection
 from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
 from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -150,6 +150,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     logits = {name: planner_logits(p.to(device), text.embeddings, test.sentence_ids, test.sentence_doc_first, device=device)
               for name, p in planners.items()}
     planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
+    other_logits: dict[str, torch.Tensor] = {}  # the other-document control, computed when first asked for
     baselines = text.content_free_baselines(folder, test.sentence_ids.numpy())
 
     structure_eval = _structure_evaluator(cfg, test, text, folder, device, encoder) if rank == 0 else None
@@ -164,18 +165,27 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     windows = {"window": cfg.window, "stride": cfg.stride, "batch_size": cfg.batch_size}
     for run in runs:
         lm = ActionConditionedLM.from_pretrained(run.lm_dir).to(device).eval()
-        run_logits = logits.get(run.selection, logits.get("pretrained"))
+        planner_name = run.selection if run.selection in logits else "pretrained"
+        run_logits = logits.get(planner_name)
         sources = ["none"] if run.selection == "none" else scored_sources(run.selection, cfg.code_sources)
+        if eval_source(run.selection) != "planner_soft":  # the other-document control is soft runs' only
+            sources = [s for s in sources if s != OTHER_DOC_SOURCE]
         for source in sources:
             if source.startswith("planner") and run_logits is None:
                 say(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
                 continue
+            source_logits = run_logits
+            if source == OTHER_DOC_SOURCE:
+                if planner_name not in other_logits:
+                    other_logits[planner_name] = other_document_logits(
+                        planners[planner_name], text.embeddings, test.sentence_ids, test.sentence_doc_first, device)
+                source_logits = other_logits[planner_name]
             key = shared_plain_lm(run) if source == "none" else None
             tick = time.perf_counter()
             if key is not None and key in none_cache:
                 results[(run.selection, source)] = none_cache[key]
                 continue
-            table = code_weights(source, run_logits, test.actions, num_actions, test.positions,
+            table = code_weights(source, source_logits, test.actions, num_actions, test.positions,
                                  run.planner_temperature)
             if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None and rank == 0:
                 precision_check = bf16_vs_fp32(lm, table, test, device, cfg.precision_check_docs, **windows)
@@ -206,14 +216,14 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
                                protocol)
     metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
-    write_outputs(out, runs, results, test, metrics)
+    plots = write_outputs(out, runs, results, test, metrics)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(finite(x)) + "\n" for x in samples))
     inputs = {"prepare": folder.dir("prepare"), "embed": folder.dir("embed"), "cluster": folder.dir("cluster"),
               **({"planner": pretrained.dir} if pretrained is not None else {}),
               **{f"joint-{r.selection}": r.dir for r in runs}}
     headline = {row["label"]: row["ppl"]["value"] for row in metrics["rows"] if row.get("matched")}
     write_manifest(out, stage=STAGE, config=config, inputs=inputs,
-                   outputs=["metrics.json", "results.md", "ppl.png", "nll_by_position.png", "generations.jsonl"],
+                   outputs=["metrics.json", "results.md", *plots, "generations.jsonl"],
                    facts={"scored": scored, "test_docs": len(test.documents), "test_tokens": test.num_tokens},
                    metrics={"test/ppl": headline, "seconds": metrics["seconds"]["total"]}, seed=cfg.seed)
     print()

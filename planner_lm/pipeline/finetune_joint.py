@@ -6,14 +6,16 @@ the planner) and `manifest.json` with the final validation perplexity.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from planner_lm.artifacts import atomic_write_text
 from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint)
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.lit.joint import JointPlannerLM
-from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, stage_dir
+from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, VAL_CURVE_FILE, stage_dir
 
 STAGE = "finetune_joint"
 
@@ -29,7 +31,7 @@ SPEC = StageSpec(
     datamodule_class=JointDataModule,
     description="Fine-tune the planner and the action-conditioned LM end to end (stage 4).",
     links=tuple((f"data.{name}", f"model.{name}") for name in
-                ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim")),
+                ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim", "init_lm_path")),
     output_dir=joint_dir,
 )
 
@@ -55,8 +57,15 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
 
     outputs = [JOINT_LM_DIR]
+    curve = list(model.val_curve)
+    if best is None and trained and (not curve or curve[-1]["step"] != trainer.global_step):
+        curve.append({"step": int(trainer.global_step), **{k: round(float(v), 6) for k, v in validation.items()}})
+    if curve:
+        outputs.append(VAL_CURVE_FILE)
     lm, planner = model.hand_off_modules()  # under FSDP: full copies gathered from every rank
     if trainer.is_global_zero:
+        if curve:
+            atomic_write_text(out / VAL_CURVE_FILE, json.dumps(curve, indent=1) + "\n")
         lm.save_pretrained(out / JOINT_LM_DIR, tokenizer=data.tokenizer)
         if planner is not None:
             planner.save_pretrained(out / PLANNER_DIR, upstream={name: str(path) for name, path in data.inputs.items()})
@@ -76,6 +85,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
         "lm_name": data.lm_name,
         "base_mode": model.hparams.base_mode,
         "trained": trained,
+        "init_from": data.init_from,  # warm start: the joint run whose LM this one started from
         "note": None if trained else "plain LM with frozen weights: the untouched base LM, evaluated directly",
     }
     manifest: dict = {}

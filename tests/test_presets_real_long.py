@@ -1,0 +1,76 @@
+"""`make real` and `make long` wire their stages as documented: every command they would run parses
+and resolves (a dry run: `make -n`, then each stage's own parser with --print_config; no model is
+loaded, so SmolLM2 need not be installed)."""
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_stages import ROOT, load_stage
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def stage_commands(target: str, tmp_path: Path, **variables: str) -> list[tuple[str, list[str]]]:
+    """(stage, arguments) of every stage command `make -n <target>` prints, without repeats."""
+    venv = Path(sys.executable).parent.parent
+    args = ["make", "-n", target, f"VENV={venv}", *(f"{k}={v}" for k, v in variables.items())]
+    lines = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    commands = []
+    for line in dict.fromkeys(lines):
+        if " stages/" not in line:
+            continue
+        words = shlex.split(line.replace(" && true", ""))
+        if len(words) > 1 and words[1].startswith("stages/") and words[1].endswith(".py"):
+            commands.append((Path(words[1]).stem, words[2:]))
+    return commands
+
+
+def resolved(stage: str, args: list[str], capsys) -> dict:
+    """The stage's resolved configuration for `args` (its parser's --print_config)."""
+    with pytest.raises(SystemExit) as exit_:
+        load_stage(stage).run([*args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_controls(tmp_path, capsys):
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="7")
+    joint, order = {}, []
+    for stage, args in commands:
+        config = resolved(stage, args, capsys)
+        if stage == "finetune_joint":
+            order.append((Path(config["run_dir"]).name, config["model"]["selection"]))
+            joint[order[-1]] = config
+        elif stage == "evaluate" and Path(config["run_dir"]).name == "real":
+            assert "planner_soft_other_doc" in config["code_sources"]
+    assert set(joint) >= {("real", s) for s in ("pred", "soft", "none", "fixed", "boundary", "oracle", "hard")}
+    for (where, selection), config in joint.items():
+        assert config["data"]["lm"] == "smollm2-135m" and config["model"]["base_mode"] == "frozen"
+        assert config["model"]["conditioned_layers"] is None and config["model"]["lr"] == 1e-3
+        assert config["trainer"]["max_steps"] == 7
+    soft, pred = joint[("real", "soft")], joint[("real", "pred")]
+    assert soft["data"]["init_from"] == "pred" and soft["model"]["planner_loss_weight"] == 1.0
+    assert pred["data"]["init_from"] is None and pred["model"]["planner_loss_weight"] == 0.0
+    # the variant: the same soft run without the planner loss
+    assert joint[("soft-lm-loss", "soft")]["model"]["planner_loss_weight"] == 0.0
+    # the order: pred is trained before soft needs it
+    assert order.index(("real", "pred")) < order.index(("real", "soft"))
+    sotu = [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+    assert sotu and sotu[0][sotu[0].index("--corpus.name") + 1] == "sotu"
+
+
+def test_make_long_has_every_lm_stage_on_sotu(tmp_path, capsys):
+    stages = {}
+    for stage, args in stage_commands("long", tmp_path):
+        stages.setdefault(stage, resolved(stage, args, capsys))
+    assert {"prepare", "pretrain_lm", "finetune_joint", "evaluate"} <= set(stages)
+    assert stages["prepare"]["corpus"]["name"] == "sotu"
+    assert stages["finetune_joint"]["trainer"]["max_steps"] == 120  # the demo's joint budget, not the paper's
+    assert stages["pretrain_lm"]["trainer"]["max_steps"] == 150
