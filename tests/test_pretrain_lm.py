@@ -65,6 +65,7 @@ def mean_nll(model, run_dir, split, window=16):
     return float(total / count)
 
 
+@pytest.mark.numeric
 def test_stage_trains_and_hands_off_a_standard_hf_directory(tiny_prepared):
     from transformers import GPT2LMHeadModel
 
