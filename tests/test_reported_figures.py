@@ -447,3 +447,135 @@ def test_planner_stage_table(run, capsys):
         assert reported[f"val/baseline_{key}"] == pytest.approx(value, abs=1e-6), key
     assert len({round(v, 6) for v in (expected["top1"], baselines["majority_top1"], baselines["previous_top1"],
                                       baselines["bigram_top1"])}) == 4
+
+
+# ----------------------------------------------------------------------------- another corpus
+def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Argmin of the squared Euclidean distance, one sentence at a time."""
+    return np.array([int(np.argmin(((centroids - v[None]) ** 2).sum(1))) for v in vectors], dtype=np.int64)
+
+
+class OutsideCorpus(Corpus):
+    """Documents handed to evaluate as `--corpus.name`, split, encoded and assigned here."""
+
+    def __init__(self, run: Path, documents: list[list[str]]) -> None:
+        self.docs, first, texts = [], 0, []
+        for sentences in documents:
+            ends, at = [], 0
+            for sentence in sentences:
+                ends.append(at + len(sentence))
+                at += len(sentence) + 1
+            self.docs.append({"text": " ".join(sentences), "sent_start": [e - len(s) for e, s in zip(ends, sentences)],
+                              "sent_end": ends, "first_sentence": first})
+            first += len(sentences)
+            texts.extend(sentences)
+        self.vectors = hash_encoder(texts).numpy()
+        self.actions = nearest_centroid(self.vectors, np.load(stage_dir(run, "cluster") / "centroids.npy"))
+        self.embeddings = self.vectors.astype(np.float16).astype(np.float32)  # stored as float16, like embeddings.npy
+
+
+OUTSIDE = [["red.", "blue gold.", "green red white.", "gold.", "black blue."],
+           ["white white.", "gray.", "red blue.", "brown gold green."],
+           ["gold.", "green white.", "blue red gray.", "white.", "red.", "brown blue."],
+           ["gray gray.", "black."]]
+
+
+@pytest.fixture(scope="module")
+def outside(run, metrics, tmp_path_factory) -> tuple[dict, OutsideCorpus]:
+    path = tmp_path_factory.mktemp("corpus") / "outside.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(doc)}) + "\n" for doc in OUTSIDE))
+    _evaluate(run, "--corpus.name", str(path), "--runs", "[soft, fixed]", "--structure.docs", "0")
+    return (json.loads((run / "5_eval-outside" / "metrics.json").read_text()), OutsideCorpus(run, OUTSIDE))
+
+
+def test_actions_assigned_to_another_corpus(run, outside):
+    """Each outside sentence's action is its nearest centroid: the oracle PPL, the planner's accuracy
+    and the baselines on that corpus, recomputed from actions assigned here in numpy."""
+    reported, corpus = outside
+    stored = np.load(run / "5_eval-outside" / "corpus" / "sentence_vectors.npy")
+    np.testing.assert_allclose(stored.astype(np.float32), corpus.vectors, atol=1e-3)  # same sentences, in order
+    rows = {(r["run"], r["source"]): r for r in reported["rows"]}
+    with torch_threads(1):
+        for source in ("oracle", "planner_soft", "fixed"):
+            sums, counts = per_document_nll(run, "soft", source, corpus)
+            assert rows[("soft", source)]["tokens"] == counts.sum()
+            assert rows[("soft", source)]["ppl"]["value"] == pytest.approx(ppl_of(sums, counts), rel=RTOL), source
+        # the fixture's effect: a different assignment (every action moved by one) moves the oracle PPL
+        moved = per_document_nll(run, "soft", "oracle", corpus, actions=(corpus.actions + 1) % K)
+        assert abs(ppl_of(*moved) / ppl_of(sums, counts) - 1) > 10 * RTOL
+        sentences = list(corpus.sentences())
+        planner = planner_accuracy(joint_planner(run, "soft"), corpus, sentences, corpus.actions)
+    assert reported["planner"]["soft"]["top1"] == pytest.approx(planner["top1"], abs=1e-6)
+    assert reported["planner"]["soft"]["mean_rank"] == pytest.approx(planner["mean_rank"], rel=1e-6)
+    assert reported["planner_baselines"] == pytest.approx(content_free(run, None, targets_of(corpus)), abs=1e-12)
+    assert len(set(corpus.actions.tolist())) >= 4
+
+
+# ----------------------------------------------------------------------------- the harness model
+HARNESS_SENTENCES = ["red.", "blue gold.", "green red white.", "gold.", "black blue.", "white."]
+MAX_LENGTH = 8
+
+
+def harness_codes(run: Path, selection: str, sentences: list[str], leak: bool = False) -> list:
+    """Per sentence: the planner reading the encoded sentences before it (soft, the run's
+    temperature), or the fixed control; `leak` lets the planner read the sentence itself too."""
+    vectors = hash_encoder(sentences).numpy()
+    if selection == "fixed":
+        return [code_of("fixed", None, None, None, j, 0, 1.0) for j in range(len(sentences))]
+    planner = joint_planner(run, selection)
+    return [torch.softmax(planner_logits_of(planner, vectors, j + leak, 0) / SOFT_TEMPERATURE, -1)
+            for j in range(len(sentences))]
+
+
+def harness_expected(run: Path, selection: str, context: list[str], continuation: list[str], leak: bool = False):
+    """(rolling log p(text), log p(continuation | context), greedy?) by token loops."""
+    from transformers import AutoTokenizer
+
+    sentences = [*context, *continuation]
+    text = " ".join(sentences)
+    ends = [len(" ".join(sentences[:i + 1])) for i in range(len(sentences))]
+    tokenizer = AutoTokenizer.from_pretrained(stage_dir(run, "finetune_joint", selection) / "lm")
+    ids, next_sentence = tokens_of(tokenizer, text, ends)
+    per_sentence = harness_codes(run, selection, sentences, leak)
+    codes = [per_sentence[s] for s in next_sentence]
+    lm = load_lm(run, selection)
+    rolling = -math.fsum(document_nll(lm, ids, codes, MAX_LENGTH, MAX_LENGTH - 1))
+    # continuation: its tokens are the last ones; the inputs are the last MAX_LENGTH tokens before the final one
+    context_tokens = len(tokenizer(" ".join(context), add_special_tokens=False)["input_ids"])
+    n = len(ids)
+    start = max(0, n - 1 - MAX_LENGTH)
+    with torch.no_grad():
+        logits = lm(input_ids=torch.tensor([ids[start:n - 1]]),
+                    action_weights=torch.stack(codes[start:n - 1])[None]).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)
+    targets = range(1 + context_tokens, n)
+    loglik = math.fsum(float(logprobs[t - 1 - start, ids[t]]) for t in targets)
+    greedy = all(int(logprobs[t - 1 - start].argmax()) == ids[t] for t in targets)
+    return rolling, loglik, greedy
+
+
+def test_harness_loglikelihoods_with_the_planner_in_the_loop(run, monkeypatch):
+    """`planner-lm`'s rolling log-likelihood (perplexity tasks) and continuation log-likelihood:
+    every token conditioned on the planner's code for the sentence of the next token, the planner
+    reading only the sentences before it; windows of `max_length` tokens. fp32: rel 1e-5."""
+    import planner_lm.sentence_vectors
+    from planner_lm.planned_scoring import PlannedLM
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    context, continuation = HARNESS_SENTENCES[:4], HARNESS_SENTENCES[4:]
+    text = " ".join(HARNESS_SENTENCES)
+    results = {}
+    with torch_threads(1):
+        for selection in ("soft", "fixed"):
+            model = PlannedLM(stage_dir(run, "finetune_joint", selection), device="cpu", max_length=MAX_LENGTH)
+            rolling, loglik, greedy = harness_expected(run, selection, context, continuation)
+            assert model.rolling_loglikelihood(text) == pytest.approx(rolling, rel=RTOL), selection
+            got, got_greedy = model.loglikelihood(" ".join(context), " " + " ".join(continuation))
+            assert got == pytest.approx(loglik, rel=RTOL) and got_greedy == greedy, selection
+            results[selection] = rolling, loglik
+        leaked = harness_expected(run, "soft", context, continuation, leak=True)
+    # the fixture's effects: the plan (soft vs fixed) and what the planner reads move both figures by > 10x RTOL
+    for figure in (0, 1):
+        assert abs(results["soft"][figure] / results["fixed"][figure] - 1) > 10 * RTOL
+        assert abs(leaked[figure] / results["soft"][figure] - 1) > 10 * RTOL
+    assert len(HARNESS_SENTENCES) * 2 + 1 > MAX_LENGTH + 2  # several rolling windows
