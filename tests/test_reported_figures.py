@@ -38,7 +38,7 @@ K, DIM = 8, 16
 WINDOW, STRIDE = 12, 5
 BOOTSTRAP, SEED, CONFIDENCE = 300, 0, 0.95
 SOFT_TEMPERATURE = 0.5
-STRUCTURE_DOCS, PROMPT_SENTENCES = 4, 1
+STRUCTURE_DOCS, PROMPT_SENTENCES = 8, 1
 RTOL = 1e-5  # fp32 sums of a few hundred token log-probabilities
 ATOL_DELTA = 1e-5  # paired relative PPL changes
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +74,27 @@ def _write_joint_run(run: Path, selection: str, tokenizer, planner: bool, seed: 
                           "lm_name": "tiny"})
 
 
+def _never_ends(lm_dir: Path, eos: int) -> None:
+    """Push the tiny LM's end-of-text logit to about -16, so generations run their full length.
+
+    Logits are `ln_f(h) @ wte.T`; with `ln_f.bias = 1` and `wte[eos] = -0.5` everywhere the EOS
+    logit is `-0.5 * 32` whatever the hidden state (a layer-normed vector sums to zero)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[eos] = -0.5
+    model.save_pretrained(lm_dir)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """Upstream stages, the real planner stage (fp32), joint runs soft / fixed / boundary / none."""
     run = make_fake_upstream(tmp_path_factory.mktemp("figures"), num_docs=100, sentences_per_doc=(1, 12), dim=DIM,
                              k=K, action_words=True)
     tokenizer = word_tokenizer()
-    write_fake_lm(run, tokenizer=tokenizer)
+    _never_ends(write_fake_lm(run, tokenizer=tokenizer), tokenizer.eos_token_id)
     with torch_threads(1):
         load_stage("pretrain_planner").run([
             "--config", str(ROOT / "configs" / "pretrain_planner.yaml"), "--run_dir", str(run),
@@ -100,7 +114,7 @@ def _evaluate(run: Path, *extra: str) -> None:
     args = ["--run_dir", str(run), "--window", str(WINDOW), "--stride", str(STRIDE), "--batch_size", "8",
             "--bootstrap_samples", str(BOOTSTRAP), "--seed", str(SEED), "--device", "cpu", "--precision", "32",
             "--structure.docs", str(STRUCTURE_DOCS), "--structure.prompt_sentences", str(PROMPT_SENTENCES),
-            "--structure.max_new_tokens", "24", "--structure.batch_size", "2", *extra]
+            "--structure.max_new_tokens", "40", "--structure.batch_size", "4", *extra]
     with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
         load_stage("evaluate").main(args)
@@ -579,3 +593,78 @@ def test_harness_loglikelihoods_with_the_planner_in_the_loop(run, monkeypatch):
         assert abs(results["soft"][figure] / results["fixed"][figure] - 1) > 10 * RTOL
         assert abs(leaked[figure] / results["soft"][figure] - 1) > 10 * RTOL
     assert len(HARNESS_SENTENCES) * 2 + 1 > MAX_LENGTH + 2  # several rolling windows
+
+
+# ----------------------------------------------------------------------------- structure metrics
+def rouge2_f(generated: str, reference: str) -> float:
+    """Bigram overlap F-measure over lower-cased alphanumeric words (rouge-score's tokenization;
+    its Porter stemming leaves this fixture's colour words unchanged, checked below)."""
+    def bigrams(text):
+        words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+        return Counter(zip(words, words[1:]))
+
+    ours, theirs = bigrams(generated), bigrams(reference)
+    overlap = sum(min(count, theirs[b]) for b, count in ours.items())
+    if not overlap:
+        return 0.0
+    precision, recall = overlap / sum(ours.values()), overlap / sum(theirs.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def levenshtein(a: list[int], b: list[int]) -> int:
+    table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1, table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return table[len(a)][len(b)]
+
+
+def actions_of(texts: list[str], centroids: np.ndarray) -> list[int]:
+    return nearest_centroid(hash_encoder(texts).numpy(), centroids).tolist() if texts else []
+
+
+def test_structure_metrics_of_the_generations(run, metrics):
+    """ROUGE-2 F against the true continuation, action edit distance (raw and over the longer
+    length) and plan following, from generations.jsonl: the first documents with more than the
+    prompt's sentences, continuations split into sentences (Punkt), encoded, nearest centroid."""
+    import nupunkt
+    from nltk.stem.porter import PorterStemmer
+
+    assert all(PorterStemmer().stem(w) == w for w in ACTION_WORDS if len(w) > 3)
+    test = Corpus(run, "test")
+    centroids = np.load(stage_dir(run, "cluster") / "centroids.npy")
+    task = [doc for doc in test.docs if len(doc["sent_start"]) > PROMPT_SENTENCES][:STRUCTURE_DOCS]
+    references = [doc["text"][doc["sent_start"][PROMPT_SENTENCES]:] for doc in task]
+    true = [test.actions[doc["first_sentence"] + PROMPT_SENTENCES:doc["first_sentence"] + len(doc["sent_start"])].tolist()
+            for doc in task]
+    lines = [json.loads(line) for line in (stage_dir(run, "evaluate") / "generations.jsonl").read_text().splitlines()]
+    figures = {}
+    for selection, reported in metrics["structure"].items():
+        generations = [g for g in lines if g["run"] == selection]
+        assert [g["prompt"] for g in generations] == [d["text"][:d["sent_end"][PROMPT_SENTENCES - 1]] for d in task]
+        rouge = [rouge2_f(g["continuation"], ref) for g, ref in zip(generations, references)]
+        realized = []
+        for g in generations:
+            pieces = [g["continuation"][a:b].strip() for a, b in nupunkt.sent_spans(g["continuation"])]
+            realized.append(actions_of([p for p in pieces if p], centroids))
+        edits = [levenshtein(r, t) for r, t in zip(realized, true)]
+        normalized = [e / max(len(r), len(t), 1) for e, r, t in zip(edits, realized, true)]
+        judged = []
+        for g in generations:
+            sentences = [s for s in g["sentences"] if not s["in_prompt"] and s["text"]]
+            if sentences and not g["stopped_at_eos"]:
+                sentences = sentences[:-1]  # cut by the token limit: unfinished
+            judged += [s for s in sentences if s["source"] in ("planner", "forced", "fixed", "boundary")]
+        own = actions_of([s["text"] for s in judged], centroids)
+        expected = {"rouge2": sum(rouge) / len(rouge), "edit": sum(edits) / len(edits),
+                    "edit_normalized": sum(normalized) / len(normalized),
+                    "follow": sum(s["action"] == a for s, a in zip(judged, own)) / len(judged) if judged else None}
+        assert reported["docs"] == len(task) and reported["judged_sentences"] == len(judged), selection
+        for key, value in expected.items():
+            assert reported[key] == (None if value is None else pytest.approx(value, abs=1e-12)), (selection, key)
+        figures[selection] = expected
+    # the fixture's effects: non-trivial figures that differ between runs
+    assert figures["none"]["follow"] is None
+    assert max(f["rouge2"] for f in figures.values()) > 0.05
+    assert len({round(f["edit"], 9) for f in figures.values()}) > 1
+    assert 0 < max(f["follow"] for f in figures.values() if f["follow"] is not None) < 1
