@@ -184,13 +184,19 @@ def planner_logits_of(planner, vectors: np.ndarray, j: int, first: int) -> torch
     return planner.eval()(context, mask)[0].float()
 
 
-def code_of(source: str, planner, vectors, actions, j: int, first: int, temperature: float) -> torch.Tensor | None:
-    """The K action weights sentence `j` is written under, for one code source."""
+def code_of(source: str, planner, vectors, actions, j: int, first: int, temperature: float,
+            other: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """The K action weights sentence `j` is written under, for one code source. `other` is the
+    (first sentence, sentence count) of the next document, cyclically (planner_soft_other_doc)."""
     if source == "none":
         return None
     onehot = torch.zeros(K)
     if source == "planner_soft":
         return torch.softmax(planner_logits_of(planner, vectors, j, first) / temperature, -1)
+    if source == "planner_soft_other_doc":  # the same position in the next document, clipped to its length
+        other_first, other_count = other
+        return torch.softmax(planner_logits_of(planner, vectors, other_first + min(j - first, other_count),
+                                               other_first) / temperature, -1)
     if source == "planner_hard":
         onehot[int(planner_logits_of(planner, vectors, j, first).argmax())] = 1.0
     elif source == "oracle":
@@ -201,6 +207,8 @@ def code_of(source: str, planner, vectors, actions, j: int, first: int, temperat
         onehot[(j - first) % 2] = 1.0
     elif source == "uniform":
         onehot[:] = 1.0 / K
+    else:
+        raise ValueError(f"no recomputation of code source {source!r}: add it here")
     return onehot
 
 
@@ -253,10 +261,12 @@ def per_document_nll(run: Path, selection: str, source: str, corpus: Corpus, act
     actions = corpus.actions if actions is None else actions
     vectors = corpus.embeddings if vectors is None else vectors
     sums, counts = [], []
-    for doc in corpus.docs:
+    for d, doc in enumerate(corpus.docs):
         ids, next_sentence = tokens_of(tokenizer, doc["text"], list(doc["sent_end"]))
         first = doc["first_sentence"]
-        per_sentence = [code_of(source, planner, vectors, actions, first + i, first, temperature)
+        following = corpus.docs[(d + 1) % len(corpus.docs)]
+        other = following["first_sentence"], len(following["sent_start"])
+        per_sentence = [code_of(source, planner, vectors, actions, first + i, first, temperature, other)
                         for i in range(len(doc["sent_start"]))]
         nll = document_nll(lm, ids, [per_sentence[s] for s in next_sentence], window, stride)
         sums.append(math.fsum(nll))
@@ -305,7 +315,7 @@ def recomputed(run, metrics) -> dict:
 # ----------------------------------------------------------------------------- perplexity and Δ
 def test_perplexity_of_every_run_and_code_source(rows, recomputed):
     """PPL = exp(total NLL / tokens) per run x code source (results.md, metrics.json)."""
-    assert len(recomputed) == 3 * len(SOURCES) + 1
+    assert {source for _, source in recomputed} >= set(SOURCES) and len(recomputed) >= 3 * len(SOURCES) + 1
     for key, (sums, counts) in recomputed.items():
         row = rows[key]
         assert row["tokens"] == int(counts.sum()), key
