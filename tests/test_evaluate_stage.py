@@ -46,7 +46,8 @@ def write_joint_run(run_dir: Path, selection: str, tokenizer, with_planner: bool
         outputs.append("planner")
     write_manifest(out, stage="finetune_joint", config={"selection": selection}, outputs=outputs,
                    facts={"selection": selection, "num_actions": K, "embedding_dim": DIM,
-                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "lm_name": "tiny"})
+                          "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "lm_name": "tiny",
+                          "base_mode": "frozen", "trained": selection != "none"})  # adapters only; `none` untouched
 
 
 def fake_joint_runs(where: Path, selections: tuple[str, ...], num_docs: int = 30,
