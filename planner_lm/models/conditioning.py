@@ -30,8 +30,10 @@ from transformers import PreTrainedModel
 from planner_lm.errors import UserError
 from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, ConditioningSettings, get_path, inject_lora,
                                         input_features, normalise_layers)
+from planner_lm.model_files import PRESETS, check_weights_cover_config, path_only
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
-from planner_lm.models.hub import HUB_SETTINGS, HubArtefact
+from planner_lm.models.hub import (HUB_SETTINGS, ConfigRules, HubArtefact, check_shapes, flag, header_shapes, integer,
+                                   list_of, number, one_of, optional, read_config, text)
 
 __all__ = ["BASE_MODES", "ActionConditionedLM"]
 
@@ -44,6 +46,21 @@ WEIGHTS_FILE = "conditioning.safetensors"
 BASE_SUBDIR = "base"
 FORMAT = "planner-lm/action-conditioned-lm"
 FORMAT_VERSION = 1
+MAX_LAYERS, MAX_ACTIONS, MAX_WIDTH = 1024, 1 << 16, 1 << 16
+
+CONFIG_RULES: ConfigRules = {
+    "format": one_of(FORMAT), "format_version": one_of(FORMAT_VERSION), "base": text(), "base_relative": optional(text()),
+    "base_saved": flag(), "base_fingerprint": optional(text(64)), "model_type": one_of(*ADAPTER_TARGETS),
+    "conditioned_layers": list_of(integer(-MAX_LAYERS, MAX_LAYERS - 1), MAX_LAYERS),
+    "num_actions": integer(1, MAX_ACTIONS), "action_dim": integer(1, MAX_WIDTH), "per_layer_codebook": flag(),
+    "train_codebook": flag(), "base_mode": one_of(*BASE_MODES), "lora_r": integer(1, 4096),
+    "lora_alpha": number(0, 1e6), "lora_dropout": number(0.0, 1.0), "lora_target_modules": optional(list_of(text(256), 64)),
+    "adapter_seed": integer(0, 2**63 - 1), "adapter_site": one_of(*ADAPTER_SITES),
+}
+"""What `conditioning_config.json` may hold (checked before anything is built from it)."""
+REQUIRED_KEYS = ("format", "format_version", "base", "base_saved", "model_type", "conditioned_layers", "num_actions",
+                 "action_dim", "per_layer_codebook", "train_codebook", "base_mode", "lora_r", "lora_alpha",
+                 "lora_dropout", "adapter_seed")
 
 
 class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
@@ -325,24 +342,26 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             dtype: load the base in this dtype (adapters stay float32).
             hub_kwargs: `revision`, `cache_dir`, `token`, ... of the Hub download.
         """
+        downloaded = not Path(save_dir).expanduser().is_dir()
         save_dir = cls.local_folder(save_dir, **hub_kwargs)
         config_path = save_dir / CONFIG_FILE
         if not config_path.is_file():
             raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing)")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{config_path} is not a version-{FORMAT_VERSION} conditioned-LM config")
+        config = read_config(config_path, CONFIG_RULES, REQUIRED_KEYS)
+        settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
+        stated = header_shapes(save_dir / WEIGHTS_FILE)
+        books = len(settings.conditioned_layers) if settings.per_layer_codebook else 1
+        check_shapes(save_dir / WEIGHTS_FILE, {"codebook": stated.get("codebook")},
+                     {"codebook": (books, settings.num_actions, settings.action_dim)})
         if base is None:
-            base = load_base_lm(_base_location(save_dir, config), dtype=dtype)
+            base = load_base_lm(_base_location(save_dir, config, downloaded), dtype=dtype)
         expected = config.get("base_fingerprint")
         if check_fingerprint and expected and weights_fingerprint(base) != expected:
             raise UserError(
                 f"the base LM {config['base']!r} differs from the one {save_dir} was trained on "
                 "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
             )
-        settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
-        state = load_file(str(save_dir / WEIGHTS_FILE))
-        codebook = state["codebook"][0]
+        codebook = torch.zeros(settings.num_actions, settings.action_dim)  # its values are copied in below
         model = cls(
             base,
             codebook,
@@ -363,6 +382,12 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         else:
             model._base_fingerprint = expected
             model.base_reference = config["base"]
+        expected = {"codebook": tuple(model.codebook.shape)}
+        expected.update({f"adapters.{k}": tuple(v.shape) for k, v in model.adapters.state_dict().items()})
+        if settings.base_mode == "lora":
+            expected.update({f"lora.{k}": tuple(v.shape) for k, v in model.base.state_dict().items() if "lora_" in k})
+        check_shapes(save_dir / WEIGHTS_FILE, stated, expected)
+        state = load_file(str(save_dir / WEIGHTS_FILE))
         device = model.codebook.device
         with torch.no_grad():
             model.codebook.copy_(state["codebook"].to(device))
@@ -370,10 +395,7 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
                 {k[len("adapters."):]: v for k, v in state.items() if k.startswith("adapters.")}
             )
             lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-            if lora:
-                missing = set(lora) - set(model.base.state_dict())
-                if missing:
-                    raise UserError(f"{save_dir} has LoRA weights the rebuilt model lacks: {sorted(missing)[:3]}")
+            if lora:  # check_shapes made sure the rebuilt model has exactly these
                 model.base.load_state_dict(lora, strict=False)
         return model
 
@@ -385,10 +407,26 @@ def _checkpointing(model: PreTrainedModel) -> bool:
     return bool(getattr(model, name, False))
 
 
-def _base_location(save_dir: Path, config: dict[str, Any]) -> str:
+def _base_location(save_dir: Path, config: dict[str, Any], downloaded: bool) -> str:
+    """Where the base LM of a saved conditioned LM lies. A downloaded folder may only carry its base
+    (`base/`), point inside itself, or name a Hub model (fetched with the same safe file patterns)
+    or a preset: never a path on this machine."""
     if config["base_saved"]:
+        if downloaded:
+            check_weights_cover_config(save_dir / BASE_SUBDIR, f"{save_dir / CONFIG_FILE}'s base")
         return str(save_dir / BASE_SUBDIR)
     relative = config.get("base_relative")
+    if downloaded:
+        inside = save_dir.resolve()
+        if relative and inside not in (inside / relative).resolve().parents:
+            raise UserError(f"{save_dir / CONFIG_FILE} points its base LM outside the downloaded folder "
+                            f"(base_relative {relative!r}); refused: a download may only carry its base or name a Hub model")
+        if relative and (save_dir / relative).is_dir():
+            return str((save_dir / relative).resolve())
+        if config["base"] not in PRESETS and path_only(config["base"]):
+            raise UserError(f"{save_dir / CONFIG_FILE} names its base LM by a local path ({config['base']!r}); refused: "
+                            "a downloaded conditioned LM may only carry its base or name a Hub model or a preset")
+        return config["base"]
     if relative and (save_dir / relative).is_dir():
         return str((save_dir / relative).resolve())
     return config["base"]
