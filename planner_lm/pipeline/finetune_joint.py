@@ -44,7 +44,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     trained = model.has_trainable_parameters()
     best = None
     if trained:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
+        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs), weights_only=True)
         best = model.select_export_weights()
         # the best weights were validated during fit; the final ones by fit's last validation
         validation = best[1] if best else final_validation(trainer, model, data)
