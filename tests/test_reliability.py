@@ -212,6 +212,11 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(ups
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "holds a pickled io.open besides tensors" in err and "delete" in err
     assert not marker.exists() and last.read_bytes() == before  # never run, never deleted
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit) as exit_info:
+        load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a readable checkpoint" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- determinism

@@ -12,14 +12,19 @@ from typing import Any
 
 from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint)
 from planner_lm.data.joint_data import JointDataModule
+from planner_lm.errors import UserError
 from planner_lm.lit.joint import JointPlannerLM
+from planner_lm.models.selection import SELECTIONS
 from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, stage_dir
 
 STAGE = "finetune_joint"
 
 
 def joint_dir(cfg: Any) -> Path:
-    """`4_joint-<selection>`: each selection (the method and every baseline) has its own directory."""
+    """`4_joint-<selection>`: each selection (the method and every baseline) has its own directory
+    (a selection that does not exist is refused here, before its directory is made)."""
+    if cfg.model.selection not in SELECTIONS:
+        raise UserError(f"unknown selection {cfg.model.selection!r}; choose one of: {', '.join(SELECTIONS)}")
     return stage_dir(cfg.run_dir, STAGE, cfg.model.selection)
 
 
