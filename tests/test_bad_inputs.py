@@ -7,7 +7,6 @@ checks the single `error:` line, the exit code, and that every finished stage's 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
