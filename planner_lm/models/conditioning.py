@@ -28,39 +28,18 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
-from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, ConditioningSettings, get_path, inject_lora,
+from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONFIG_RULES, FORMAT,
+                                        FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path, inject_lora,
                                         input_features, normalise_layers)
 from planner_lm.model_files import PRESETS, check_weights_cover_config, path_only
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
-from planner_lm.models.hub import (HUB_SETTINGS, ConfigRules, HubArtefact, check_shapes, flag, header_shapes, integer,
-                                   list_of, number, one_of, optional, read_config, text)
+from planner_lm.models.hub import HUB_SETTINGS, HubArtefact, check_shapes, header_shapes, read_config
 
 __all__ = ["BASE_MODES", "ActionConditionedLM"]
-
-BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
-"""How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
-
 
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
 BASE_SUBDIR = "base"
-FORMAT = "planner-lm/action-conditioned-lm"
-FORMAT_VERSION = 1
-MAX_LAYERS, MAX_ACTIONS, MAX_WIDTH = 1024, 1 << 16, 1 << 16
-
-CONFIG_RULES: ConfigRules = {
-    "format": one_of(FORMAT), "format_version": one_of(FORMAT_VERSION), "base": text(), "base_relative": optional(text()),
-    "base_saved": flag(), "base_fingerprint": optional(text(64)), "model_type": one_of(*ADAPTER_TARGETS),
-    "conditioned_layers": list_of(integer(-MAX_LAYERS, MAX_LAYERS - 1), MAX_LAYERS),
-    "num_actions": integer(1, MAX_ACTIONS), "action_dim": integer(1, MAX_WIDTH), "per_layer_codebook": flag(),
-    "train_codebook": flag(), "base_mode": one_of(*BASE_MODES), "lora_r": integer(1, 4096),
-    "lora_alpha": number(0, 1e6), "lora_dropout": number(0.0, 1.0), "lora_target_modules": optional(list_of(text(256), 64)),
-    "adapter_seed": integer(0, 2**63 - 1), "adapter_site": one_of(*ADAPTER_SITES),
-}
-"""What `conditioning_config.json` may hold (checked before anything is built from it)."""
-REQUIRED_KEYS = ("format", "format_version", "base", "base_saved", "model_type", "conditioned_layers", "num_actions",
-                 "action_dim", "per_layer_codebook", "train_codebook", "base_mode", "lora_r", "lora_alpha",
-                 "lora_dropout", "adapter_seed")
 
 
 class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
@@ -362,21 +341,8 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
                 "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
             )
         codebook = torch.zeros(settings.num_actions, settings.action_dim)  # its values are copied in below
-        model = cls(
-            base,
-            codebook,
-            conditioned_layers=settings.conditioned_layers,
-            per_layer_codebook=settings.per_layer_codebook,
-            train_codebook=settings.train_codebook,
-            base_mode=settings.base_mode,
-            lora_r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            lora_target_modules=settings.lora_target_modules,
-            adapter_seed=settings.adapter_seed,
-            adapter_site=settings.adapter_site,
-            base_reference=config["base"] if not config["base_saved"] else "",
-        )
+        rebuild = {k: v for k, v in asdict(settings).items() if k not in ("model_type", "num_actions", "action_dim")}
+        model = cls(base, codebook, base_reference=config["base"] if not config["base_saved"] else "", **rebuild)
         if config["base_saved"]:
             model._base_fingerprint = None
         else:
