@@ -213,7 +213,12 @@ def resume_checkpoint(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> str 
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(record, json.dumps(identity, indent=2) + "\n")
-    return str(last) if last.is_file() else None
+    if not last.is_file():
+        return None
+    from planner_lm.lit.checkpointing import check_checkpoint
+
+    check_checkpoint(last)  # the stage resumes with fit(..., weights_only=True): refuse anything else clearly
+    return str(last)
 
 
 def final_validation(trainer: Any, model: Any, datamodule: Any) -> dict[str, float]:

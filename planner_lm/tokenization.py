@@ -186,7 +186,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise load_error(name_or_path, "tokenizer", err) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -65,8 +65,8 @@ MUTANTS = [
     Mutant("8: validation perplexity averaged over windows, not tokens", "planner_lm/lit/joint.py",
            "self.val_nll.update(nll / count, weight=count)", "self.val_nll.update(nll / count)", (JOINT_STAGE,)),
     Mutant("9: a crashed run restarts from scratch instead of resuming", "planner_lm/cli.py",
-           'return str(last) if last.is_file() else None\n\n\ndef final_validation',
-           "return None\n\n\ndef final_validation",
+           '    return str(last)\n\n\ndef final_validation',
+           "    return None\n\n\ndef final_validation",
            ("tests/test_planner_stage.py::test_resume_after_a_crash_matches_an_uninterrupted_run",
             "tests/test_reliability.py::test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights")),
     Mutant("10: soft planner codes scored at T = 1 whatever the run was trained with", "planner_lm/evaluation/scoring.py",
@@ -97,6 +97,16 @@ MUTANTS = [
     Mutant("18: k-means keeps a Hartigan iteration that raised the inertia", "planner_lm/lit/kmeans.py",
            "if hartigan and improvement is not None and improvement < 0:", "if False:",
            ("tests/test_kmeans.py::test_a_hartigan_iteration_that_raises_the_inertia_is_undone",)),
+    Mutant("S1: a downloaded config may point its base outside the download", "planner_lm/models/conditioning.py",
+           '    relative = config.get("base_relative")\n    if downloaded:', '    relative = config.get("base_relative")\n    if False:',
+           ("tests/test_publish.py::test_a_hostile_conditioned_lm_is_refused_before_anything_is_built",)),
+    Mutant("S2: a missing path becomes a Hub id", "planner_lm/model_files.py",
+           "    if path_only(text):\n", "    if False:\n",
+           ("tests/test_publish.py::test_names_that_can_only_be_paths_never_reach_the_hub",)),
+    Mutant("S3: a resume unpickles what its checkpoint holds", "planner_lm/lit/checkpointing.py",
+           'torch.load(path, map_location="cpu", weights_only=True, mmap=True)',
+           'torch.load(path, map_location="cpu", weights_only=False)',
+           ("tests/test_reliability.py::test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it",)),
 ]
 
 

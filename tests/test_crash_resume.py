@@ -107,7 +107,7 @@ def same_output(a: Path, b: Path, roots: tuple[Path, Path]) -> None:
     elif a.suffix == ".npy":
         np.testing.assert_array_equal(np.load(a), np.load(b), err_msg=str(a))
     elif a.suffix in (".pt", ".safetensors"):
-        load = (lambda p: torch.load(p, map_location="cpu", weights_only=False)) if a.suffix == ".pt" else \
+        load = (lambda p: torch.load(p, map_location="cpu", weights_only=True)) if a.suffix == ".pt" else \
             (lambda p: __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(p)))
         x, y = load(a), load(b)
         x, y = (x.get("state_dict", x), y.get("state_dict", y))

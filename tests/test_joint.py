@@ -332,7 +332,7 @@ def test_resume_checkpoints_leave_the_frozen_base_out_and_still_resume(tmp_path)
     args = ("--model.base_mode", "frozen", "--model.base_dtype", "bfloat16", "--model.activation_checkpointing", "true")
     run_stage(run, "soft", *args)
     out = stage_dir(run, "finetune_joint", "soft")
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     base_params = {f"lm.base.{name}" for name, _ in load_base_lm(str(stage_dir(run, "pretrain_lm"))).named_parameters()}
     assert not base_params & set(checkpoint["state_dict"])
     assert any(".adapters." in key for key in checkpoint["state_dict"]) and any(

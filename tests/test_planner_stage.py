@@ -114,7 +114,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(run_dir, tmp_path, mo
             pretrain_planner.run(stage_args(run_dir, *args))
     out = run_dir / "3_planner"
     assert not (out / "manifest.json").exists()
-    saved_step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    saved_step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < saved_step < crash_at
 
     steps_run = record_training_steps(monkeypatch, PlannerModule)

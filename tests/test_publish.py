@@ -1,6 +1,9 @@
-"""Hub-ready artefacts: a joint run saved, 'pushed' (to a local stand-in for the Hub) and loaded back."""
+"""Hub-ready artefacts: a joint run saved, 'pushed' (to a local stand-in for the Hub) and loaded back,
+and hostile repositories refused in one sentence before anything is built from them."""
 from __future__ import annotations
 
+import fnmatch
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +11,9 @@ import pytest
 import torch
 
 from test_evaluate_stage import K, fake_joint_runs
-from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.errors import UserError
+from planner_lm.models.base_lm import load_base_lm, tiny_config
+from planner_lm.models.conditioning import CONFIG_FILE, ActionConditionedLM
 from planner_lm.models.hub import SAFE_PATTERNS
 from planner_lm.models.planner import Planner
 from planner_lm.publish import main, publish
@@ -20,7 +25,11 @@ def hub(tmp_path, monkeypatch):
     """HfApi's repository creation and upload, answered by copying into a local folder."""
     import huggingface_hub
 
-    remote = tmp_path / "remote"
+    class Remote(type(tmp_path)):
+        fetched: list[str]  # repository ids asked for, in order
+
+    remote = Remote(tmp_path / "remote")
+    remote.fetched = []
 
     class Created:
         def __init__(self, repo_id: str) -> None:
@@ -36,11 +45,27 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
 
-    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **kwargs):
+        """Like the real one: a folder holding only the repository's files that `allow_patterns` select
+        (offline, a repository absent from the stand-in is 'not in the cache')."""
         assert allow_patterns == SAFE_PATTERNS  # nothing that could be unpickled is ever fetched
-        return str(remote / repo_id)
+        remote.fetched.append(repo_id)
+        source = remote / repo_id
+        if not source.is_dir():
+            if local_files_only:
+                raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache")
+            raise ConnectionError(f"cannot reach the Hub for {repo_id}")
+        snapshot = tmp_path / "snapshots" / repo_id
+        for path in source.rglob("*"):
+            name = str(path.relative_to(source))
+            if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, snapshot / name)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    remote.mkdir()
     return remote
 
 
@@ -80,3 +105,121 @@ def test_publish_command_line_saves_locally_and_refuses_bad_repo_names(tmp_path,
         main([str(run), "--selection", "fixed", "--repo", "no-owner"])
     assert exit_info.value.code == 2 and "user or org" in capsys.readouterr().err
     assert Path(hub_dir / "lm" / "tokenizer.json").is_file() or Path(hub_dir / "lm" / "vocab.json").is_file()
+
+
+# ---------------------------------------------------------------------------- hostile repositories
+def tiny_base(where: Path) -> Path:
+    """A few-thousand-parameter GPT-2 saved as a Hugging Face folder (safetensors)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2")).save_pretrained(where)
+    return where
+
+
+def push_lm(hub: Path, repo_id: str, base: Path, include_base: bool = True) -> Path:
+    """A conditioned LM on `base` (K=4 actions of width 8) 'pushed' to the stand-in as `repo_id`."""
+    lm = ActionConditionedLM(load_base_lm(str(base)), torch.randn(4, 8), conditioned_layers=[2, 3])
+    return lm.save_pretrained(hub / repo_id, include_base=include_base)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, **changes}))
+
+
+def refused(load, capsys) -> str:
+    """The one sentence a load is refused with (as `friendly_errors` would print it)."""
+    with pytest.raises(UserError) as info:
+        load()
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in capsys.readouterr().err
+    return message
+
+
+def test_a_hostile_conditioned_lm_is_refused_before_anything_is_built(tmp_path, hub, capsys):
+    victim = tiny_base(tmp_path / "home" / "victim-lm")  # a model on this machine a download might point at
+    folder = push_lm(hub, "evil/lm", victim)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
+    (folder / "base" / "exploit.py").write_text("import os")
+    assert isinstance(ActionConditionedLM.from_pretrained("evil/lm"), ActionConditionedLM)  # well-formed so far
+    snapshot = tmp_path / "snapshots" / "evil" / "lm"
+    assert not list(snapshot.rglob("*.bin")) and not list(snapshot.rglob("*.py"))  # never fetched
+
+    cases = {
+        "outside": dict(base_saved=False, base_relative="../../../home/victim-lm", base=str(victim)),
+        "local path": dict(base_saved=False, base_relative=None, base=str(victim)),
+        "unknown key": dict(run_this="rm -rf ~"),
+        "absurd size": dict(num_actions=10**12),
+        "size unlike the weights": dict(num_actions=400),
+        "bad type": dict(conditioned_layers="all"),
+    }
+    expected = {"outside": "outside the downloaded folder", "local path": "by a local path",
+                "unknown key": "'run_this'", "absurd size": "'num_actions' must be an integer in",
+                "size unlike the weights": "does not match its config", "bad type": "'conditioned_layers' must be"}
+    for case, changes in cases.items():
+        repo = f"evil/{case.replace(' ', '-')}"
+        shutil.copytree(folder, hub / repo)
+        edit_config(hub / repo, **changes)
+        assert expected[case] in refused(lambda: ActionConditionedLM.from_pretrained(repo), capsys), case
+
+
+def test_a_downloaded_base_is_fetched_safely_announced_and_checked(tmp_path, hub, capsys, monkeypatch):
+    base = tiny_base(hub / "someone" / "base")
+    (base / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
+    push_lm(hub, "me/lm", base, include_base=False)
+    edit_config(hub / "me" / "lm", base="someone/base", base_relative=None)
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    ActionConditionedLM.from_pretrained("me/lm")  # the base named by the downloaded config comes from the Hub
+    assert hub.fetched == ["me/lm", "someone/base"]
+    err = capsys.readouterr().err
+    assert "'someone/base' is not a local folder: downloading it from the Hugging Face Hub" in err
+    assert not list((tmp_path / "snapshots" / "someone").rglob("*.bin"))
+
+    # a base whose only weights are a pickle is refused, not unpickled
+    only_pickle = hub / "someone" / "pickled"
+    shutil.copytree(base, only_pickle)
+    (only_pickle / "model.safetensors").unlink()
+    edit_config(hub / "me" / "lm", base="someone/pickled")
+    assert "no config.json with safetensors weights" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
+    # a base config that asks for far more parameters than its weights hold
+    huge = hub / "someone" / "huge"
+    shutil.copytree(base, huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "vocab_size": 10**8}))
+    edit_config(hub / "me" / "lm", base="someone/huge")
+    assert "describes" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing new is fetched, and nothing is announced
+    edit_config(hub / "me" / "lm", base="someone/not-cached")
+    assert "HF_HUB_OFFLINE=1" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
+
+
+def test_a_hostile_planner_config_is_refused(tmp_path, hub, capsys):
+    Planner(embedding_dim=8, num_actions=4, ffn_dim=16).save_pretrained(hub / "evil" / "planner")
+    for changes, says in [(dict(ffn_dim=10**9), "'ffn_dim' must be an integer in"),
+                          (dict(num_layers=3), "does not match its config"),
+                          (dict(pickle="cos\nsystem\n"), "'pickle'"),
+                          (dict(num_heads=3), "not divisible")]:
+        repo = f"evil/planner-{len(hub.fetched)}"
+        shutil.copytree(hub / "evil" / "planner", hub / repo)
+        config = json.loads((hub / repo / "config.json").read_text())
+        (hub / repo / "config.json").write_text(json.dumps({**config, **changes}))
+        assert says in refused(lambda: Planner.from_pretrained(repo), capsys), changes
+        hub.fetched.append(repo)
+
+
+def test_names_that_can_only_be_paths_never_reach_the_hub(tmp_path, hub, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for name in ("./models/gpt2", "/no/such/model", "~/models/gpt2", "runs/demo/lm-typo", "models\\gpt2"):
+        assert "not a local folder (no such directory" in refused(lambda: load_base_lm(name), capsys), name
+        assert "not a local folder (no such directory" in refused(lambda: Planner.from_pretrained(name), capsys)
+    assert hub.fetched == []
+    # `owner/name` may be a Hub id: announced, then fetched; its failure is one sentence too
+    assert "could not download base LM 'models/gpt2'" in refused(lambda: load_base_lm("models/gpt2"), capsys)
+    assert hub.fetched == ["models/gpt2"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE=1" in refused(lambda: load_base_lm("models/gpt2"), capsys)
+    assert "local_files_only" in refused(
+        lambda: ActionConditionedLM.from_pretrained("me/elsewhere", local_files_only=True), capsys)

@@ -74,7 +74,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(upstr
     assert "error:" in err and "nan at step 7" in err and "step 6" in err and "Traceback" not in err
     out = run_dir / "3_planner"
     assert not (out / "manifest.json").exists()
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 
@@ -105,7 +105,7 @@ def test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights(tiny_pr
         with pytest.raises(RuntimeError, match="simulated crash"):
             pretrain_lm.run(["--run_dir", str(tiny_prepared), *args])
     out = tiny_prepared / "lm"
-    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     # 5 batches per epoch: saves at steps 4, 5 (epoch end), 8, 10 (epoch end), 12 (mid-epoch)
     assert saved["global_step"] == 12 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 2
     steps_run = record_training_steps(monkeypatch, CausalLMPretrainModule)
@@ -151,12 +151,72 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(upstream, tmp_path, 
         patch.setattr(L.Trainer, "save_checkpoint", dies_on_third_save)
         with pytest.raises(SystemExit):
             load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
-    checkpoint = torch.load(run_dir / "3_planner" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run_dir / "3_planner" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == steps[1] > 0  # the second save, intact
     steps_run = record_training_steps(monkeypatch, PlannerModule)
     manifest = planner_run(run_dir, "--checkpoint_every_n_steps", "2")  # and the run resumes from it
     assert steps_run == list(range(steps[1], manifest["metrics"]["steps"]))
     assert manifest["metrics"]["steps"] > steps[2]
+
+
+def crash_planner_after_a_checkpoint(run_dir: Path, monkeypatch) -> Path:
+    """A pretrain-planner run killed at step 5 (checkpoints every 2 steps); its last.ckpt."""
+    def crash(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PlannerModule, "on_train_batch_start", crash, raising=False)
+        with pytest.raises(RuntimeError):
+            planner_run(run_dir, "--checkpoint_every_n_steps", "2")
+    return run_dir / "3_planner" / "checkpoints" / "last.ckpt"
+
+
+def test_resume_reads_the_checkpoint_with_weights_only(upstream, tmp_path, monkeypatch, caplog):
+    """Every torch.load of a resumed stage refuses pickled objects (Lightning's own default unpickles)."""
+    run_dir = copy_run(upstream, tmp_path / "run")
+    saved_step = torch.load(crash_planner_after_a_checkpoint(run_dir, monkeypatch), weights_only=True)["global_step"]
+    real_load, loads = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    steps_run = record_training_steps(monkeypatch, PlannerModule)
+    with caplog.at_level("INFO"):
+        planner_run(run_dir, "--checkpoint_every_n_steps", "2")
+    assert steps_run[0] == saved_step > 0  # it did resume
+    assert len(loads) >= 2 and all(flag is True for flag in loads)  # our check, then Lightning's restore
+    assert "weights_only" not in caplog.text  # nothing loaded or saved with Lightning's unpickling default
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(upstream, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    run_dir = copy_run(upstream, tmp_path / "run")
+    last = crash_planner_after_a_checkpoint(run_dir, monkeypatch)
+    marker = tmp_path / "the-payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return builtins.open, (str(marker), "w")
+
+    checkpoint = torch.load(last, weights_only=True)
+    torch.save({**checkpoint, "extra": Payload()}, last)
+    before = last.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "holds a pickled io.open besides tensors" in err and "delete" in err
+    assert not marker.exists() and last.read_bytes() == before  # never run, never deleted
+    last.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit) as exit_info:
+        load_stage("pretrain_planner").main(["--run_dir", str(run_dir), *PLANNER_ARGS, "--checkpoint_every_n_steps", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a readable checkpoint" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- determinism

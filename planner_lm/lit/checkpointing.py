@@ -13,12 +13,18 @@ SIGKILL needs three things that one does not give together:
 
 `FiniteLossGuard` stops training at the first NaN/inf training loss, naming the step, before the
 checkpoint of that step is written: the last checkpoint on disk is the last good one.
+
+Checkpoints are never unpickled: they hold only tensors and plain values, every stage resumes
+with `trainer.fit(..., weights_only=True)`, and `check_checkpoint` turns a file that holds
+anything else (or no checkpoint at all) into one sentence before training starts.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +111,7 @@ class ResumeCheckpoint(Checkpoint):
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the full training state (still only plain values)
         if trainer.is_global_zero:
             os.replace(partial, self.last_path)
         trainer.strategy.barrier("resume checkpoint saved")
@@ -114,6 +120,21 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.saved_step = int(checkpoint.get("global_step", 0))
+
+
+def check_checkpoint(path: Path) -> None:
+    """Read `path` the way a resume will (`weights_only=True`, memory-mapped: tensors and plain values only,
+    no pickled object is ever built) and turn a refusal into one `UserError` before any training."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"a pickled {found.group(1)}" if found else "pickled objects"
+        raise UserError(f"{path} holds {what} besides tensors and plain values, which this project never writes, so "
+                        f"it is not loaded; delete {path.parent} to start the stage over") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); delete {path.parent} to start the stage over") from err
 
 
 class FiniteLossGuard(L.Callback):

@@ -3,7 +3,7 @@
 The conditioned LM (`planner_lm.models.conditioning`) hooks one small adapter per chosen block;
 this module knows the blocks' paths per family (`ADAPTER_TARGETS`: add a family with one line),
 the two sites an action can enter (`ADAPTER_SITES`), which layers the paper conditions, the
-settings that rebuild a conditioned LM, and how LoRA layers are injected when the base trains
+settings that rebuild a conditioned LM (and what their saved JSON may hold), and how LoRA layers are injected when the base trains
 through LoRA.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from planner_lm.errors import UserError
+from planner_lm.models.hub import ConfigRules, flag, integer, list_of, number, one_of, optional, text
 
 ADAPTER_SITES: tuple[str, ...] = ("attention_output", "ffn_input")
 """Where in a block the action enters: the input of the attention output projection (the
@@ -68,6 +69,29 @@ class ConditioningSettings:
     lora_target_modules: list[str] | None
     adapter_seed: int
     adapter_site: str = "attention_output"
+
+
+BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
+"""How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
+
+FORMAT = "planner-lm/action-conditioned-lm"
+FORMAT_VERSION = 1
+"""What a saved conditioned LM's `conditioning_config.json` says it is."""
+MAX_LAYERS, MAX_ACTIONS, MAX_WIDTH = 1024, 1 << 16, 1 << 16
+
+CONFIG_RULES: ConfigRules = {
+    "format": one_of(FORMAT), "format_version": one_of(FORMAT_VERSION), "base": text(), "base_relative": optional(text()),
+    "base_saved": flag(), "base_fingerprint": optional(text(64)), "model_type": one_of(*ADAPTER_TARGETS),
+    "conditioned_layers": list_of(integer(-MAX_LAYERS, MAX_LAYERS - 1), MAX_LAYERS),
+    "num_actions": integer(1, MAX_ACTIONS), "action_dim": integer(1, MAX_WIDTH), "per_layer_codebook": flag(),
+    "train_codebook": flag(), "base_mode": one_of(*BASE_MODES), "lora_r": integer(1, 4096),
+    "lora_alpha": number(0, 1e6), "lora_dropout": number(0.0, 1.0), "lora_target_modules": optional(list_of(text(256), 64)),
+    "adapter_seed": integer(0, 2**63 - 1), "adapter_site": one_of(*ADAPTER_SITES),
+}
+"""What `conditioning_config.json` may hold (checked before anything is built from it)."""
+REQUIRED_KEYS = ("format", "format_version", "base", "base_saved", "model_type", "conditioned_layers", "num_actions",
+                 "action_dim", "per_layer_codebook", "train_codebook", "base_mode", "lora_r", "lora_alpha",
+                 "lora_dropout", "adapter_seed")
 
 
 def default_conditioned_layers(num_layers: int) -> list[int]:

@@ -36,7 +36,7 @@ def load_base_lm(
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # a broken folder, an unknown architecture, code it would need to run
         raise load_error(name_or_path, "model", err) from err
     model.name_or_path = name_or_path
     return model

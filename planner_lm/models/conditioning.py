@@ -28,27 +28,23 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
-from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, ConditioningSettings, get_path, inject_lora,
+from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONFIG_RULES, FORMAT,
+                                        FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path, inject_lora,
                                         input_features, normalise_layers)
+from planner_lm.model_files import PRESETS, check_weights_cover_config, path_only
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
-from planner_lm.models.hub import HUB_SETTINGS, HubArtefact
+from planner_lm.models.hub import HUB_SETTINGS, HubArtefact, check_shapes, header_shapes, read_config
 
 __all__ = ["BASE_MODES", "ActionConditionedLM"]
-
-BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
-"""How the base LM's own weights train: not at all (paper), through LoRA, or fully."""
 
 WARM_START_MATCH: tuple[str, ...] = ("model_type", "conditioned_layers", "num_actions", "action_dim",
                                      "per_layer_codebook", "adapter_site", "base_mode", "lora_r",
                                      "lora_target_modules")
 """Settings a warm start must share with the run it starts from (the weights' shapes and meaning)."""
 
-
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
 BASE_SUBDIR = "base"
-FORMAT = "planner-lm/action-conditioned-lm"
-FORMAT_VERSION = 1
 
 
 class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
@@ -330,44 +326,39 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             dtype: load the base in this dtype (adapters stay float32).
             hub_kwargs: `revision`, `cache_dir`, `token`, ... of the Hub download.
         """
+        downloaded = not Path(save_dir).expanduser().is_dir()
         save_dir = cls.local_folder(save_dir, **hub_kwargs)
         config_path = save_dir / CONFIG_FILE
         if not config_path.is_file():
             raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing)")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{config_path} is not a version-{FORMAT_VERSION} conditioned-LM config")
+        config = read_config(config_path, CONFIG_RULES, REQUIRED_KEYS)
+        settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
+        stated = header_shapes(save_dir / WEIGHTS_FILE)
+        books = len(settings.conditioned_layers) if settings.per_layer_codebook else 1
+        check_shapes(save_dir / WEIGHTS_FILE, {"codebook": stated.get("codebook")},
+                     {"codebook": (books, settings.num_actions, settings.action_dim)})
         if base is None:
-            base = load_base_lm(_base_location(save_dir, config), dtype=dtype)
+            base = load_base_lm(_base_location(save_dir, config, downloaded), dtype=dtype)
         expected = config.get("base_fingerprint")
         if check_fingerprint and expected and weights_fingerprint(base) != expected:
             raise UserError(
                 f"the base LM {config['base']!r} differs from the one {save_dir} was trained on "
                 "(weights fingerprint mismatch); restore that base or retrain the conditioned LM"
             )
-        settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
-        state = load_file(str(save_dir / WEIGHTS_FILE))
-        codebook = state["codebook"][0]
-        model = cls(
-            base,
-            codebook,
-            conditioned_layers=settings.conditioned_layers,
-            per_layer_codebook=settings.per_layer_codebook,
-            train_codebook=settings.train_codebook,
-            base_mode=settings.base_mode,
-            lora_r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            lora_target_modules=settings.lora_target_modules,
-            adapter_seed=settings.adapter_seed,
-            adapter_site=settings.adapter_site,
-            base_reference=config["base"] if not config["base_saved"] else "",
-        )
+        codebook = torch.zeros(settings.num_actions, settings.action_dim)  # its values are copied in below
+        rebuild = {k: v for k, v in asdict(settings).items() if k not in ("model_type", "num_actions", "action_dim")}
+        model = cls(base, codebook, base_reference=config["base"] if not config["base_saved"] else "", **rebuild)
         if config["base_saved"]:
             model._base_fingerprint = None
         else:
             model._base_fingerprint = expected
             model.base_reference = config["base"]
+        expected = {"codebook": tuple(model.codebook.shape)}
+        expected.update({f"adapters.{k}": tuple(v.shape) for k, v in model.adapters.state_dict().items()})
+        if settings.base_mode == "lora":
+            expected.update({f"lora.{k}": tuple(v.shape) for k, v in model.base.state_dict().items() if "lora_" in k})
+        check_shapes(save_dir / WEIGHTS_FILE, stated, expected)
+        state = load_file(str(save_dir / WEIGHTS_FILE))
         model._load_trained(state, save_dir)
         return model
 
@@ -419,10 +410,26 @@ def _checkpointing(model: PreTrainedModel) -> bool:
     return bool(getattr(model, name, False))
 
 
-def _base_location(save_dir: Path, config: dict[str, Any]) -> str:
+def _base_location(save_dir: Path, config: dict[str, Any], downloaded: bool) -> str:
+    """Where the base LM of a saved conditioned LM lies. A downloaded folder may only carry its base
+    (`base/`), point inside itself, or name a Hub model (fetched with the same safe file patterns)
+    or a preset: never a path on this machine."""
     if config["base_saved"]:
+        if downloaded:
+            check_weights_cover_config(save_dir / BASE_SUBDIR, f"{save_dir / CONFIG_FILE}'s base")
         return str(save_dir / BASE_SUBDIR)
     relative = config.get("base_relative")
+    if downloaded:
+        inside = save_dir.resolve()
+        if relative and inside not in (inside / relative).resolve().parents:
+            raise UserError(f"{save_dir / CONFIG_FILE} points its base LM outside the downloaded folder "
+                            f"(base_relative {relative!r}); refused: a download may only carry its base or name a Hub model")
+        if relative and (save_dir / relative).is_dir():
+            return str((save_dir / relative).resolve())
+        if config["base"] not in PRESETS and path_only(config["base"]):
+            raise UserError(f"{save_dir / CONFIG_FILE} names its base LM by a local path ({config['base']!r}); refused: "
+                            "a downloaded conditioned LM may only carry its base or name a Hub model or a preset")
+        return config["base"]
     if relative and (save_dir / relative).is_dir():
         return str((save_dir / relative).resolve())
     return config["base"]

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from planner_lm.errors import UserError
-from planner_lm.models.hub import HUB_SETTINGS, HubArtefact
+from planner_lm.models.hub import (HUB_SETTINGS, ConfigRules, HubArtefact, check_shapes, header_shapes, integer,
+                                   number, one_of, optional, read_config, text_map)
 
 PLANNER_DIR = "planner"
 """The planner's folder inside a stage directory: `config.json`, `model.safetensors`, `README.md`."""
@@ -49,6 +50,13 @@ DEFAULT_CONTEXT_SENTENCES = 6
 
 POOLINGS = ("mean", "last")
 """How the context is read out: averaged over all slots (the reference), or at the previous sentence's slot."""
+
+CONFIG_RULES: ConfigRules = {
+    "embedding_dim": integer(1, 1 << 16), "num_actions": integer(1, 1 << 16), "context_sentences": integer(0, 4096),
+    "model_dim": optional(integer(1, 1 << 16)), "num_layers": integer(0, 64), "num_heads": integer(1, 256),
+    "ffn_dim": integer(1, 1 << 18), "dropout": number(0.0, 1.0), "pooling": one_of(*POOLINGS), "upstream": text_map(),
+}
+"""What a saved planner's `config.json` may hold (checked before anything is built from it)."""
 
 
 class Planner(nn.Module, HubArtefact, **HUB_SETTINGS):
@@ -235,9 +243,17 @@ class Planner(nn.Module, HubArtefact, **HUB_SETTINGS):
     def _load_folder(cls, folder: Path) -> Planner:
         if (folder / PLANNER_DIR / CONFIG_FILE).is_file():  # a repository holding the planner beside an LM
             folder = folder / PLANNER_DIR
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        config = read_config(folder / CONFIG_FILE, CONFIG_RULES, required=("embedding_dim", "num_actions"))
         upstream = config.pop("upstream", {})
+        weights = folder / WEIGHTS_FILE
+        stated = header_shapes(weights)
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated before they match the file
+                shell = cls(**config)
+        except ValueError as err:
+            raise UserError(f"{folder / CONFIG_FILE}: {err}") from err
+        check_shapes(weights, stated, {name: tuple(t.shape) for name, t in shell.state_dict().items()})
         planner = cls(**config)
-        planner.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        planner.load_state_dict(load_file(str(weights)))
         planner.upstream = upstream
         return planner

@@ -78,7 +78,7 @@ def run_cluster(args: list[str] | None = None) -> dict:
     data.validate(k)  # k vs training sentences, NaN/inf: before any heavy work
     ckpt = resume_checkpoint(cli, data.inputs)
     started = time.perf_counter()
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     fit_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return {}

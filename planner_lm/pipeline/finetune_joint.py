@@ -14,14 +14,19 @@ from typing import Any
 from planner_lm.artifacts import atomic_write_text
 from planner_lm.cli import (StageSpec, build_cli, final_validation, finish_stage, resume_checkpoint)
 from planner_lm.data.joint_data import JointDataModule
+from planner_lm.errors import UserError
 from planner_lm.lit.joint import JointPlannerLM
+from planner_lm.models.selection import SELECTIONS
 from planner_lm.run_folder import JOINT_LM_DIR, PLANNER_DIR, VAL_CURVE_FILE, stage_dir
 
 STAGE = "finetune_joint"
 
 
 def joint_dir(cfg: Any) -> Path:
-    """`4_joint-<selection>`: each selection (the method and every baseline) has its own directory."""
+    """`4_joint-<selection>`: each selection (the method and every baseline) has its own directory
+    (a selection that does not exist is refused here, before its directory is made)."""
+    if cfg.model.selection not in SELECTIONS:
+        raise UserError(f"unknown selection {cfg.model.selection!r}; choose one of: {', '.join(SELECTIONS)}")
     return stage_dir(cfg.run_dir, STAGE, cfg.model.selection)
 
 
@@ -46,7 +51,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
     trained = model.has_trainable_parameters()
     best = None
     if trained:
-        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
+        trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs), weights_only=True)
         best = model.select_export_weights()
         # the best weights were validated during fit; the final ones by fit's last validation
         validation = best[1] if best else final_validation(trainer, model, data)

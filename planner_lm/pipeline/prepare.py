@@ -117,10 +117,12 @@ def prepare_corpus(cfg: PrepareConfig) -> dict:
     out = stage_dir(cfg.run_dir, STAGE)
     config = asdict(cfg)
     started = time.perf_counter()
-    start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)  # refuse before heavy work
+    # the corpus is read (and every bad file refused) before the stage folder is touched, so a bad
+    # input never costs a finished 0_prepare/, even with --overwrite
     documents: list[Document] = list(
         tqdm(iter_documents(cfg.corpus), desc="reading corpus", unit="doc", leave=False)
     )
+    start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
     kept = [i for i, d in enumerate(documents) if d.text.strip()]
     dropped = len(documents) - len(kept)
     if not kept:

@@ -32,7 +32,7 @@ def run_pretrain_lm(args: list[str] | None = None) -> dict:
     trainer, out = cli.trainer, cli.output_dir
     started = time.perf_counter()
     start_step = trainer.global_step
-    trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs))
+    trainer.fit(model, datamodule=data, ckpt_path=resume_checkpoint(cli, data.inputs), weights_only=True)
     train_seconds = time.perf_counter() - started
     steps = int(trainer.global_step)
     validation = final_validation(trainer, model, data)

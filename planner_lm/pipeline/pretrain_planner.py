@@ -52,7 +52,7 @@ def run_pretrain_planner(args: list[str] | None = None) -> dict:
     ckpt = resume_checkpoint(cli, data.inputs)
     started = time.perf_counter()
     start_step = trainer.global_step
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt, weights_only=True)
     train_seconds = time.perf_counter() - started
     steps = int(trainer.global_step)
     exported_step = model.select_export_weights()
