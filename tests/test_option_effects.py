@@ -4,7 +4,8 @@
 """
 from __future__ import annotations
 
-import sys
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,15 @@ from planner_lm.run_folder import RunFolder, stage_dir
 
 K, DIM, CONTEXT = 8, 16, 3
 finetune_joint = load_stage("finetune_joint").run
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a shared host
+
+
+@contextlib.contextmanager
+def without_trainer():
+    """`self.log` outside a Trainer warns that it logs nothing: expected when steps are called directly."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        yield
 
 # ----------------------------------------------------------------------------- the conditioned LM
 VOCAB = 96
@@ -360,7 +370,7 @@ def test_each_selection_builds_a_planner_iff_its_role_reads_one(joint_data):
 
 def planner_gradients(model: JointPlannerLM, batch) -> torch.Tensor:
     model.zero_grad()
-    with pytest.warns(UserWarning):  # self.log outside a Trainer warns
+    with without_trainer():
         model.training_step(batch, 0).backward()
     return torch.cat([p.grad.flatten() for p in model.planner.parameters()])
 
@@ -386,13 +396,13 @@ def test_lr_planner_lr_and_coupled_weight_decay_of_joint_training(joint_data, jo
     the gradient, so a huge one shrinks every adapter weight by exactly lr."""
     for planner_lr, expected in ((1e-2, 1e-2), (None, 1e-3), (0.0, 0.0)):
         model = joint(joint_data, lr=1e-3, planner_lr=planner_lr).train()
-        with pytest.warns(UserWarning):
+        with without_trainer():
             steps = adam_step_sizes(model, model.configure_optimizers(), model.training_step(joint_batch, 0))
         assert steps["lm.adapters.0.weight"] == pytest.approx(1e-3, rel=1e-3)
         assert steps["planner.head.weight"] == pytest.approx(expected, rel=1e-3, abs=1e-12), planner_lr
     model = joint(joint_data, lr=1e-3, weight_decay=1e6).train()
     weight = model.lm.adapters[0].weight.detach().clone()
-    with pytest.warns(UserWarning):
+    with without_trainer():
         adam_step_sizes(model, model.configure_optimizers(), model.training_step(joint_batch, 0))
     torch.testing.assert_close(model.lm.adapters[0].weight.detach(), weight - 1e-3 * weight.sign(), rtol=0, atol=1e-6)
 
@@ -408,8 +418,8 @@ def test_forgetting_warn_drop_is_the_threshold_of_the_forgetting_warning(joint_d
     for threshold, warns in ((0.0, True), (150.0, False)):
         model = joint(joint_data, forgetting_warn_drop=threshold)
         model.planner_acc_start = 1.5  # above any accuracy: the planner "forgot" more than 50 points
-        with __import__("warnings").catch_warnings(record=True) as caught:
-            __import__("warnings").simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             quiet_trainer(limit_val_batches=1).validate(model, datamodule=joint_data, verbose=False)
         assert any("forgetting" in str(w.message) for w in caught) == warns, threshold
 
@@ -423,7 +433,7 @@ def test_planner_unfreeze_at_never_holds_the_planner_for_the_whole_run(joint_dat
             assert torch.equal(p, before[name]) == name.startswith("planner."), name
 
 
-def test_the_stage_hands_off_the_best_validation_step_or_the_last(joint_run, monkeypatch, one_thread):
+def test_the_stage_hands_off_the_best_validation_step_or_the_last(joint_run, monkeypatch):
     """Validation after each of 3 steps, scripted so that step 2 has the lowest loss: the saved
     LM and planner are step 2's weights and `exported_step` says 2 (the metrics are step 2's);
     with `export_best false` they are the final step's and `exported_step` is 3."""
@@ -475,15 +485,11 @@ def sentence_of_tokens(tokenizer, text: str, spans: list[tuple[int, int]]) -> li
     return out
 
 
-@pytest.mark.parametrize("source", ["planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none"])
-def test_each_code_source_conditions_every_token_as_documented(joint_run, source, monkeypatch):
-    """At evaluation, the token at position t (predicting token t+1) is conditioned on the code of
-    token t+1's sentence: planner_soft = softmax(logits / T), planner_hard = one-hot argmax, oracle =
-    one-hot of that sentence's k-means action, fixed = one-hot 0, boundary = one-hot of the
-    sentence's index in its document mod 2, uniform = 1/K, none = no conditioning at all (the
-    logits of the base LM, bit for bit, when the base is frozen)."""
-    from planner_lm.evaluation.perplexity import causal_lm_logprobs, sliding_window_nll
-    from planner_lm.evaluation.scoring import code_weights, load_test_set, make_scorer
+@pytest.fixture(scope="module")
+def scored_test(joint_run):
+    """The run's test split as the evaluate stage loads it, its tokenizer and base LM, and a
+    conditioned LM around that base."""
+    from planner_lm.evaluation.scoring import load_test_set
     from planner_lm.evaluation.texts import test_split_text
     from planner_lm.models.base_lm import load_base_lm
     from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -491,6 +497,22 @@ def test_each_code_source_conditions_every_token_as_documented(joint_run, source
     folder = RunFolder(joint_run)
     tokenizer = load_tokenizer(str(stage_dir(joint_run, "pretrain_lm")))
     test = load_test_set(test_split_text(folder), tokenizer, tokenizer_fingerprint(tokenizer), None)
+    base = load_base_lm(str(stage_dir(joint_run, "pretrain_lm"))).eval()
+    lm = ActionConditionedLM(base, torch.from_numpy(folder.codebook())).eval()
+    return folder, tokenizer, test, base, lm
+
+
+@pytest.mark.parametrize("source", ["planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none"])
+def test_each_code_source_conditions_every_token_as_documented(scored_test, source, monkeypatch):
+    """At evaluation, the token at position t (predicting token t+1) is conditioned on the code of
+    token t+1's sentence: planner_soft = softmax(logits / T), planner_hard = one-hot argmax, oracle =
+    one-hot of that sentence's k-means action, fixed = one-hot 0, boundary = one-hot of the
+    sentence's index in its document mod 2, uniform = 1/K, none = no conditioning at all (the
+    logits of the base LM, bit for bit, when the base is frozen). float32."""
+    from planner_lm.evaluation.perplexity import causal_lm_logprobs, sliding_window_nll
+    from planner_lm.evaluation.scoring import code_weights, make_scorer
+
+    folder, tokenizer, test, base, lm = scored_test
     logits = torch.randn(len(test.sentence_ids), K, generator=torch.Generator().manual_seed(0))
     table = code_weights(source, logits, test.actions, K, test.positions, temperature=0.5)
 
@@ -500,14 +522,12 @@ def test_each_code_source_conditions_every_token_as_documented(joint_run, source
     for doc_first, spans in zip(test.doc_first, test.spans):
         for index in range(len(spans)):
             sentence = doc_first + index
-            code = {"planner_soft": torch.softmax(logits[sentence - test.first] / 0.5, -1),
-                    "planner_hard": torch.eye(K)[logits[sentence - test.first].argmax()],
-                    "oracle": torch.eye(K)[int(actions[sentence])], "fixed": torch.eye(K)[0],
-                    "boundary": torch.eye(K)[index % 2], "uniform": torch.full((K,), 1 / K), "none": None}[source]
-            codes.append(code)
+            codes.append({"planner_soft": lambda: torch.softmax(logits[sentence - test.first] / 0.5, -1),
+                          "planner_hard": lambda: torch.eye(K)[logits[sentence - test.first].argmax()],
+                          "oracle": lambda: torch.eye(K)[int(actions[sentence])], "fixed": lambda: torch.eye(K)[0],
+                          "boundary": lambda: torch.eye(K)[index % 2], "uniform": lambda: torch.full((K,), 1 / K),
+                          "none": lambda: None}[source]())
 
-    base = load_base_lm(str(stage_dir(joint_run, "pretrain_lm"))).eval()
-    lm = ActionConditionedLM(base, torch.from_numpy(folder.codebook())).eval()
     calls = LMCalls(monkeypatch)
     scored = sliding_window_nll(test.documents, make_scorer(lm, table, test.first, torch.device("cpu"), "32"),
                                 window=64, stride=63, batch_size=1)
@@ -519,7 +539,7 @@ def test_each_code_source_conditions_every_token_as_documented(joint_run, source
             assert weights is None
             continue
         sentences = sentence_of_tokens(tokenizer, text, spans)  # of tokens 1.. (token 0 is BOS)
-        assert len(sentences) == len(ids) - 1
+        assert len(sentences) == len(ids) - 1 and len(set(sentences)) == len(spans) > 1
         for t, sentence in enumerate(sentences):  # position t predicts token t + 1, of sentence sentences[t]
             torch.testing.assert_close(weights[t], codes[doc_first - test.first + sentence], msg=f"document {doc}, {t}")
     if source == "none":
@@ -624,7 +644,7 @@ def document_batches(run: Path) -> tuple[JointDataModule, list[tuple[str, dict[s
 
 
 @pytest.mark.parametrize("selection", TRAINED)
-def test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with(trained, selection, monkeypatch, one_thread):
+def test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with(trained, selection, monkeypatch):
     """On each test document, the action weights the LM receives in the evaluate stage and in the
     harness equal those the training step computes on a window holding that document: same
     planner (the run's tuned one, not the pretrained one), same temperature, the same code at
