@@ -1,6 +1,54 @@
-"""Every option that changes the model, and the test that shows its documented effect.
+"""Every option that changes the model, and the test that shows its documented effect (issue 22).
 
-(table filled in below)
+A test here shows what the option's documentation says it does (which blocks move, which weights
+get a gradient, which codes the LM receives), not merely that a run with it finishes. `this` =
+this file; other files are named. Precision: the plain-torch tests run in float32; the stage runs
+(`finetune_joint` below) train in the stage's default precision (`PLANNER_LM_PRECISION` /
+`fast_precision()`), and what they compare is computed outside autocast, so it holds in both.
+
+| option (where) | test that shows its effect |
+|---|---|
+| conditioned LM (`models/conditioning.py`, `models/scale.py`) | |
+| `action_weights=None` = the base, bit for bit | test_conditioning::test_no_actions_is_bit_identical_to_base |
+| `conditioned_layers` (None = all but the first two; negative from the end) | this::test_conditioned_layers_and_site_add_the_action_exactly_there, test_conditioning::test_default_layers_skip_first_two_and_adapters_are_xavier_with_zero_bias, ::test_unconditioned_layers_are_untouched |
+| `adapter_site` attention_output / ffn_input | this::test_conditioned_layers_and_site_add_the_action_exactly_there, test_conditioning::test_ffn_input_site_conditions_the_feed_forward_input_and_survives_a_round_trip |
+| `per_layer_codebook` | this::test_per_layer_codebooks_drift_apart_a_shared_one_stays_one |
+| `train_codebook`, `set_codebook_trainable` | this::test_a_frozen_codebook_gets_no_gradient_a_trainable_one_does |
+| `base_mode` frozen / lora / full | test_conditioning::test_frozen_mode_trains_only_adapters_and_codebook, ::test_lora_mode_trains_only_lora_and_adapters, ::test_full_mode_trains_everything |
+| `lora_r`, `lora_alpha`, `lora_dropout`, `lora_target_modules` | this::test_lora_rank_scaling_dropout_and_target_modules |
+| `adapter_seed` | this::test_adapter_seed_alone_decides_the_adapters |
+| `base_reference` | this::test_base_reference_is_what_a_saved_copy_points_at |
+| `base_dtype` | this::test_base_dtype_loads_a_frozen_base_in_that_dtype_and_keeps_trained_weights_float32 |
+| `activation_checkpointing` | this::test_activation_checkpointing_runs_each_block_again_in_backward, test_conditioning::test_activation_checkpointing_gives_the_same_gradients |
+| selection `none` freezes adapters and codebook | test_joint::test_none_is_the_base_lm_bit_for_bit_and_actions_change_the_output |
+| planner (`models/planner.py`, `lit/planner.py`) | |
+| `context_sentences` | this::test_context_sentences_bound_what_the_planner_reads, test_planner_model::test_gather_contexts_stays_inside_the_document |
+| distances counted from the mask (any layout) | this::test_distances_come_from_the_mask_so_any_layout_in_document_order_works |
+| `model_dim`, `num_layers`, `num_heads`, `ffn_dim` (identity input projection) | this::test_model_dim_layers_heads_and_ffn_shape_the_encoder |
+| `dropout` | this::test_planner_dropout_acts_in_training_only |
+| `pooling` mean / last | test_planner_model::test_last_pooling_reads_the_previous_sentence_and_mean_pooling_all |
+| position scale | test_planner_model::test_positions_are_small_next_to_unit_norm_content |
+| head from centroids (method, `init_head_from_centroids`) | test_planner_model::test_head_initialised_from_centroids_equals_codebook, this::test_planner_head_starts_as_the_centroids_only_when_asked, test_planner_stage::test_head_starts_as_the_codebook |
+| planner stage `lr`, `weight_decay` (L2, not decoupled) | this::test_planner_stage_lr_and_coupled_weight_decay |
+| planner stage `export_best` | this::test_planner_stage_hands_off_the_best_validation_weights_unless_told_otherwise |
+| joint training (`lit/joint.py`) | |
+| `selection`: weights of each mode | test_selection (every mode), test_joint::test_boundary_control_alternates_by_sentence_and_builds_no_planner |
+| `selection`: planner built / gradient (`SELECTION_ROLES`) | this::test_each_selection_builds_a_planner_iff_its_role_reads_one, test_joint::test_lm_loss_reaches_the_planner_only_through_differentiable_selections, test_selection::test_gradient_reaches_logits_only_in_differentiable_modes |
+| `selection`: scored / harnessed with its training codes (`eval_source`, `generation`) | this::test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with |
+| `temperature` | this::test_a_higher_temperature_gives_flatter_soft_codes, test_evaluate_stage::test_planner_codes_use_the_temperature_the_run_was_trained_with, this::test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with |
+| `gumbel_scale`, Gumbel noise in training only | this::test_gumbel_noise_only_in_training_and_scaled_by_gumbel_scale, test_selection::test_gumbel_is_noisy_in_training_and_softmax_in_eval |
+| `base_mode`, `lora_r`, `lora_alpha`, `conditioned_layers`, `adapter_site`, `per_layer_codebook` reach the LM; codebook = centroids; planner = pretrained | this::test_joint_options_reach_the_conditioned_lm_and_start_from_the_upstream_weights |
+| `base_dtype`, `activation_checkpointing` through the stage | test_joint::test_resume_checkpoints_leave_the_frozen_base_out_and_still_resume |
+| `codebook_unfreeze_at`, `planner_unfreeze_at` (step, fraction) | test_joint::test_unfreeze_schedule_holds_weights_until_the_global_step |
+| `planner_unfreeze_at` negative = never | this::test_planner_unfreeze_at_never_holds_the_planner_for_the_whole_run |
+| `planner_loss_weight` | this::test_planner_loss_weight_adds_its_times_the_planner_cross_entropy, test_joint::test_a_planner_no_loss_reaches_is_frozen_from_the_start |
+| `lr`, `planner_lr`, `weight_decay` | this::test_lr_planner_lr_and_coupled_weight_decay_of_joint_training |
+| `forgetting_warn_drop` | this::test_forgetting_warn_drop_is_the_threshold_of_the_forgetting_warning |
+| `planner_dropout` | test_joint::test_planner_dropout_is_off_in_joint_training_unless_asked |
+| `export_best`: the weights handed off, `exported_step` | this::test_the_stage_hands_off_the_best_validation_step_or_the_last, test_joint::test_best_validation_weights_are_handed_off |
+| code sources (`evaluation/scoring.py`) | |
+| planner_soft, planner_hard, oracle, fixed, boundary, uniform, none | this::test_each_code_source_conditions_every_token_as_documented |
+| the codes at evaluation and in the harness = those of training | this::test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with |
 """
 from __future__ import annotations
 
