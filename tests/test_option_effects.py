@@ -81,6 +81,7 @@ def without_trainer():
         warnings.filterwarnings("ignore", message=".*self.log.*")
         yield
 
+
 # ----------------------------------------------------------------------------- the conditioned LM
 VOCAB = 96
 
@@ -370,7 +371,8 @@ def test_joint_options_reach_the_conditioned_lm_and_start_from_the_upstream_weig
     model = joint(joint_data, conditioned_layers=[1, 3], adapter_site="ffn_input", per_layer_codebook=False,
                   base_mode="lora", lora_r=2, lora_alpha=6)
     settings = model.lm.settings
-    assert (settings.conditioned_layers, settings.adapter_site, settings.per_layer_codebook) == ([1, 3], "ffn_input", False)
+    assert settings.conditioned_layers == [1, 3] and settings.adapter_site == "ffn_input"
+    assert not settings.per_layer_codebook
     assert (settings.base_mode, settings.lora_r, settings.lora_alpha) == ("lora", 2, 6)
     assert torch.equal(model.lm.codebook[0], torch.from_numpy(np.load(joint_data.codebook_path)))
     pretrained = Planner.from_pretrained(joint_data.planner_path).state_dict()
@@ -591,8 +593,10 @@ def test_each_code_source_conditions_every_token_as_documented(scored_test, sour
         for t, sentence in enumerate(sentences):  # position t predicts token t + 1, of sentence sentences[t]
             torch.testing.assert_close(weights[t], codes[doc_first - test.first + sentence], msg=f"document {doc}, {t}")
     if source == "none":
-        plain = sliding_window_nll(test.documents, lambda ids, mask, cond, keep: causal_lm_logprobs(base, ids, mask, keep),
-                                   window=64, stride=63, batch_size=1)
+        def plain_scorer(ids, mask, cond, keep):
+            return causal_lm_logprobs(base, ids, mask, keep)
+
+        plain = sliding_window_nll(test.documents, plain_scorer, window=64, stride=63, batch_size=1)
         assert np.array_equal(scored.doc_nll, plain.doc_nll)
 
 
@@ -656,7 +660,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(JointPlannerLM, "select_export_weights", keep)
         for selection in TRAINED:
-            finetune_joint(["--run_dir", str(run), "--model.selection", selection, "--model.conditioned_layers", "[2, 3]",
+            finetune_joint(["--run_dir", str(run), "--model.selection", selection,
+                            "--model.conditioned_layers", "[2, 3]",
                             "--model.temperature", str(TEMPERATURE), "--model.lr", "1e-2", "--data.window", "24",
                             "--data.batch_size", "4", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
                             "--trainer.enable_progress_bar", "false"])
@@ -706,7 +711,8 @@ def test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with(traine
     module = modules[selection]
     module.train(selection != "gumbel")  # gumbel: its validation step (training adds Gumbel noise)
     calls = LMCalls(monkeypatch)
-    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: stored_encoder(run))
+    encode = stored_encoder(run)
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: encode)
     harness = PlannedLM(stage_dir(run, "finetune_joint", selection), device="cpu", max_length=64)
     _, batches = document_batches(run)
     for text, batch, length in batches:
