@@ -66,7 +66,7 @@ class JointPlannerLM(L.LightningModule):
         planner_loss_weight: weight of the planner's next-action cross-entropy (on the k-means
             actions of the batch's sentences) added to the LM loss; 0 = LM loss only (the paper).
         lr: Adam learning rate of the LM's trainable weights (paper: 1e-4).
-        planner_lr: learning rate of the planner; default `lr`.
+        planner_lr: learning rate of the planner; None (default) = `lr`, 0 = the planner never moves.
         weight_decay: Adam weight decay (paper: 0).
         forgetting_warn_drop: warn when the planner's validation accuracy falls more than this
             many percentage points below its accuracy before joint training.
@@ -354,8 +354,8 @@ class JointPlannerLM(L.LightningModule):
         # their gradient is None (the schedule drops it before each step).
         groups: list[dict[str, Any]] = [{"params": self.trainable_lm_parameters(), "lr": self.hparams.lr, "name": "lm"}]
         if self.planner is not None:
-            groups.append({"params": list(self.planner.parameters()),
-                           "lr": self.hparams.planner_lr or self.hparams.lr, "name": "planner"})
+            planner_lr = self.hparams.lr if self.hparams.planner_lr is None else self.hparams.planner_lr
+            groups.append({"params": list(self.planner.parameters()), "lr": planner_lr, "name": "planner"})
         groups = [group for group in groups if group["params"]]
         return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
