@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from importlib import import_module
 
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 from fixtures_stages import ROOT, make_fake_upstream
 from planner_lm.commands import COMMANDS, main
 from planner_lm.run_folder import stage_dir
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+: reads pyproject.toml
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 NOISE = ("LeafSpec", "weights_only", "TPU available", "Tip:", "Traceback")
