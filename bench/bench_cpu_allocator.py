@@ -1,7 +1,8 @@
 """Training-step time of the demo LM on CPU with and without transparent huge pages for tensors.
 
 Runs the same GPT-2 step (4 layers x 128, GPT-2's 50,257-token vocabulary, batch 8 x 128) in
-fresh processes, alternating THP_MEM_ALLOC_ENABLE=0/1, and prints medians and their ratio as JSON.
+fresh processes, alternating THP_MEM_ALLOC_ENABLE=0/1, and prints medians and their ratio as JSON
+(kept in `--json`, default bench/out/cpu_allocator.json, after every pair of processes).
 `planner_lm` sets THP_MEM_ALLOC_ENABLE=1 unless the environment says otherwise.
 
     .venv/bin/python bench/bench_cpu_allocator.py [--repeats 3] [--steps 12]
@@ -9,11 +10,13 @@ fresh processes, alternating THP_MEM_ALLOC_ENABLE=0/1, and prints medians and th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
+
+from _common import add_json_option, bench_report
+from planner_lm.hardware import cpu_flags
 
 STEP = r'''
 import time, torch
@@ -44,19 +47,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="processes per setting (alternating)")
     parser.add_argument("--steps", type=int, default=12, help="training steps per process (2 warm-up)")
+    add_json_option(parser, "cpu_allocator")
     args = parser.parse_args()
     runs: dict[str, list[float]] = {"default_pages": [], "huge_pages": []}
-    for _ in range(args.repeats):
-        runs["default_pages"].append(step_seconds(False, args.steps))
-        runs["huge_pages"].append(step_seconds(True, args.steps))
-    medians = {name: statistics.median(values) for name, values in runs.items()}
-    print(json.dumps({
-        "model": "gpt2 4x128, vocab 50257, batch 8x128, AdamW", "threads": os.cpu_count(),
-        "median_step_s": {k: round(v, 3) for k, v in medians.items()},
-        "speedup": round(medians["default_pages"] / medians["huge_pages"], 2),
-        "runs_s": {k: [round(v, 3) for v in values] for k, values in runs.items()},
-    }, indent=2))
-
+    with bench_report("cpu_allocator", args.json, model="gpt2 4x128, vocab 50257, batch 8x128, AdamW",
+                      threads=os.cpu_count(), cpu_flags=cpu_flags()) as report:
+        for _ in range(args.repeats):
+            runs["default_pages"].append(step_seconds(False, args.steps))
+            runs["huge_pages"].append(step_seconds(True, args.steps))
+            medians = {name: statistics.median(values) for name, values in runs.items()}
+            report.update({
+                "median_step_s": {k: round(v, 3) for k, v in medians.items()},
+                "speedup": round(medians["default_pages"] / medians["huge_pages"], 2),
+                "runs_s": {k: [round(v, 3) for v in values] for k, values in runs.items()},
+            })
+            report.save()
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ Variants: `torch` (the Trainer precision this host defaults to), `onnx` (ONNX Ru
 each where its extra is installed. `chosen` is the fastest variant that meets the fidelity bar
 (mean cosine >= 0.995 and >= 95 % of actions kept); `auto_backend` is what `--model.backend auto`
 picks on this host (`planner_lm.sentence_vectors.resolve_embed_backend`). Prints one JSON object
-(progress and notes go to stderr).
+(progress and notes go to stderr), kept as it grows in `--json` (default bench/out/embed.json).
 
     .venv/bin/python bench/bench_embed.py                       # runs/demo, 2048 sentences, 3 repeats
     .venv/bin/python bench/bench_embed.py --sentences 1024 --variants torch,openvino
@@ -40,6 +40,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from _common import add_json_option, bench_report  # noqa: E402
+from planner_lm.errors import UserError  # noqa: E402
 
 MIN_MEAN_COSINE, MIN_ACTIONS_KEPT = 0.995, 0.95
 VARIANTS = {  # name -> (backend, quantize, precision or None for this host's default)
@@ -135,10 +138,6 @@ def cpu_model() -> str:
 
 
 def main() -> None:
-    from planner_lm.encoder_runtimes import runtime_available
-    from planner_lm.hardware import cpu_flags, fast_precision
-    from planner_lm.sentence_vectors import nearest_actions, resolve_embed_backend
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", default="runs/demo",
                         help="sentences (0_prepare) and centroids (2_cluster) of this run; the demo corpus if absent")
@@ -148,23 +147,43 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch, ONNX Runtime, OpenVINO)")
+    add_json_option(parser, "embed")
     args = parser.parse_args()
+    with bench_report("embed", args.json, encoder=args.encoder) as report:
+        measure(args, report)
+
+
+def measure(args: argparse.Namespace, report: dict) -> None:
+    from planner_lm.encoder_runtimes import runtime_available
+    from planner_lm.hardware import cpu_flags, fast_precision
+    from planner_lm.run_folder import RunFolder
+    from planner_lm.sentence_vectors import nearest_actions, resolve_embed_backend
+
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; pick from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     native_bf16 = fast_precision() != "32-true"
 
-    run_dir = Path(args.run_dir) if args.run_dir else None
+    folder = RunFolder(args.run_dir) if args.run_dir else None
     centroids = None
-    if run_dir is not None and (run_dir / "0_prepare").is_dir():
-        from planner_lm.run_folder import RunFolder
-
-        texts = RunFolder(run_dir).prepared.sentence_texts()
-        if (run_dir / "2_cluster" / "centroids.npy").is_file():
-            centroids = torch.from_numpy(np.load(run_dir / "2_cluster" / "centroids.npy").astype(np.float32))
+    if folder is not None and folder.has("prepare"):
+        texts = folder.prepared.sentence_texts()
+        if folder.has("cluster"):
+            centroids = torch.from_numpy(np.asarray(folder.codebook(), dtype=np.float32))
     else:
-        run_dir, texts = None, demo_sentences()
+        folder, texts = None, demo_sentences()
     rng = np.random.default_rng(0)
     texts = [texts[i] for i in rng.choice(len(texts), size=min(args.sentences, len(texts)), replace=False)]
+    report.update({
+        "sentences": len(texts),
+        "source": f"{folder.dir('prepare')}" if folder else "bundled demo corpus",
+        "centroids": f"{folder.codebook_path} (k={len(centroids)})" if centroids is not None else None,
+        "host": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "native_bf16": native_bf16,
+                 "threads": args.threads, "cuda": torch.cuda.is_available()},
+        "reference": "SentenceTransformer.encode(batch_size=256), torch fp32",
+    })
 
     variants, skipped = {}, {}
     for name in args.variants.split(","):
@@ -200,56 +219,48 @@ def main() -> None:
                 times[name][repeat, u] = time.perf_counter() - start
             step += 1
     ratios = {name: times["encode"].sum(1) / times[name].sum(1) for name in variants}
+    results: dict[str, dict] = {}
+    for name in variants:
+        results[name] = {"sentences_per_s": round(len(texts) / float(np.median(times[name].sum(1))), 1),
+                         "speedup_vs_encode": round(float(np.median(ratios[name])), 2),
+                         "speedups_per_repeat": [round(float(r), 2) for r in ratios[name]]}
+    report.update({
+        "reference_sentences_per_s": round(len(texts) / float(np.median(times["encode"].sum(1))), 1),
+        "ours": f"SentenceEmbedder.predict_step on length-sorted batches of {args.batch_size} (timed side by side "
+                f"with the reference, 256 sentences at a time); fidelity and stage_sentences_per_s from one "
+                f"full Trainer.predict + shard writer run each",
+        "variants": results, "skipped": skipped, "repeats": args.repeats,
+    })
+    report.save()
 
     # The full stage path once per variant (Trainer.predict, shard writer, consolidation): its
     # vectors are the ones whose fidelity is reported.
     vectors: dict[str, np.ndarray] = {"encode": reference(texts)[0]}
-    stage_seconds = {}
-    for name in variants:
-        vectors[name], stage_seconds[name] = variants[name](texts)
-
     ref_actions = np.array(nearest_actions(torch.from_numpy(vectors["encode"]), centroids)) if centroids is not None else None
-    results = {}
     for name in variants:
+        vectors[name], stage_seconds = variants[name](texts)
         cosine = (vectors[name] * vectors["encode"]).sum(1)
-        entry = {"sentences_per_s": round(len(texts) / float(np.median(times[name].sum(1))), 1),
-                 "speedup_vs_encode": round(float(np.median(ratios[name])), 2),
-                 "speedups_per_repeat": [round(float(r), 2) for r in ratios[name]],
-                 "stage_sentences_per_s": round(len(texts) / stage_seconds[name], 1),
-                 "compute": getattr(variants[name].model.encoder, "description",
-                                    f"torch {variants[name].precision}"),
-                 "cosine_to_torch_fp32_mean": round(float(cosine.mean()), 5),
-                 "cosine_to_torch_fp32_min": round(float(cosine.min()), 5)}
+        entry = results[name]
+        entry.update({"stage_sentences_per_s": round(len(texts) / stage_seconds, 1),
+                      "compute": getattr(variants[name].model.encoder, "description",
+                                         f"torch {variants[name].precision}"),
+                      "cosine_to_torch_fp32_mean": round(float(cosine.mean()), 5),
+                      "cosine_to_torch_fp32_min": round(float(cosine.min()), 5)})
         if ref_actions is not None:
             kept = np.array(nearest_actions(torch.from_numpy(vectors[name]), centroids)) == ref_actions
             entry["actions_kept"] = round(float(kept.mean()), 4)
         entry["meets_fidelity"] = bool(entry["cosine_to_torch_fp32_mean"] >= MIN_MEAN_COSINE
                                        and entry.get("actions_kept", 1.0) >= MIN_ACTIONS_KEPT)
-        results[name] = entry
+        report.save()
     auto_backend, auto_int8 = resolve_embed_backend("auto", "cuda" if torch.cuda.is_available() else "cpu")
     passing = [n for n in results if results[n]["meets_fidelity"]]
     chosen = max(passing, key=lambda n: results[n]["speedup_vs_encode"]) if passing else None
-    print(json.dumps({
-        "encoder": args.encoder,
-        "sentences": len(texts),
-        "source": f"{run_dir}/0_prepare" if run_dir else "bundled demo corpus",
-        "centroids": f"{run_dir}/2_cluster/centroids.npy (k={len(centroids)})" if centroids is not None else None,
-        "host": {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "native_bf16": native_bf16,
-                 "threads": args.threads, "cuda": torch.cuda.is_available()},
-        "reference": "SentenceTransformer.encode(batch_size=256), torch fp32",
-        "reference_sentences_per_s": round(len(texts) / float(np.median(times["encode"].sum(1))), 1),
-        "ours": f"SentenceEmbedder.predict_step on length-sorted batches of {args.batch_size} (timed side by side "
-                f"with the reference, 256 sentences at a time); fidelity and stage_sentences_per_s from one "
-                f"full Trainer.predict + shard writer run each",
-        "variants": results,
-        "skipped": skipped,
+    report.update({
         "fidelity_bar": {"cosine_to_torch_fp32_mean": MIN_MEAN_COSINE, "actions_kept": MIN_ACTIONS_KEPT},
         "chosen": chosen,
         "speedup_vs_encode": results[chosen]["speedup_vs_encode"] if chosen else None,
         "auto_backend": auto_backend + ("-int8" if auto_int8 else ""),
-        "repeats": args.repeats,
-    }, indent=2))
-
+    })
 
 if __name__ == "__main__":
     main()

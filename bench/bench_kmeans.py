@@ -24,6 +24,9 @@ Data sets (`--datasets`, comma-separated):
     .venv/bin/python bench/bench_kmeans.py                                 # planted + demo, k = 1024
     .venv/bin/python bench/bench_kmeans.py --datasets runs/quality --repeats 1
     .venv/bin/python bench/bench_kmeans.py --datasets planted --n 1000000 --dim 768 --methods ours   # GPU
+
+A run data set must have its embed stage finished (checked first; `--datasets planted` needs no
+run). The report grows in `--json` (default bench/out/kmeans.json) after each method's round.
 """
 from __future__ import annotations
 
@@ -41,8 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, add_json_option, bench_report, require_stages
 
 
 def planted_data(n: int, dim: int, k: int, seed: int) -> np.ndarray:
@@ -55,14 +57,18 @@ def planted_data(n: int, dim: int, k: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def run_dir_of(name: str) -> Path:
+    """The run directory a data set name stands for (`demo` -> runs/demo; a path as given)."""
+    return Path(name if os.sep in name else f"runs/{name}")
+
+
 def load_dataset(name: str, args) -> np.ndarray:
     """float16 [n, d]: what the stage reads (synthetic data is rounded to float16 like embeddings)."""
     if name == "planted":
         return planted_data(args.n, args.dim, args.k, args.seed).astype(np.float16)
-    run_dir = Path(name if os.sep in name else f"runs/{name}")
     from planner_lm.run_folder import RunFolder
 
-    return np.asarray(RunFolder(run_dir).embeddings()).astype(np.float16)
+    return np.asarray(RunFolder(run_dir_of(name)).embeddings()).astype(np.float16)
 
 
 def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
@@ -199,12 +205,15 @@ def spawn(method: str, data_file: str, args, target: float | None) -> dict:
     return out
 
 
-def bench_dataset(name: str, args) -> dict:
+def bench_dataset(name: str, args, report) -> dict:
+    """One data set's figures; `report` is saved after every method's round (its partial rounds
+    sit under "datasets" until the medians replace them)."""
     x = load_dataset(name, args)
     methods = [m for m in args.methods.split(",") if m]
     result: dict = {"data": name, "n": int(x.shape[0]), "dim": int(x.shape[1]), "k": args.k,
                     "data_mb_float32": round(x.shape[0] * x.shape[1] * 4 / 2**20, 1)}
     rounds: dict[str, list[dict]] = {m: [] for m in methods}
+    report["datasets"].append({**result, "rounds_so_far": rounds})
     with tempfile.TemporaryDirectory() as tmp:
         data_file = os.path.join(tmp, "x.npy")
         np.save(data_file, x)
@@ -213,9 +222,12 @@ def bench_dataset(name: str, args) -> dict:
             if "sklearn" in methods:  # same seed every round: the same target, a fresh timing
                 rounds["sklearn"].append(spawn("sklearn", data_file, args, None))
                 target = args.target if args.target is not None else rounds["sklearn"][0]["inertia"]
+                report.save()
             for method in methods:
                 if method != "sklearn":
                     rounds[method].append(spawn(method, data_file, args, target))
+                    report.save()
+    report["datasets"].pop()
     result["target_inertia"] = target
 
     def median(values):
@@ -265,25 +277,32 @@ def main() -> None:
     parser.add_argument("--init_sample", type=int, default=model["init_sample_size"], help="ours: init sample size")
     parser.add_argument("--batch_size", type=int, default=data["batch_size"], help="ours: rows per k-means step")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every method")
+    add_json_option(parser, "kmeans")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data_file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    import torch
-
     from planner_lm.hardware import cpu_flags
 
-    result = {"cpu_flags": cpu_flags(), "cpu_threads": args.threads, "cores": os.cpu_count(),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "repeats": args.repeats,
-              "datasets": [bench_dataset(name, args) for name in args.datasets.split(",") if name]}
-    result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    speedups = [d.get("speedup_vs_sklearn") for d in result["datasets"]]
-    # the headline figure: the worst data set's median speedup
-    result["speedup_vs_sklearn"] = min(speedups) if speedups and None not in speedups else None
-    print(json.dumps(result, indent=2))
+    names = [name for name in args.datasets.split(",") if name]
+    with bench_report("kmeans", args.json, cpu_flags=cpu_flags(), cpu_threads=args.threads, cores=os.cpu_count(),
+                      load_average_at_start=[round(v, 2) for v in os.getloadavg()], repeats=args.repeats,
+                      datasets=[]) as result:
+        for name in names:  # every run named must have its embeddings before any timing starts
+            if name != "planted":
+                require_stages(run_dir_of(name), ["embed"], option=f"--datasets {name}", instead="--datasets planted")
+        import torch
+
+        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        for name in names:
+            result["datasets"].append(bench_dataset(name, args, result))
+            result.save()
+        result["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+        speedups = [d.get("speedup_vs_sklearn") for d in result["datasets"]]
+        # the headline figure: the worst data set's median speedup
+        result["speedup_vs_sklearn"] = min(speedups) if speedups and None not in speedups else None
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ their ratio. The one-off cost of the cache (encoding every sentence once: the em
 k-means needs anyway) is reported too, with the ratio for one epoch if that cost were counted.
 
     .venv/bin/python bench/bench_planner.py [--docs 300] [--batch-size 32] [--device cpu]
+
+Needs no run (the bundled demo corpus and encoder); the JSON is kept in `--json` (default
+bench/out/planner.json) once the cache is timed and again at the end.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from importlib import metadata
@@ -25,7 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _common import add_json_option, bench_report
 from planner_lm.corpus import CorpusConfig, iter_documents
+from planner_lm.errors import UserError
+from planner_lm.hardware import cpu_flags
 from planner_lm.data.contexts import gather_contexts
 from planner_lm.tokenization import load_tokenizer
 from planner_lm.models.planner import Planner
@@ -115,7 +120,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="seed of batches and weights")
+    add_json_option(parser, "planner")
     args = parser.parse_args()
+    with bench_report("planner_train_step", args.json, cpu_flags=cpu_flags()) as report:
+        measure(args, report)
+
+
+def measure(args: argparse.Namespace, report) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -136,7 +147,7 @@ def main() -> None:
     eligible = np.flatnonzero(np.asarray(corpus.sentence_token_start) >= args.context_tokens) if args.full_contexts \
         else np.arange(num_sentences)
     if len(eligible) < args.batch_size:
-        raise SystemExit(f"only {len(eligible)} target sentences qualify; raise --docs or drop --full-contexts")
+        raise UserError(f"only {len(eligible)} target sentences qualify; raise --docs or drop --full-contexts")
     batches = [rng.choice(eligible, size=args.batch_size, replace=False) for _ in range(args.ours_steps + 2)]
 
     # The cache (the embed stage, which k-means needs anyway): encode the sentences the batches'
@@ -151,6 +162,15 @@ def main() -> None:
     cache_seconds_per_sentence = (time.perf_counter() - started) / len(needed)
     cache = torch.zeros(num_sentences, dim, dtype=torch.float16, device=device)
     cache[torch.from_numpy(needed).to(device)] = vectors.to(torch.float16)
+    report.update({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
+        "encoder": "all-MiniLM-L6-v2", "embedding_dim": dim, "num_actions": args.num_actions,
+        "batch_size": args.batch_size, "sentences": num_sentences, "eligible_targets": int(len(eligible)),
+        "context_tokens_reference": args.context_tokens, "context_sentences_ours": args.context_sentences,
+        "cache_ms_per_sentence_once": round(1000 * cache_seconds_per_sentence, 2),
+        "torch": torch.__version__, "python": platform.python_version(),
+    })
+    report.save()
 
     def make_planner(context_sentences: int) -> tuple[Planner, torch.optim.Optimizer]:
         planner = Planner(dim, args.num_actions, context_sentences=context_sentences).to(device).train()
@@ -197,22 +217,14 @@ def main() -> None:
     reference_sentences_mean = float(np.mean(reference_sentences[1:]))
     ours_epoch = cache_seconds_per_sentence * num_sentences + num_sentences / ours
     reference_epoch = num_sentences / reference
-    result = {
-        "bench": "planner_train_step",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({args.threads} threads)",
-        "encoder": "all-MiniLM-L6-v2", "embedding_dim": dim, "num_actions": args.num_actions,
-        "batch_size": args.batch_size, "sentences": num_sentences, "eligible_targets": int(len(eligible)),
-        "context_tokens_reference": args.context_tokens, "context_sentences_ours": args.context_sentences,
+    report.update({
         "reference_mean_context_sentences": round(reference_sentences_mean, 2),
         "ours_examples_per_s": round(ours, 1),
         "reference_examples_per_s": round(reference, 2),
         "speedup_per_step": round(ours / reference, 1),
-        "cache_ms_per_sentence_once": round(1000 * cache_seconds_per_sentence, 2),
         # as if the embed stage were run for the planner alone (it is not: k-means needs it)
         "speedup_one_epoch_counting_cache": round(reference_epoch / ours_epoch, 1),
-        "torch": torch.__version__, "python": platform.python_version(),
-    }
-    print(json.dumps(result, indent=2))
+    })
 
 
 if __name__ == "__main__":

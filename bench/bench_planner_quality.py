@@ -6,7 +6,8 @@ epoch with the lowest validation NLL (as the stage does), and scores it on the t
 the baselines that read no sentence content: the previous sentence's action and the action
 bigram of the training split. Scores are also given per bucket of document length (sentences
 per document), because copying is strongest on long documents, where neighbouring sentences
-share a topic. Prints one JSON object.
+share a topic. Prints one JSON object, kept as it grows (after each planner design) in `--json`
+(default bench/out/planner_quality.json). The run's stages are checked before any training.
 
     .venv/bin/python bench/bench_planner_quality.py --run_dir runs/demo [--epochs 6] [--lr 1e-4] [--pooling mean last]
 
@@ -16,7 +17,6 @@ reference's). Compare learning rates by running it once per `--lr`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _common import add_json_option, bench_report, require_stages
 from planner_lm.data.planner_data import PlannerBatchCollator
 from planner_lm.evaluation.planner_metrics import action_baselines, previous_actions
 from planner_lm.hardware import cpu_flags
@@ -92,9 +93,16 @@ def main() -> None:
     parser.add_argument("--context_sentences", type=int, default=6)
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--seed", type=int, default=0)
+    add_json_option(parser, "planner_quality")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    with bench_report("planner_quality", args.json) as report:
+        require_stages(args.run_dir, ["prepare", "embed", "cluster"], option=f"--run_dir {args.run_dir}")
+        measure(args, report)
 
+
+def measure(args: argparse.Namespace, result) -> None:
+    """Baselines first, then each planner design; the report is saved after each."""
     folder = RunFolder(args.run_dir)
     prepared, doc_first = folder.prepared, folder.doc_first
     actions = np.asarray(folder.actions())
@@ -118,7 +126,7 @@ def main() -> None:
         return out
 
     k = len(centroids)
-    result: dict = {
+    result.update({
         "run_dir": args.run_dir, "split": args.split, "num_actions": k, "sentences": int(len(targets)),
         "host": {"cpu_flags": cpu_flags(), "machine": platform.machine(), "threads": torch.get_num_threads()},
         "settings": {key: value for key, value in vars(args).items() if key not in ("run_dir", "pooling")},
@@ -126,7 +134,8 @@ def main() -> None:
             actions, split_ids["train"], targets, doc_first, k).items()},
         "baselines_by_doc_length": {"previous_top1": bucketed(truth == previous)},
         "planners": {},
-    }
+    })
+    result.save()
     for pooling in args.pooling:
         planner, info = train(pooling, collate, centroids, split_ids, args)
         predictions, nll = predict(planner, collate, targets)
@@ -137,7 +146,7 @@ def main() -> None:
             "points_over_best_baseline": round(100 * (float(correct.mean()) - best_baseline), 2),
             "by_doc_length": bucketed(correct), **info,
         }
-    print(json.dumps(result, indent=2))
+        result.save()
 
 
 if __name__ == "__main__":

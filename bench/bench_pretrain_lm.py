@@ -8,14 +8,13 @@ one optimisation step on a batch of 128-token windows:
   layers but the first two, soft action weights): what every `finetune-joint` run pays per step.
 
 Shapes are interleaved round by round so load from other processes hits each alike; the median
-is reported. Prints JSON.
+is reported. Prints JSON, kept in `--json` (default bench/out/pretrain_lm.json) after every round.
 
     .venv/bin/python bench/bench_pretrain_lm.py [--shapes 2x128,4x128,4x256] [--steps 5] [--batch-size 8]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
+from _common import add_json_option, bench_report
+from planner_lm.hardware import cpu_flags
 from planner_lm.models.base_lm import gpt2_config
 from planner_lm.models.conditioning import ActionConditionedLM
 
@@ -47,7 +48,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128, help="tokens per window")
     parser.add_argument("--actions", type=int, default=64, help="codebook size K for the conditioned step")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_json_option(parser, "pretrain_lm")
     args = parser.parse_args()
+    with bench_report("pretrain_lm_step", args.json, batch=[args.batch_size, args.window], threads=args.threads,
+                      cpu=platform.processor() or platform.machine(), cpu_flags=cpu_flags()) as report:
+        measure(args, report)
+
+
+def measure(args: argparse.Namespace, report) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -74,22 +82,20 @@ def main() -> None:
                 seconds = _step(model, optimizer, ids, **kwargs)
                 if round_:  # the first round warms up
                     times[shape][name].append(seconds)
-    result = {
-        "benchmark": "pretrain_lm_step",
-        "batch": [args.batch_size, args.window],
-        "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "shapes": {
-            shape: {
-                "parameters_m": runs[shape]["parameters_m"],
-                **{f"{name}_s_per_step": round(statistics.median(values), 3) for name, values in times[shape].items()},
-            }
-            for shape in runs
-        },
-    }
-    print(json.dumps(result, indent=2))
-
+        if round_:
+            report.update({
+                "rounds": round_,
+                "load_average_1m": round(os.getloadavg()[0], 2),
+                "shapes": {
+                    shape: {
+                        "parameters_m": runs[shape]["parameters_m"],
+                        **{f"{name}_s_per_step": round(statistics.median(values), 3)
+                           for name, values in times[shape].items()},
+                    }
+                    for shape in runs
+                },
+            })
+            report.save()
 
 if __name__ == "__main__":
     main()

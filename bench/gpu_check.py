@@ -15,7 +15,8 @@ Measures, with the project's own code paths and randomly initialised models of t
     bash bench/gpu_check.sh            # on the GPU machine (about 3-4 minutes on an H200)
     bash bench/gpu_check.sh --cpu      # the same script at toy sizes: proves it runs anywhere
 
-Prints one line per figure and, last, one JSON object.
+Prints one line per figure and, last, one JSON object; the JSON is also kept, rewritten after
+every section, in `--json` (default bench/out/gpu_check.json; on the device: --json $OUT/gpu_check.json).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from _common import add_json_option, bench_report
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16 tensor-core peak of the GPU (vendor figure) that MFU is measured against."""
@@ -171,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="toy sizes on the CPU: proves the script, measures nothing")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: embed,kmeans,joint,eval")
+    add_json_option(parser, "gpu_check")
     args = parser.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     toy = device.type == "cpu"
@@ -178,7 +182,13 @@ def main() -> None:
     peak = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in name), None) if device.type == "cuda" else None
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
-    report: dict = {"device": name, "toy_sizes": toy, "torch": torch.__version__, "peak_bf16_tflops": peak}
+    with bench_report("gpu_check", args.json, device=name, toy_sizes=toy, torch=torch.__version__,
+                      peak_bf16_tflops=peak) as report:
+        run_sections(args, device, toy, peak, report)
+
+
+def run_sections(args: argparse.Namespace, device: torch.device, toy: bool, peak: float | None, report) -> None:
+    """Each section's figures go into the report (saved) as soon as it ends."""
     skip = set(filter(None, args.skip.split(",")))
     sections = [("embed", lambda: check_embed(device, toy)), ("kmeans", lambda: check_kmeans(device, toy)),
                 *((f"joint_{shape}", lambda shape=shape: check_joint(shape, (TOY if toy else SHAPES)[shape], device,
@@ -194,9 +204,9 @@ def main() -> None:
             report[section] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
         report[section]["seconds"] = round(time.perf_counter() - started, 1)
         print(f"{section}: {json.dumps(report[section])}", flush=True)
+        report.save()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The project's prepared GPU check (bench/gpu_check.py): run from the repository root on the lent
 # GPU machine, which has torch, transformers, safetensors and huggingface_hub but not this package
 # installed; nothing needs to be carried. `--cpu` runs it at toy sizes anywhere.
-#   device run: bash bench/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log
+#   device run: bash bench/gpu_check.sh --json $OUT/gpu_check.json 2>&1 | tee $OUT/gpu_check.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -12,7 +12,6 @@ Both accept `--config FILE` any number of times (later files override earlier on
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -24,31 +23,15 @@ from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, man
                                   write_manifest)
 from planner_lm.errors import friendly_errors
 from planner_lm.hardware import fast_precision
+from planner_lm.quiet import quiet_upstream
 from planner_lm.run_folder import stage_dir
 
 T = TypeVar("T")
 
-_PARSER_ENV = {"JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
-
-
-class _DropAdverts(logging.Filter):
-    """Lightning logs a cloud-logging advert on every Trainer; it is not ours to show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
-
-
-def _quiet_env() -> None:
-    for key, value in _PARSER_ENV.items():
-        os.environ.setdefault(key, value)
-    for name in ("lightning.pytorch.trainer.connectors.logger_connector.logger_connector",
-                 "lightning.pytorch.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropAdverts())
-
 
 def parse_config(config_class: type[T], description: str, args: Sequence[str] | None = None) -> T:
     """Parse `--config` files and overrides into an instance of a (nested) config dataclass."""
-    _quiet_env()
+    quiet_upstream()
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(description=description, exit_on_error=True)
@@ -75,6 +58,8 @@ class StageSpec:
             upstream manifests flow into the model's constructor.
         output_dir: derives the stage directory from the parsed config (default:
             `stage_dir(run_dir, stage)`), e.g. for `4_joint-<selection>`.
+        epochs_when_unbounded: training stages: epochs to run when neither `trainer.max_epochs`
+            nor `trainer.max_steps` is given (Lightning would run 1,000), e.g. without `--config`.
     """
 
     stage: str
@@ -84,6 +69,7 @@ class StageSpec:
     links: tuple[tuple[str, str], ...] = ()
     output_dir: Callable[[Any], Path] | None = None
     trainer_defaults: dict[str, Any] = field(default_factory=dict)
+    epochs_when_unbounded: int | None = None
 
 
 def _make_stage_cli_class():
@@ -113,6 +99,9 @@ def _make_stage_cli_class():
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
+            trainer = cfg.trainer
+            if self.spec.epochs_when_unbounded and trainer.max_epochs is None and trainer.max_steps in (None, -1):
+                trainer.max_epochs = self.spec.epochs_when_unbounded  # recorded in the manifest as run
             out = self.spec.output_dir(cfg) if self.spec.output_dir else stage_dir(cfg.run_dir, self.spec.stage)
             self.output_dir = Path(out)
             start_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict, overwrite=cfg.overwrite)
@@ -160,7 +149,7 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
     The caller runs `fit`/`predict` (typically with `ckpt_path=resume_checkpoint(cli, data.inputs)`)
     and ends with `finish_stage`.
     """
-    _quiet_env()
+    quiet_upstream()
     cls = _make_stage_cli_class()
     cls.spec = spec
     # bf16 autocast where the hardware has it natively (GPUs, AVX512-BF16/AMX CPUs), else fp32;

@@ -1,19 +1,19 @@
 """lm-evaluation-harness model `planner-lm`: a finished joint run, scored with its planner in the loop.
 
-    python -m planner_lm.harness --model planner-lm --model_args run=runs/demo/4_joint-soft \\
-        --tasks wikitext --device cpu
+    planner-lm-eval --model planner-lm --model_args run=runs/demo/4_joint-soft --tasks wikitext --device cpu
 
 Offline, score the run's own test documents as a local task (`task` writes it):
 
-    python -m planner_lm.harness task runs/demo
-    python -m planner_lm.harness --model planner-lm --model_args run=runs/demo/4_joint-soft \\
+    planner-lm-eval task runs/demo
+    planner-lm-eval --model planner-lm --model_args run=runs/demo/4_joint-soft \\
         --tasks planner_lm_text --include_path runs/demo/harness --device cpu
 
-`python -m planner_lm.harness` is the harness's own command line (`lm_eval ...`, every option
-works) with this model registered first: the harness finds models by import, not by installed
-plugin, so a plain `lm_eval` does not see it. From Python, `import planner_lm.harness` and pass
-`model="planner-lm"` (or a `PlannerHarnessLM`) to `lm_eval.simple_evaluate`. Needs the optional
-extra `harness` (`pip install -e '.[harness]'`).
+`planner-lm-eval` (also `python -m planner_lm.harness`) is the harness's own command line (every
+`lm_eval` option works) with this model registered first: lm-eval 0.4.x finds models by import,
+not by installed plugin, so a plain `lm_eval` does not see it (releases with entry-point discovery
+will, through the `lm_eval.models` entry point in pyproject.toml). From Python, pass a
+`PlannerHarnessLM` (or, after `import planner_lm.harness`, `model="planner-lm"`) to
+`lm_eval.simple_evaluate`. Needs the optional extra `harness` (`pip install -e '.[harness]'`).
 
 Loglikelihood and rolling loglikelihood (perplexity tasks) condition every token as training does,
 with actions the planner picks from the text before each sentence (`planner_lm.planned_scoring`);
@@ -56,14 +56,18 @@ class PlannerHarnessLM(LM):
         self.model = PlannedLM(run, device=device, max_length=int(max_length) if max_length else None)
 
     @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "PlannerHarnessLM":
+        """From `--model_args` as a dict (the harness's CLI parses them so); `--device` wins if given."""
+        if "run" not in arg_dict:
+            raise UserError("planner-lm needs --model_args run=<run dir>/4_joint-<selection>")
+        extra = {k: v for k, v in (additional_config or {}).items() if k == "device" and v is not None}
+        return cls(**{**arg_dict, **extra})
+
+    @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "PlannerHarnessLM":
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
-        if "run" not in args:
-            raise UserError("planner-lm needs --model_args run=<run dir>/4_joint-<selection>")
-        extra = {k: v for k, v in (additional_config or {}).items() if k == "device" and v is not None}
-        return cls(**{**args, **extra})
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return [self.model.loglikelihood(*request.args) for request in tqdm(requests, disable=disable_tqdm)]
@@ -122,14 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     with friendly_errors():
         if argv[:1] == ["task"]:
             if len(argv) not in (2, 3):
-                raise UserError("usage: python -m planner_lm.harness task RUN_DIR [OUT_DIR]")
+                raise UserError("usage: planner-lm-eval task RUN_DIR [OUT_DIR]")
             folder = RunFolder(argv[1])
             out = write_text_task(folder.prepared.split("test")["text"], argv[2] if len(argv) == 3
                                   else folder.root / "harness")
             print(f"wrote the task {TEXT_TASK} over {folder.root}'s test documents: --include_path {out}")
             return
-        sys.argv = [sys.argv[0], *argv]
-        cli_evaluate()
+        saved, sys.argv = sys.argv, [sys.argv[0], *argv]  # the harness's CLI reads sys.argv
+        try:
+            cli_evaluate()
+        finally:
+            sys.argv = saved
 
 
 if __name__ == "__main__":

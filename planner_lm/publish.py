@@ -105,7 +105,7 @@ def publish(run_dir: str | Path, selection: str = "soft", repo: str | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m planner_lm.publish", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory, e.g. runs/demo")
     parser.add_argument("--selection", default="soft", help="which joint run (4_joint-<selection>)")
     parser.add_argument("--repo", default=None, help="Hub repository id to push to, e.g. user/planner-lm-demo")

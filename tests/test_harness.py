@@ -86,3 +86,54 @@ def test_harness_model_args_errors_are_one_line(run_dir):
         PlannerHarnessLM.create_from_arg_string("device=cpu")
     with pytest.raises(UserError, match="not a finished joint run"):
         PlannerHarnessLM.create_from_arg_string(f"run={stage_dir(run_dir, 'finetune_joint', 'hard')}")
+
+
+def test_planner_lm_eval_command_scores_a_local_task(run_dir, tmp_path, monkeypatch, capsys):
+    """`planner-lm-eval` takes lm-eval's own options, with the `planner-lm` model registered."""
+    pytest.importorskip("lm_eval")
+    import planner_lm.sentence_vectors
+    from planner_lm.commands import harness_main
+    from planner_lm.harness import TEXT_TASK, write_text_task
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    task_dir = write_text_task([TEXT, "Sentence 1 of document 9. Sentence 2 of document 9."], tmp_path / "task")
+    run = stage_dir(run_dir, "finetune_joint", "soft")
+    harness_main(["--model", "planner-lm", "--model_args", f"run={run}", "--device", "cpu", "--tasks", TEXT_TASK,
+                  "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")])
+    assert TEXT_TASK in capsys.readouterr().out  # the harness's own results table
+    written = list((tmp_path / "out").rglob("results*.json"))
+    assert len(written) == 1
+    scores = json.loads(written[0].read_text())["results"][TEXT_TASK]
+    assert math.isfinite(scores["word_perplexity,none"]) and scores["word_perplexity,none"] > 1
+    with pytest.raises(SystemExit) as stopped:  # a missing run= is one line, exit 2
+        harness_main(["--model", "planner-lm", "--model_args", "device=cpu", "--tasks", TEXT_TASK,
+                      "--include_path", str(task_dir)])
+    assert stopped.value.code == 2 and "run=" in capsys.readouterr().err
+
+
+def test_simple_evaluate_snippet_of_the_readme(run_dir, tmp_path, monkeypatch):
+    """The README's Python example, as written there (paths substituted)."""
+    pytest.importorskip("lm_eval")
+    import planner_lm.sentence_vectors
+    from planner_lm.harness import write_text_task
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    write_text_task([TEXT], tmp_path / "harness")
+    snippet = README_SNIPPET.replace("runs/demo/4_joint-soft", str(stage_dir(run_dir, "finetune_joint", "soft")))
+    snippet = snippet.replace("runs/demo/harness", str(tmp_path / "harness"))
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the documented example itself
+    assert math.isfinite(scope["ppl"]) and scope["ppl"] > 1
+
+
+README_SNIPPET = '''
+import lm_eval
+from lm_eval.tasks import TaskManager
+from planner_lm.harness import PlannerHarnessLM
+
+model = PlannerHarnessLM(run="runs/demo/4_joint-soft", device="cpu")
+results = lm_eval.simple_evaluate(model=model, tasks=["planner_lm_text"],
+                                  task_manager=TaskManager(include_path="runs/demo/harness"))
+ppl = results["results"]["planner_lm_text"]["word_perplexity,none"]
+print(f"word perplexity {ppl:.2f}")
+'''

@@ -141,7 +141,6 @@ def verdict_table(run_dirs: Sequence[Path], labels: Sequence[str] | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m planner_lm.evaluation.compare",
         description="Compare one selection's evaluated run across run directories (e.g. a run and "
                     "its anti-forgetting variants): PPL, Δ vs fixed, planner top-1 before/after.")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories, each evaluated (`make evaluate RUN=...`)")

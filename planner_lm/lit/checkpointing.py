@@ -111,7 +111,9 @@ class ResumeCheckpoint(Checkpoint):
         partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial, weights_only=False)  # the full training state (still only plain values)
+        # the full training state (optimizer, loops, callbacks): said explicitly, so Lightning
+        # does not log that it defaulted to it at every save
+        trainer.save_checkpoint(partial, weights_only=False)
         if trainer.is_global_zero:
             os.replace(partial, self.last_path)
         trainer.strategy.barrier("resume checkpoint saved")

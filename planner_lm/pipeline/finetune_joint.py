@@ -38,6 +38,7 @@ SPEC = StageSpec(
     links=tuple((f"data.{name}", f"model.{name}") for name in
                 ("lm_path", "planner_path", "codebook_path", "num_actions", "embedding_dim", "init_lm_path")),
     output_dir=joint_dir,
+    epochs_when_unbounded=1,  # the papers train one epoch
 )
 
 

@@ -21,6 +21,7 @@ SPEC = StageSpec(
     datamodule_class=LMPretrainDataModule,
     description="Train a small GPT-2 from scratch with GPT-2's tokenizer: the offline base LM (lm/).",
     links=tuple((f"data.{name}", f"model.{name}") for name in ("vocab_size", "bos_token_id", "eos_token_id")),
+    epochs_when_unbounded=1,  # the papers train one epoch
 )
 
 

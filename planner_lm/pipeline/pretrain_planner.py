@@ -24,6 +24,7 @@ SPEC = StageSpec(
                 "sentences' cached embeddings (stage 3).",
     links=tuple((f"data.{name}", f"model.{name}") for name in
                 ("num_actions", "embedding_dim", "centroids", "context_sentences")),
+    epochs_when_unbounded=1,  # the papers train one epoch
 )
 
 
