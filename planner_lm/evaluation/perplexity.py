@@ -191,9 +191,10 @@ LINEAR_HEAD_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", 
 (no final scaling or soft-capping; `tests/test_perplexity.py` checks each against ``.logits``), so
 scoring can run the output layer itself, only where a token is scored."""
 
-HEAD_CHUNK_ELEMENTS = 1 << 23
-"""Logits materialised at a time (rows × vocabulary; 32 MiB in fp32), whatever the batch: the
-output layer and its log-softmax run over chunks of scored positions, never a ``[B, L, V]`` tensor."""
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 23, "other": 1 << 27}
+"""Logits materialised at a time (rows × vocabulary; 32 MiB in fp32 on CPUs, 512 MiB on GPUs, where
+small products waste the device), whatever the batch: the output layer and its log-softmax run
+over chunks of scored positions, never a ``[B, L, V]`` tensor."""
 
 
 def _backbone_and_head(model: Any) -> tuple[Any, Any] | None:
@@ -209,7 +210,8 @@ def head_logprobs(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Ten
     """log p(targets[i] | hidden[i]) for rows of final hidden states ``[N, D]``, the output layer and
     its log-softmax (fp32, as `next_token_logprobs`) run over `HEAD_CHUNK_ELEMENTS`-sized chunks."""
     out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-    rows = max(1, HEAD_CHUNK_ELEMENTS // max(vocab_size, 1))
+    chunk = HEAD_CHUNK_ELEMENTS["cpu" if hidden.device.type == "cpu" else "other"]
+    rows = max(1, chunk // max(vocab_size, 1))
     for start in range(0, len(targets), rows):
         logits = head(hidden[start : start + rows]).float()
         out[start : start + rows] = -torch.nn.functional.cross_entropy(
