@@ -313,6 +313,48 @@ def test_another_corpus_is_scored_with_the_runs_recipe(metrics, run_dir, tmp_pat
     assert "PPL by document length" in (out / "results.md").read_text()
 
 
+def test_a_corpus_is_tokenized_encoded_and_planned_once_for_every_run(run_dir, tmp_path, monkeypatch):
+    """Work that depends on the corpus only is done once however many runs and code sources score
+    it: one tokenization, one encoder load (shared with the generations), one encoding of each
+    sentence (the generations' prompt sentences once more, not once per run), one planner forward
+    per planner."""
+    import planner_lm.evaluation.scoring
+    import planner_lm.pipeline.evaluate
+    import planner_lm.sentence_vectors
+    from collections import Counter
+
+    from planner_lm.corpus import CorpusConfig
+
+    corpus = tmp_path / "other.jsonl"
+    texts = [f"Document {d} opens here. It has a middle sentence {d}. And it ends {d}." for d in range(4)]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    calls: Counter = Counter()
+    encoded: Counter = Counter()
+
+    def load_encoder(settings, device):
+        calls["encoder loads"] += 1
+        return lambda batch: (encoded.update(batch), hash_encoder(batch))[1]
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", load_encoder)
+    monkeypatch.setattr(planner_lm.evaluation.scoring, "load_or_build_token_cache",
+                        counted("tokenizations", planner_lm.evaluation.scoring.load_or_build_token_cache))
+    monkeypatch.setattr(planner_lm.pipeline.evaluate, "planner_logits",
+                        counted("planner forwards", planner_lm.pipeline.evaluate.planner_logits))
+    evaluate_runs(config(run_dir, runs=["soft", "fixed", "boundary"], code_sources=["matched", "oracle", "none"],
+                         corpus=CorpusConfig(name=str(corpus)),
+                         structure=StructureConfig(docs=2, prompt_sentences=1, max_new_tokens=4, batch_size=2)))
+    assert calls == {"encoder loads": 1, "tokenizations": 1, "planner forwards": 2}  # pretrained + soft's own
+    sentences = [s for t in texts for s in t.replace(". ", ".|").split("|")]
+    prompts = {f"Document {d} opens here." for d in range(2)}
+    assert {s: encoded[s] for s in sentences} == {s: 1 + (s in prompts) for s in sentences}
+
+
 def test_corpora_the_run_cannot_read_are_refused_in_one_line(run_dir, tmp_path):
     from planner_lm.corpus import CorpusConfig
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from planner_lm.evaluation.bootstrap import (
     ppl_interval,
@@ -15,6 +15,7 @@ from planner_lm.evaluation.bootstrap import (
     resample_indices,
 )
 from planner_lm.evaluation.perplexity import (
+    LINEAR_HEAD_FAMILIES,
     ScoringDocument,
     causal_lm_logprobs,
     next_token_logprobs,
@@ -29,6 +30,9 @@ from planner_lm.evaluation.structure import (
     plan_following_rate,
     rouge2_f,
 )
+from planner_lm.evaluation.scoring import make_scorer
+from planner_lm.models.base_lm import tiny_config
+from planner_lm.models.conditioning import ActionConditionedLM
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +211,61 @@ def test_rouge2():
     assert rouge2_f("the moon is bright tonight", "the moon is bright tonight") == 1.0
     assert rouge2_f("cats sleep", "the moon is bright") == 0.0
     assert 0 < rouge2_f("the moon is dark", "the moon is bright") < 1
+
+
+# ---- the evaluation's scoring path against straightforward per-window computations
+
+@pytest.mark.parametrize("family", sorted(LINEAR_HEAD_FAMILIES))
+def test_output_layer_run_by_scoring_gives_the_models_own_logprobs(family):
+    """Scoring runs a family's backbone and output layer itself: the log-probs of every non-padding
+    target equal those of the model's own `.logits` (fp32; same kernels, so bit for bit here)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=96)).eval()
+    ids = torch.randint(1, 96, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    with torch.no_grad():
+        expected = next_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)[:, -5:]
+        mine = causal_lm_logprobs(model, ids, mask, 5)
+    real = mask[:, -5:].bool()
+    torch.testing.assert_close(mine[real], expected[real], rtol=1e-6, atol=1e-6)
+
+
+def test_output_layer_runs_only_where_a_real_token_is_scored(tiny_lm):
+    """Documents of 1 + a multiple of 15 tokens at window 16, stride 15: every window position but
+    the first predicts a scored token, so the output layer sees one row per target and none for the
+    padding of the short documents batched with full windows."""
+    rows: list[int] = []
+    hook = tiny_lm.get_output_embeddings().register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+    try:
+        docs = random_documents([46, 7, 16, 3], seed=6)
+        result = sliding_window_nll(docs, lm_scorer(tiny_lm), window=16, stride=15, batch_size=3)
+    finally:
+        hook.remove()
+    assert sum(rows) == result.num_tokens == 45 + 6 + 15 + 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("stride", [1, 5, 15])
+def test_evaluation_scorer_matches_one_plain_forward_per_window(family, stride):
+    """The batched evaluation scorer (padding, trimmed output layer, conditioning hooks) against one
+    unpadded `ActionConditionedLM` forward per window with full logits and a log-softmax, in fp32."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=61)).eval()
+    lm = ActionConditionedLM(base, torch.randn(4, 8, generator=torch.Generator().manual_seed(3))).eval()
+    docs = random_documents([40, 9, 23, 2], seed=7)
+    num_sentences = int(max(int(d.condition_ids.max()) for d in docs)) + 1
+    table = torch.softmax(torch.randn(num_sentences, 4, generator=torch.Generator().manual_seed(4)), -1)
+    fast = sliding_window_nll(docs, make_scorer(lm, table, 0, torch.device("cpu"), "32"), window=16,
+                              stride=stride, batch_size=4)
+    lengths = [len(d.input_ids) for d in docs]
+    expected = [np.zeros(n - 1, dtype=np.float32) for n in lengths]
+    with torch.no_grad():
+        for w in plan_windows(lengths, 16, stride):
+            ids = docs[w.doc].input_ids[w.start:w.end][None]
+            weights = table[docs[w.doc].condition_ids[w.start:w.end]][None]
+            logprobs = torch.log_softmax(lm(input_ids=ids, action_weights=weights).logits[0, :-1], -1)
+            positions = torch.arange(w.first_target - w.start, w.end - w.start)
+            expected[w.doc][w.first_target - 1:w.end - 1] = -logprobs[positions - 1, ids[0, positions]].numpy()
+    for mine, theirs in zip(fast.token_nll, expected):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -32,9 +32,9 @@ The log-probabilities of the last ``keep`` tokens of each (right-padded) row:
 ``logprobs[b, j]`` is log p(input_ids[b, L-keep+j] | input_ids[b, :L-keep+j]). At stride 1 a
 window scores one token, so ``keep`` is 1 for most batches and a causal LM needs its output layer
 (the 50,257-way product that dominates a small LM's cost) at ``keep + 1`` positions only, not all
-``L`` (Hugging Face's ``logits_to_keep``). ``condition_ids`` are the per-token ids carried by
-:class:`ScoringDocument` (usually the global id of the sentence whose action conditions the
-token), padded with -1.
+``L`` (`causal_lm_logprobs`). Entries of padding tokens are never read. ``condition_ids`` are
+the per-token ids carried by :class:`ScoringDocument` (usually the global id of the sentence whose
+action conditions the token), padded with -1.
 """
 
 
@@ -185,11 +185,59 @@ def next_token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     return -nll.view(targets.shape)
 
 
+LINEAR_HEAD_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "gemma", "phi3",
+                                  "gpt_neox", "opt"})
+"""Families whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``
+(no final scaling or soft-capping; `tests/test_perplexity.py` checks each against ``.logits``), so
+scoring can run the output layer itself, only where a token is scored."""
+
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 23, "other": 1 << 27}
+"""Logits materialised at a time (rows × vocabulary; 32 MiB in fp32 on CPUs, 512 MiB on GPUs, where
+small products waste the device), whatever the batch: the output layer and its log-softmax run
+over chunks of scored positions, never a ``[B, L, V]`` tensor."""
+
+
+def _backbone_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(backbone, output layer) of a Hugging Face causal LM whose family `LINEAR_HEAD_FAMILIES` lists."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in LINEAR_HEAD_FAMILIES or not hasattr(model, "get_output_embeddings"):
+        return None
+    backbone, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    return None if backbone is model or head is None else (backbone, head)
+
+
+def head_logprobs(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """log p(targets[i] | hidden[i]) for rows of final hidden states ``[N, D]``, the output layer and
+    its log-softmax (fp32, as `next_token_logprobs`) run over `HEAD_CHUNK_ELEMENTS`-sized chunks."""
+    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    chunk = HEAD_CHUNK_ELEMENTS["cpu" if hidden.device.type == "cpu" else "other"]
+    rows = max(1, chunk // max(vocab_size, 1))
+    for start in range(0, len(targets), rows):
+        logits = head(hidden[start : start + rows]).float()
+        out[start : start + rows] = -torch.nn.functional.cross_entropy(
+            logits, targets[start : start + rows], reduction="none")
+    return out
+
+
 def causal_lm_logprobs(model: Callable[..., Any], ids: Tensor, mask: Tensor, keep: int, **inputs: Any) -> Tensor:
-    """The ``TokenScorer`` result for a Hugging Face causal LM (extra ``inputs`` such as action
-    weights go to its forward): its output layer runs at the last ``keep + 1`` positions only."""
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep + 1, **inputs).logits
-    return next_token_logprobs(logits, ids)
+    """The ``TokenScorer`` result for a Hugging Face causal LM (extra ``inputs`` go to its forward).
+
+    For the families of `LINEAR_HEAD_FAMILIES` the backbone runs once and the output layer only at
+    the positions that predict a scored, non-padding token, in chunks (`head_logprobs`); padded
+    targets get 0. Other models run with ``logits_to_keep=keep + 1``.
+    """
+    parts = _backbone_and_head(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep + 1, **inputs).logits
+        return next_token_logprobs(logits, ids)
+    backbone, head = parts
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **inputs).last_hidden_state
+    length = ids.shape[1]
+    targets, scored = ids[:, length - keep:], mask[:, length - keep:].bool()
+    logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=ids.device)
+    logprobs[scored] = head_logprobs(head, hidden[:, length - keep - 1 : length - 1][scored], targets[scored],
+                                     int(model.config.vocab_size))
+    return logprobs
 
 
 def position_in_sentence(condition_ids: Tensor) -> np.ndarray:

@@ -98,8 +98,9 @@ def make_scorer(lm: torch.nn.Module, table: torch.Tensor | None, first: int, dev
         if table is not None:
             rows = (cond - first).clamp(min=0, max=len(table) - 1)
             weights = table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return causal_lm_logprobs(lm, ids, mask, keep, action_weights=weights)
+        # the base itself runs inside the conditioning, so its output layer runs only where a token is scored
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), lm.conditioned(weights):
+            return causal_lm_logprobs(lm.base, ids, mask, keep)
 
     return score
 

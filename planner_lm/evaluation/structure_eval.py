@@ -50,6 +50,21 @@ def make_task(texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]], 
     return task
 
 
+class EncodedOnce:
+    """A sentence encoder that encodes each distinct text once and then reuses its vector: the
+    prompts recur in every run's generations, and generated sentences are encoded while planning
+    and again when scored. Holds only the evaluator's texts (prompts and generations)."""
+
+    def __init__(self, encode: Any) -> None:
+        self.encode, self.vectors = encode, {}
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(t for t in texts if t not in self.vectors))
+        if new:
+            self.vectors.update(zip(new, self.encode(new).float().cpu()))
+        return torch.stack([self.vectors[t] for t in texts]) if texts else self.encode([])
+
+
 class StructureEvaluator:
     """Generates for a task with one model and scores the generations.
 
@@ -63,7 +78,7 @@ class StructureEvaluator:
 
     def __init__(self, task: StructureTask, encode: Any, centroids: torch.Tensor, sampling: SamplingConfig,
                  batch_size: int = 16) -> None:
-        self.task, self.encode, self.centroids = task, encode, centroids.float()
+        self.task, self.encode, self.centroids = task, EncodedOnce(encode), centroids.float()
         self.sampling, self.batch_size = sampling, batch_size
 
     def _actions_of(self, texts: list[str]) -> list[int]:

@@ -12,6 +12,7 @@ TensorBoard (`planner_lm.evaluation.results`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     fingerprints = {r.manifest.facts.get("tokenizer_fingerprint") for r in runs} - {None}
     if fingerprints and fingerprint not in fingerprints:
         raise UserError(f"the tokenizer next to {runs[0].lm_dir} is not the one the runs were trained with")
+    encoder = encoder or _encoder_loaded_once(folder, device)
     corpus_cache = out / "corpus" if world == 1 else out / "corpus" / f"rank{rank}"
     text = external_text(folder, cfg.corpus, corpus_cache, device, encoder) if cfg.corpus else test_split_text(folder)
     scored = f"corpus {corpus_description(cfg.corpus)}" if cfg.corpus else "test split"
@@ -233,8 +235,14 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     return metrics
 
 
+def _encoder_loaded_once(folder: RunFolder, device: torch.device) -> sentence_vectors.SentenceEncoder:
+    """The embed stage's encoder, loaded on first use and then shared by the corpus and the generations."""
+    load = functools.cache(lambda: sentence_vectors.load_sentence_encoder(folder.encoder_settings(), device))
+    return lambda texts: load()(texts)
+
+
 def _structure_evaluator(cfg: EvaluateConfig, test: TestSet, text: ScoredText, folder: RunFolder,
-                         device: torch.device, encoder: Any):
+                         device: torch.device, encoder: sentence_vectors.SentenceEncoder):
     """The generation task on the first test documents, or None when disabled or impossible."""
     from planner_lm.evaluation.structure_eval import StructureEvaluator, make_task
     from planner_lm.generation import SamplingConfig
@@ -246,10 +254,9 @@ def _structure_evaluator(cfg: EvaluateConfig, test: TestSet, text: ScoredText, f
     if not task.prompts:
         print(f"no test document has more than {cfg.structure.prompt_sentences} sentences: structure metrics skipped")
         return None
-    encode = encoder or sentence_vectors.load_sentence_encoder(folder.encoder_settings(), device)
     sampling = SamplingConfig(max_new_tokens=cfg.structure.max_new_tokens, temperature=cfg.structure.temperature,
                               top_p=cfg.structure.top_p, seed=cfg.seed)
-    return StructureEvaluator(task, encode, torch.from_numpy(folder.codebook()), sampling, cfg.structure.batch_size)
+    return StructureEvaluator(task, encoder, torch.from_numpy(folder.codebook()), sampling, cfg.structure.batch_size)
 
 
 def _generate_and_score(evaluator, run: JointRun, lm, planners, tokenizer, num_actions: int):
