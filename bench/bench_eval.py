@@ -1,4 +1,4 @@
-"""Evaluation throughput against plain forwards, side by side; prints (and writes) one JSON object.
+"""Evaluation throughput against plain forwards, side by side; prints one JSON object.
 
 Scoring: synthetic documents of each length in --lengths (about --bucket_tokens tokens per length)
 are scored with the evaluate stage's own path (`sliding_window_nll` + `scoring.make_scorer` on an
@@ -21,18 +21,20 @@ alternating; `encode_vs_embed_stage` = evaluation sentences/s ÷ embed-stage sen
 
     .venv/bin/python bench/bench_eval.py --lm demo                       # ~3 min on 2 idle cores
     .venv/bin/python bench/bench_eval.py --lm smollm2 --lengths 128,1024,4096 --bucket_tokens 2048 --variants '' --skip_encode
+
+The sentences and the encoder are checked before any timing (a missing corpus or encoder is one
+line, exit 2). The report grows in `--json` (default bench/out/eval.json) after scoring and after
+encoding, and is kept, with the error, if the bench stops.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +43,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import add_json_option, bench_report  # noqa: E402
+
+from planner_lm.errors import UserError  # noqa: E402
+from planner_lm.sentence_vectors import resolve_encoder_path  # noqa: E402
 
 SENTENCE_TOKENS = 29
 """Tokens per synthetic sentence (563,475 tokens / 19,282 sentences in the issue's corpus)."""
@@ -61,7 +67,7 @@ def build_lm(name: str, layers: int | None, width: int | None) -> torch.nn.Modul
                              num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                              max_position_embeddings=2048, tie_word_embeddings=True)
     else:
-        raise SystemExit(f"--lm must be demo or smollm2, got {name!r}")
+        raise UserError(f"--lm must be demo or smollm2, got {name!r}")
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -234,6 +240,8 @@ def sample_sentences(run_dir: str, corpus: str | None, count: int) -> tuple[list
             texts.extend(doc.text[a:b] for a, b in sentence_spans(doc.text))
             if len(texts) > 20 * count:
                 break
+    if not texts:
+        raise UserError(f"{source} holds no sentences; pass --corpus NAME or --run_dir RUN with a prepared corpus")
     rng = np.random.default_rng(0)
     return [texts[i] for i in rng.choice(len(texts), size=min(count, len(texts)), replace=False)], source
 
@@ -251,14 +259,13 @@ class _Recipe:
         return self._codebook
 
 
-def bench_encoding(args, device: torch.device, report: dict) -> None:
+def bench_encoding(args, device: torch.device, report: dict, texts: list[str], source: str) -> None:
     from planner_lm.data.embed_data import length_sorted_batches
     from planner_lm.evaluation.texts import encode_and_assign
     from planner_lm.hardware import fast_precision
     from planner_lm.lit.embed import SentenceEmbedder
     from planner_lm.sentence_vectors import load_sentence_encoder
 
-    texts, source = sample_sentences(args.run_dir, args.corpus, args.sentences)
     embedder = SentenceEmbedder(encoder=args.encoder)  # backend auto, as the embed stage resolves it here
     settings = {"encoder": args.encoder, "max_seq_length": None, "precision": fast_precision(),
                 "backend": embedder.backend, "quantize": embedder.quantize}
@@ -297,7 +304,8 @@ def bench_encoding(args, device: torch.device, report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lm", default="demo", help="demo (GPT-2 4 x 256) or smollm2 (Llama 30 x 576)")
+    parser.add_argument("--lm", default="demo", choices=("demo", "smollm2"),
+                        help="demo (GPT-2 4 x 256) or smollm2 (Llama 30 x 576)")
     parser.add_argument("--layers", type=int, default=None, help="override the LM's layer count")
     parser.add_argument("--width", type=int, default=None, help="override the LM's width (demo preset: 128)")
     parser.add_argument("--lengths", default="128,1024,8192", help="document lengths in tokens, comma-separated")
@@ -320,40 +328,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench_eval.json", help="the JSON is also written here (even on error)")
+    add_json_option(parser, "eval")
     args = parser.parse_args()
 
     from planner_lm.hardware import cpu_flags
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    report: dict[str, Any] = {
-        "bench": "evaluation vs plain forward", "command": " ".join(sys.argv),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "host": platform.node(), "cpu_flags": cpu_flags(), "threads": args.threads,
-        "cpus": os.cpu_count(), "load_average_start": os.getloadavg()[0], "torch": torch.__version__,
-    }
-    status = 0
-
-    def write() -> str:  # after each part, so an interrupted run keeps what it measured
-        report["load_average_end"] = os.getloadavg()[0]
-        text = json.dumps(report, indent=2)
-        Path(args.out).write_text(text + "\n")
-        return text
-
-    try:
+    with bench_report("eval", args.json, command=" ".join(sys.argv), host=platform.node(), cpu_flags=cpu_flags(),
+                      threads=args.threads, cpus=os.cpu_count(), load_average_start=os.getloadavg()[0],
+                      torch=torch.__version__) as report:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here; pass --device cpu")
+        report["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        sentences = None
+        if not args.skip_encode:  # the inputs first: a bad corpus or encoder is one line, before minutes of scoring
+            sentences = sample_sentences(args.run_dir, args.corpus, args.sentences)
+            resolve_encoder_path(args.encoder)
         if not args.skip_score:
             bench_scoring(args, device, report)
-            write()
-        if not args.skip_encode:
-            bench_encoding(args, device, report)
-    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the JSON says what failed, and is written anyway
-        report["error"] = f"{type(err).__name__}: {err}"
-        traceback.print_exc()
-        status = 1
-    print(write())
-    sys.exit(status)
-
+            report["load_average_end"] = os.getloadavg()[0]
+            report.save()
+        if sentences is not None:
+            bench_encoding(args, device, report, *sentences)
+            report["load_average_end"] = os.getloadavg()[0]
+            report.save()
 
 if __name__ == "__main__":
     main()

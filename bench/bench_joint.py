@@ -22,22 +22,42 @@ weights (`--bf16-base`) only pay on hosts with native bf16.
 
     .venv/bin/python bench/bench_joint.py [--steps 5] [--batch-size 8] [--device cpu]
     .venv/bin/python bench/bench_joint.py --mode frozen_vs_plain --shape smollm2 --steps 3
+
+Every input is synthetic; `--device cuda` without a GPU is one line (exit 2). The report grows in
+`--json` (default bench/out/joint.json) after the set-up and after every round of steps.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from _common import add_json_option, bench_report
 
+from planner_lm.errors import UserError
+from planner_lm.hardware import cpu_flags
 from planner_lm.models.base_lm import gpt2_config
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
 from planner_lm.models.selection import select_weights
+
+
+def time_variants(step: Callable[[str], float], variants: Sequence[str], steps: int, report) -> dict[str, float]:
+    """Median seconds per variant: one untimed warm-up each, then `steps` interleaved rounds (so load
+    from other processes hits every variant alike), the report saved after every round."""
+    for variant in variants:
+        step(variant)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(steps):
+        for variant in variants:
+            times[variant].append(step(variant))
+        report["step_s_rounds"] = {v: [round(x, 4) for x in times[v]] for v in variants}
+        report.save()
+    return {v: statistics.median(times[v]) for v in variants}
 
 
 def smollm2_base():
@@ -50,13 +70,10 @@ def smollm2_base():
     return LlamaForCausalLM(config)
 
 
-def frozen_vs_plain(args: argparse.Namespace) -> None:
+def frozen_vs_plain(args: argparse.Namespace, device: torch.device, report) -> None:
     """The frozen-base joint step against a plain forward+backward of the same base (see module doc)."""
     from transformers import GPT2LMHeadModel
 
-    from planner_lm.hardware import cpu_flags
-
-    device = torch.device(args.device)
     make_base = smollm2_base if args.shape == "smollm2" else (
         lambda: GPT2LMHeadModel(gpt2_config(n_layer=4, n_embd=128, n_head=4, n_positions=args.window)))
     torch.manual_seed(0)
@@ -93,52 +110,24 @@ def frozen_vs_plain(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    variants = ("plain_forward_backward", "frozen_joint_step")
-    for variant in variants:
-        step(variant)  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for variant in variants:
-            times[variant].append(step(variant))
-    median = {v: statistics.median(times[v]) for v in variants}
     trainable = sum(p.numel() for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad)
-    print(json.dumps({
-        "benchmark": "frozen_joint_vs_plain", "shape": args.shape, "device": str(device),
-        "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "batch": [b, t],
-        "base_dtype": "bfloat16" if dtype is not None else "float32",
+    report.update({
+        "shape": args.shape, "batch": [b, t], "base_dtype": "bfloat16" if dtype is not None else "float32",
         "base_parameters": sum(p.numel() for p in plain.parameters()), "joint_trainable_parameters": trainable,
         "conditioned_layers": len(lm.conditioned_layers), "steps": args.steps,
+    })
+    report.save()
+    median = time_variants(step, ("plain_forward_backward", "frozen_joint_step"), args.steps, report)
+    report.update({
         "median_step_s": {v: round(x, 3) for v, x in median.items()},
         "tokens_per_s": {v: round(b * t / x, 1) for v, x in median.items()},
         "frozen_joint_over_plain": round(median["frozen_joint_step"] / median["plain_forward_backward"], 3),
-    }, indent=2))
+    })
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("planner", "frozen_vs_plain"), default="planner",
-                        help="planner: what the planner adds to a step; frozen_vs_plain: the frozen-base joint step "
-                             "against a plain forward+backward of the same base")
-    parser.add_argument("--shape", choices=("smollm2", "demo"), default="smollm2", help="base shape (frozen_vs_plain)")
-    parser.add_argument("--bf16-base", action="store_true", help="frozen base in bf16 (frozen_vs_plain; native-bf16 hosts)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
-    parser.add_argument("--window", type=int, default=128, help="tokens per window")
-    parser.add_argument("--tokens-per-sentence", type=int, default=25, help="average sentence length in tokens")
-    parser.add_argument("--num-actions", type=int, default=128, help="k")
-    parser.add_argument("--embedding-dim", type=int, default=384, help="sentence embedding size (MiniLM: 384)")
-    parser.add_argument("--context-sentences", type=int, default=6, help="planner context S")
-    parser.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers")
-    parser.add_argument("--n-embd", type=int, default=256, help="GPT-2 width")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.mode == "frozen_vs_plain":
-        return frozen_vs_plain(args)
+def planner_overhead(args: argparse.Namespace, device: torch.device, report) -> None:
+    """What the planner adds to an LM step, planning per sentence or per token (see module doc)."""
     torch.manual_seed(0)
-    device = torch.device(args.device)
-
     from transformers import GPT2LMHeadModel
 
     base = GPT2LMHeadModel(gpt2_config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=4, n_positions=args.window))
@@ -177,24 +166,47 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    variants = ("lm_only", "joint_per_sentence", "joint_per_token")
-    for variant in variants:
-        step(variant)  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.steps):
-        for variant in variants:
-            times[variant].append(step(variant))
-    median = {v: statistics.median(times[v]) for v in variants}
-    print(json.dumps({
-        "benchmark": "joint_step",
-        "device": args.device if device.type == "cpu" else torch.cuda.get_device_name(),
-        "host": platform.node(), "threads": args.threads,
-        "batch": [b, t], "planner_calls_per_batch": {"per_sentence": num_sentences, "per_token": b * t},
+    report.update({"batch": [b, t], "steps": args.steps,
+                   "planner_calls_per_batch": {"per_sentence": num_sentences, "per_token": b * t}})
+    report.save()
+    median = time_variants(step, ("lm_only", "joint_per_sentence", "joint_per_token"), args.steps, report)
+    report.update({
         "median_step_s": {v: round(x, 4) for v, x in median.items()},
         "planner_overhead_per_sentence": round(median["joint_per_sentence"] / median["lm_only"] - 1, 4),
         "planner_overhead_per_token": round(median["joint_per_token"] / median["lm_only"] - 1, 4),
         "windows_per_s": {v: round(b / x, 2) for v, x in median.items()},
-    }, indent=2))
+    })
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("planner", "frozen_vs_plain"), default="planner",
+                        help="planner: what the planner adds to a step; frozen_vs_plain: the frozen-base joint step "
+                             "against a plain forward+backward of the same base")
+    parser.add_argument("--shape", choices=("smollm2", "demo"), default="smollm2", help="base shape (frozen_vs_plain)")
+    parser.add_argument("--bf16-base", action="store_true", help="frozen base in bf16 (frozen_vs_plain; native-bf16 hosts)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
+    parser.add_argument("--window", type=int, default=128, help="tokens per window")
+    parser.add_argument("--tokens-per-sentence", type=int, default=25, help="average sentence length in tokens")
+    parser.add_argument("--num-actions", type=int, default=128, help="k")
+    parser.add_argument("--embedding-dim", type=int, default=384, help="sentence embedding size (MiniLM: 384)")
+    parser.add_argument("--context-sentences", type=int, default=6, help="planner context S")
+    parser.add_argument("--n-layer", type=int, default=4, help="GPT-2 layers")
+    parser.add_argument("--n-embd", type=int, default=256, help="GPT-2 width")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_json_option(parser, "joint")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    name = "joint_step" if args.mode == "planner" else "frozen_joint_vs_plain"
+    with bench_report(name, args.json, mode=args.mode, host=platform.node(), cpu_flags=cpu_flags(),
+                      threads=args.threads, torch=torch.__version__) as report:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device here; pass --device cpu")
+        report["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+        (frozen_vs_plain if args.mode == "frozen_vs_plain" else planner_overhead)(args, device, report)
 
 
 if __name__ == "__main__":

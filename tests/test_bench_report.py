@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import torch_threads
 from fixtures_stages import ROOT, make_fake_upstream
 from planner_lm.errors import UserError
 
@@ -54,3 +55,55 @@ def test_kmeans_bench_names_the_datasets_value_before_any_work(tmp_path):
     assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr
     assert "--datasets planted" in done.stderr and done.stderr.count("\n") == 1
     assert not (tmp_path / "k.json").exists()
+
+
+def run_bench(name: str, argv: list[str], monkeypatch) -> None:
+    """Run bench/<name>.py's `main` in this process (no second torch import) with `argv`."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    module_spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    with torch_threads(1):
+        module.main()
+
+
+def test_joint_bench_reports_cpu_flags_and_every_round(tmp_path, monkeypatch, capsys):
+    from planner_lm.hardware import cpu_flags
+
+    path = tmp_path / "joint.json"
+    run_bench("bench_joint", ["--steps", "2", "--batch-size", "1", "--window", "16", "--n-layer", "3", "--n-embd", "32",
+                              "--num-actions", "4", "--embedding-dim", "8", "--context-sentences", "2",
+                              "--tokens-per-sentence", "5", "--threads", "1", "--json", str(path)], monkeypatch)
+    report = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["complete"] is True and report["cpu_flags"] == cpu_flags()
+    assert report["planner_calls_per_batch"] == {"per_sentence": 4, "per_token": 16}
+    assert {v: len(s) for v, s in report["step_s_rounds"].items()} == {
+        "lm_only": 2, "joint_per_sentence": 2, "joint_per_token": 2}
+    assert set(report["median_step_s"]) == set(report["step_s_rounds"])
+
+
+def test_eval_bench_checks_its_sentences_before_scoring(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as stopped:  # scoring would come first; the missing corpus stops it
+        run_bench("bench_eval", ["--corpus", str(tmp_path / "missing.txt"), "--threads", "1", "--json", str(path)],
+                  monkeypatch)
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "missing.txt" in captured.err
+    assert not path.exists()
+
+
+def test_eval_bench_keeps_its_scoring_figures(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "eval.json"
+    run_bench("bench_eval", ["--layers", "3", "--width", "32", "--lengths", "20,40", "--bucket_tokens", "40",
+                             "--window", "16", "--stride", "15", "--batch_size", "4", "--repeats", "1",
+                             "--skip_encode", "--device", "cpu", "--threads", "1", "--json", str(path)], monkeypatch)
+    report = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == report and report["complete"] is True
+    assert [row["doc_tokens"] for row in report["scoring"]["by_length"]] == [20, 40]
+    assert report["scoring"]["tokens"] == 2 * 19 + 39  # every target of two 20-token and one 40-token document
+    # fp32 (--precision 32): our scorer without actions gives the plain forward's numbers
+    assert report["scoring"]["none_vs_plain_max_abs_token_nll_diff"] < 1e-4
+    assert "encoding" not in report
