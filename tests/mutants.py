@@ -65,8 +65,8 @@ MUTANTS = [
     Mutant("8: validation perplexity averaged over windows, not tokens", "planner_lm/lit/joint.py",
            "self.val_nll.update(nll / count, weight=count)", "self.val_nll.update(nll / count)", (JOINT_STAGE,)),
     Mutant("9: a crashed run restarts from scratch instead of resuming", "planner_lm/cli.py",
-           'return str(last) if last.is_file() else None\n\n\ndef final_validation',
-           "return None\n\n\ndef final_validation",
+           'return decided_on_rank_zero(cli.trainer, f"resume {folder.resolve()}", decide)',
+           'return decided_on_rank_zero(cli.trainer, f"resume {folder.resolve()}", lambda: decide() and None)',
            ("tests/test_planner_stage.py::test_resume_after_a_crash_matches_an_uninterrupted_run",
             "tests/test_reliability.py::test_lm_resumes_mid_epoch_from_a_step_checkpoint_to_the_same_weights")),
     Mutant("10: soft planner codes scored at T = 1 whatever the run was trained with", "planner_lm/evaluation/scoring.py",
@@ -97,6 +97,9 @@ MUTANTS = [
     Mutant("18: k-means keeps a Hartigan iteration that raised the inertia", "planner_lm/lit/kmeans.py",
            "if hartigan and improvement is not None and improvement < 0:", "if False:",
            ("tests/test_kmeans.py::test_a_hartigan_iteration_that_raises_the_inertia_is_undone",)),
+    Mutant("19: a resumed joint run re-measures the tuned planner as its accuracy before joint training",
+           "planner_lm/lit/joint.py", '        self.planner_acc_start = checkpoint.get("planner_acc_start")', "        pass",
+           ("tests/test_joint.py::test_a_resumed_run_reports_the_accuracy_of_the_planner_before_joint_training",)),
 ]
 
 
