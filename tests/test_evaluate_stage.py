@@ -345,3 +345,24 @@ def test_documents_sharded_over_two_processes_give_the_same_table(metrics, run_d
     for row in (r for r in sharded["rows"] if "ppl" in r):
         assert row["tokens"] == rows[(row["run"], row["source"])]["tokens"]
         assert row["nll"] == pytest.approx(rows[(row["run"], row["source"])]["nll"], rel=1e-6)
+
+
+def test_an_edited_corpus_with_as_many_documents_is_tokenized_again(run_dir, tmp_path):
+    """The outside corpus's token cache is keyed by the documents' text, not their count: an
+    edited corpus is never scored with the tokens of the old one."""
+    from planner_lm.corpus import CorpusConfig
+    from planner_lm.evaluation.scoring import load_test_set
+    from planner_lm.evaluation.texts import external_text
+    from planner_lm.run_folder import RunFolder
+
+    folder = RunFolder(run_dir)
+    tokenizer = load_tokenizer(str(folder.tokenizer_dir(folder.joint_run("fixed"))))
+    corpus, cache = tmp_path / "notes.txt", tmp_path / "5_eval-notes" / "corpus"
+    seen = []
+    for words in ("The cat sat on the mat. It purred.", "A dog ran in the park. It barked loudly."):
+        corpus.write_text(words)
+        text = external_text(folder, CorpusConfig(name=str(corpus)), cache, torch.device("cpu"), hash_encoder)
+        test = load_test_set(text, tokenizer, tokenizer_fingerprint(tokenizer), None)
+        seen.append(test.documents[0].input_ids.tolist())
+        assert tokenizer.decode(seen[-1]).strip().endswith(words.split()[-1])
+    assert seen[0] != seen[1]

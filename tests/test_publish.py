@@ -80,3 +80,24 @@ def test_publish_command_line_saves_locally_and_refuses_bad_repo_names(tmp_path,
         main([str(run), "--selection", "fixed", "--repo", "no-owner"])
     assert exit_info.value.code == 2 and "user or org" in capsys.readouterr().err
     assert Path(hub_dir / "lm" / "tokenizer.json").is_file() or Path(hub_dir / "lm" / "vocab.json").is_file()
+
+
+def test_publish_never_deletes_a_users_folder_and_replaces_its_own_output_whole(tmp_path, capsys):
+    run = fake_joint_runs(tmp_path, ("fixed",), num_docs=12)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's notes")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--selection", "fixed", "--output", str(mine)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("error:") == 1 and str(mine) in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no copy left behind
+
+    out = tmp_path / "shared"
+    publish(run, "fixed", output=out)
+    first = (out / "lm" / "README.md").read_text()
+    (out / "lm" / "stale.txt").write_text("left by the first publish")  # inside planner-lm's own output
+    publish(run, "fixed", output=out)
+    assert sorted(p.name for p in out.iterdir()) == [".planner-lm", "lm", "planner"]
+    assert not (out / "lm" / "stale.txt").exists() and (out / "lm" / "README.md").read_text() == first
