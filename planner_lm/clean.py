@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from planner_lm.artifacts import MARKER, marked
+from planner_lm.ownership import MARKER, marked
 from planner_lm.errors import UserError, friendly_errors
 from planner_lm.run_folder import JOINT_PREFIX, STAGE_DIRS, TOKEN_CACHE_DIR
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from planner_lm.artifacts import (_jsonable, atomic_write_text, check_stage, config_hash, manifest_hash,
-                                  start_stage, write_manifest)
+from planner_lm.artifacts import _jsonable, atomic_write_text, config_hash, manifest_hash, write_manifest
 from planner_lm.errors import friendly_errors
 from planner_lm.hardware import fast_precision
+from planner_lm.ownership import check_stage, start_stage
 from planner_lm.run_folder import stage_dir
 
 T = TypeVar("T")

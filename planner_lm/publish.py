@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from planner_lm.artifacts import mark, marked, private_sibling, replace_folder
+from planner_lm.ownership import mark, marked, private_sibling, replace_folder
 from planner_lm.errors import UserError, friendly_errors
 from planner_lm.run_folder import JointRun, RunFolder
 

@@ -3,10 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from planner_lm.artifacts import (
-    MARKER, atomic_save_npy, manifest_hash, mark, marked, private_sibling, read_manifest, remove_owned,
-    replace_folder, start_stage, write_manifest,
-)
+from planner_lm.artifacts import atomic_save_npy, manifest_hash, read_manifest, write_manifest
+from planner_lm.ownership import MARKER, mark, marked, private_sibling, remove_owned, replace_folder, start_stage
 from planner_lm.errors import UserError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_stages import make_fake_upstream
-from planner_lm.artifacts import start_stage
+from planner_lm.ownership import start_stage
 from planner_lm.clean import clean_run
 from planner_lm.errors import UserError
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fixtures_stages import load_stage
-from planner_lm.artifacts import mark, read_manifest
+from planner_lm.artifacts import read_manifest
+from planner_lm.ownership import mark
 from planner_lm.data.embed_data import EmbedPlan, length_sorted_batches
 from planner_lm.errors import UserError
 from planner_lm.lit import embed as lit_embed
