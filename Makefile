@@ -231,5 +231,5 @@ mutants: $(STAMP) ## break the method one way at a time (tests/mutants.py); ever
 tensorboard: $(STAMP) ## TensorBoard over the run directory
 	$(PY) -m tensorboard.main --logdir $(RUN)
 
-clean: ## delete the run directory $(RUN)
-	rm -rf $(RUN)
+clean: ## delete the run directory $(RUN), only if everything in it is planner-lm's (planner_lm/clean.py)
+	$(PY) -m planner_lm.clean $(RUN)

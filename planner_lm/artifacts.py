@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -307,35 +306,3 @@ def read_manifest(stage_dir: str | os.PathLike, stage: str | None = None) -> Man
             raise UserError(f"{stage_dir} is incomplete: {rel} is missing; re-run `make {target}`")
         _check_recorded_shape(stage_dir / rel, info, target)
     return Manifest(path=path, data=data)
-
-
-def start_stage(
-    stage_dir: str | os.PathLike, *, stage: str, config: Any, overwrite: bool = False
-) -> Path:
-    """Prepare `stage_dir` before heavy work.
-
-    - finished with the same config: the stale manifest is removed and the stage re-runs;
-    - finished with a different config: refuse unless `overwrite` (then the directory is wiped);
-    - unfinished (no manifest): kept, so the stage can resume from what it completed.
-    """
-    stage_dir = Path(stage_dir)
-    path = stage_dir / MANIFEST
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        differs = old.get("config_hash") != config_hash(config)
-        if differs and not overwrite:
-            raise UserError(
-                f"{stage_dir} already holds a finished '{stage}' run made with a different config; "
-                f"pass --overwrite true (make: OVERWRITE=1) to replace it, or choose another RUN directory"
-            )
-        if differs:
-            shutil.rmtree(stage_dir)
-        else:
-            path.unlink()
-    elif overwrite and stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    return stage_dir

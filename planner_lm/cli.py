@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from planner_lm.artifacts import (_jsonable, atomic_write_text, config_hash, manifest_hash, start_stage,
-                                  write_manifest)
+from planner_lm.artifacts import _jsonable, atomic_write_text, config_hash, manifest_hash, write_manifest
 from planner_lm.errors import friendly_errors
 from planner_lm.hardware import fast_precision
 from planner_lm.quiet import quiet_upstream
+from planner_lm.ownership import check_stage, start_stage
 from planner_lm.run_folder import stage_dir
 
 T = TypeVar("T")
@@ -104,7 +103,20 @@ def _make_stage_cli_class():
                 trainer.max_epochs = self.spec.epochs_when_unbounded  # recorded in the manifest as run
             out = self.spec.output_dir(cfg) if self.spec.output_dir else stage_dir(cfg.run_dir, self.spec.stage)
             self.output_dir = Path(out)
-            start_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict, overwrite=cfg.overwrite)
+            # refuse before heavy work, on every process; nothing is written yet
+            check_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict, overwrite=cfg.overwrite)
+
+        def instantiate_classes(self) -> None:
+            """Instantiate model, data and trainer; then global rank 0 (known once the trainer
+            exists) prepares the stage folder while the other processes wait for it."""
+            super().instantiate_classes()
+            from planner_lm.lit.rank_zero import decided_on_rank_zero
+
+            def prepare() -> str:
+                return str(start_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict,
+                                       overwrite=self.config.overwrite))
+
+            decided_on_rank_zero(self.trainer, f"start {self.output_dir.resolve()}", prepare)
 
         @property
         def config_dict(self) -> dict[str, Any]:
@@ -181,33 +193,39 @@ def resume_checkpoint(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> str 
     """`checkpoints/last.ckpt` of an interrupted run of this stage, if it can be resumed, else None.
 
     The checkpoint directory records the upstream manifests and the config it was trained from
-    (`checkpoints/resume.json`); if either changed since, the stale checkpoints are removed and
-    the stage starts over, so a resumed run never mixes two configurations or two inputs.
+    (`checkpoints/resume.json`); if either changed since, the stale checkpoint is deleted and the
+    stage starts over, so a resumed run never mixes two configurations or two inputs. Global rank 0
+    decides (and cleans up); every process resumes from the same answer.
     """
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from planner_lm.lit.checkpointing import LAST_CHECKPOINT, PARTIAL_CHECKPOINT
+    from planner_lm.lit.rank_zero import decided_on_rank_zero
 
     folder = Path(cli.output_dir) / "checkpoints"
-    record, last = folder / RESUME_RECORD, folder / "last.ckpt"
+    record, last = folder / RESUME_RECORD, folder / LAST_CHECKPOINT
     identity = _resume_identity(cli, inputs)
-    if rank_zero_only.rank != 0:  # rank 0 decided (and cleaned up) before launching the others
-        return str(last) if last.is_file() else None
-    if folder.exists():
-        try:
-            saved = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError):
-            saved = None
+
+    def decide() -> str | None:
+        saved = None
+        if record.is_file():
+            try:
+                saved = json.loads(record.read_text())
+            except (OSError, json.JSONDecodeError):
+                pass
         if saved != identity:
             if last.is_file():
                 print(f"{folder} holds a run from other inputs or another config; starting over")
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(identity, indent=2) + "\n")
-    if not last.is_file():
-        return None
-    from planner_lm.lit.checkpointing import check_checkpoint
+            for stale in (last, folder / PARTIAL_CHECKPOINT, record):  # only the files this project writes
+                stale.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(identity, indent=2) + "\n")
+        if not last.is_file():
+            return None
+        from planner_lm.lit.checkpointing import check_checkpoint
 
-    check_checkpoint(last)  # the stage resumes with fit(..., weights_only=True): refuse anything else clearly
-    return str(last)
+        check_checkpoint(last)  # the stage resumes with fit(..., weights_only=True): refuse anything else clearly
+        return str(last)
+
+    return decided_on_rank_zero(cli.trainer, f"resume {folder.resolve()}", decide)
 
 
 def final_validation(trainer: Any, model: Any, datamodule: Any) -> dict[str, float]:

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from planner_lm.ownership import mark, marked, private_sibling, replace_folder
 from planner_lm.errors import UserError, friendly_errors
 from planner_lm.run_folder import JointRun, RunFolder
 
@@ -88,20 +89,37 @@ def publish(run_dir: str | Path, selection: str = "soft", repo: str | None = Non
     folder = RunFolder(run_dir)
     run = folder.joint_run(selection)
     out = Path(output) if output else run.hub_dir
-    shutil.rmtree(out, ignore_errors=True)  # cards are written only into empty folders
+    _check_output(out)
     lm = ActionConditionedLM.from_pretrained(run.lm_dir)
     local_base = Path(lm.base_reference).is_dir() if lm.base_reference else False
     push = {"push_to_hub": True, "repo_id": repo, "private": private} if repo else {}
-    lm.save_pretrained(out / "lm", tokenizer=load_tokenizer(str(folder.tokenizer_dir(run))), include_base=local_base,
-                       model_card_kwargs={"body": model_card_body(folder, run, "lm", repo)}, **push)
-    planner_path = folder.planner_path_for(run)
-    if planner_path is not None:
-        if repo:
-            push["repo_id"] = f"{repo}-planner"
-        Planner.from_pretrained(planner_path).save_pretrained(
-            out / "planner", model_card_kwargs={"body": model_card_body(folder, run, "planner", repo)}, **push)
+    built = private_sibling(out)  # written beside `out`, then renamed into place
+    try:
+        lm.save_pretrained(built / "lm", tokenizer=load_tokenizer(str(folder.tokenizer_dir(run))),
+                           include_base=local_base,
+                           model_card_kwargs={"body": model_card_body(folder, run, "lm", repo)}, **push)
+        planner_path = folder.planner_path_for(run)
+        if planner_path is not None:
+            if repo:
+                push["repo_id"] = f"{repo}-planner"
+            Planner.from_pretrained(planner_path).save_pretrained(
+                built / "planner", model_card_kwargs={"body": model_card_body(folder, run, "planner", repo)}, **push)
+        mark(built, "publish", run=str(run.dir))
+        replace_folder(built, out, "publish")
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
     print(f"saved {run.dir.name} to {out}" + (f" and pushed it to {repo} (+ {repo}-planner)" if repo else ""))
     return out
+
+
+def _check_output(out: Path) -> None:
+    """Refuse, before any work, an output folder that holds anything but an earlier publish."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; name a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not marked(out, "publish"):
+        raise UserError(f"--output {out} already holds files that planner_lm.publish did not write; name a new "
+                        "or empty folder (nothing in it was touched)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

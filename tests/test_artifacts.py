@@ -3,9 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from planner_lm.artifacts import (
-    atomic_save_npy, manifest_hash, read_manifest, start_stage, write_manifest,
-)
+from planner_lm.artifacts import atomic_save_npy, manifest_hash, read_manifest, write_manifest
+from planner_lm.ownership import MARKER, mark, marked, private_sibling, remove_owned, replace_folder, start_stage
 from planner_lm.errors import UserError
 
 
@@ -113,3 +112,86 @@ def test_atomic_outputs_are_ordinary_files_not_private_temp_files(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.npy").stat().st_mode) == 0o666 & ~mask
+
+
+# ----------------------------------------------------------------------------- what may be deleted
+def test_overwrite_replaces_only_the_stage_folder_and_marks_the_new_one(tmp_path):
+    run = tmp_path / "run"
+    out = start_stage(run / "2_cluster", stage="cluster", config={"k": 4})
+    _finish(out, {"k": 4})
+    (run / "notes.txt").write_text("mine")
+    start_stage(out, stage="cluster", config={"k": 8}, overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in run.iterdir()) == ["2_cluster", "notes.txt"]  # nothing parked beside
+    assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_stage_folder_planner_lm_did_not_create_is_never_touched(tmp_path, overwrite):
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"{folder} holds files planner-lm did not write"):
+        start_stage(folder, stage="pretrain_lm", config={}, overwrite=overwrite)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    (folder / "manifest.json").write_text('{"stage": "embed", "schema_version": 1}')  # another stage's
+    with pytest.raises(UserError, match="did not write"):
+        start_stage(folder, stage="pretrain_lm", config={}, overwrite=overwrite)
+    with pytest.raises(UserError, match="not created by planner-lm"):
+        remove_owned(folder, "stage", "pretrain_lm")
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_an_empty_folder_is_adopted_and_marked(tmp_path):
+    folder = tmp_path / "3_planner"
+    folder.mkdir()
+    start_stage(folder, stage="pretrain_planner", config={})
+    assert marked(folder, "stage", "pretrain_planner") and not marked(folder, "stage", "cluster")
+
+
+def test_replace_folder_swaps_in_a_built_copy_only_over_an_owned_or_empty_folder(tmp_path):
+    final = tmp_path / "out"
+    for content in ("one", "two"):
+        built = private_sibling(final)
+        (built / "card.md").write_text(content)
+        mark(built, "publish")
+        replace_folder(built, final, "publish")
+        assert (final / "card.md").read_text() == content
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    built = private_sibling(user)
+    with pytest.raises(UserError, match=f"{user} was not created by planner-lm"):
+        replace_folder(built, user, "publish")
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built.name, "out", "user"]  # the new copy is kept aside
+
+
+def test_caches_never_delete_a_folder_they_did_not_build(tmp_path):
+    """The token cache and the embed stage's shards replace or clean only their own files."""
+    from planner_lm.data.embed_data import remove_shards, reset_shards_if_plan_changed
+    from planner_lm.data.lm_windows import _publish
+
+    final = tmp_path / "tokens" / "fp" / "test"
+    final.mkdir(parents=True)
+    (final / "notes.txt").write_text("mine")
+    built = tmp_path / "tokens" / "fp" / ".test.build"
+    built.mkdir()
+    (built / "cache.json").write_text("{}")
+    with pytest.raises(UserError, match=f"{final} holds files that are not a planner-lm token cache"):
+        _publish(built, final)
+    assert [p.name for p in final.iterdir()] == ["notes.txt"] and not built.exists()
+
+    shards = tmp_path / "1_embed" / "shards"
+    assert not reset_shards_if_plan_changed(shards, {"plan": 1})
+    atomic_save_npy(shards / "shard_000000.npy", np.zeros(2))
+    assert reset_shards_if_plan_changed(shards, {"plan": 1})  # same plan: kept for resuming
+    (shards / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        reset_shards_if_plan_changed(shards, {"plan": 2})
+    with pytest.raises(UserError, match="did not write"):
+        remove_shards(shards)
+    assert (shards / "notes.txt").read_text() == "mine" and (shards / "shard_000000.npy").is_file()
+    (shards / "notes.txt").unlink()
+    assert not reset_shards_if_plan_changed(shards, {"plan": 2})  # another plan: its own files go
+    assert sorted(p.name for p in shards.iterdir()) == ["plan.json"]

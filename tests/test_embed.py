@@ -11,6 +11,7 @@ import torch
 
 from fixtures_stages import load_stage
 from planner_lm.artifacts import read_manifest
+from planner_lm.ownership import mark
 from planner_lm.data.embed_data import EmbedPlan, length_sorted_batches
 from planner_lm.errors import UserError
 from planner_lm.lit import embed as lit_embed
@@ -143,6 +144,7 @@ def test_killed_embed_resumes_from_finished_shards(tmp_path, tiny_prepared, tiny
 def test_changed_batch_plan_discards_old_shards(tiny_prepared, tiny_encoder_dir):
     shard_dir = tiny_prepared / "1_embed" / "shards"
     shard_dir.mkdir(parents=True)
+    mark(shard_dir.parent, "stage", stage="embed")  # an interrupted embed run's folder, as its start left it
     (shard_dir / "plan.json").write_text('{"batch_size": 999}')
     np.save(shard_dir / "shard_000000.npy", np.zeros((3, 32), np.float16))  # stale: must not be used
     manifest = run_stage(tiny_prepared, tiny_encoder_dir, "--trainer.precision", "32-true")

@@ -417,3 +417,24 @@ def test_other_document_control_feeds_the_planner_another_documents_context(run_
     assert not torch.allclose(other[~first_sentences], own[~first_sentences])
     weights = code_weights("planner_soft_other_doc", other, torch.zeros(len(test_ids)), K, test_ids - doc_first)
     torch.testing.assert_close(weights, torch.softmax(other, -1))
+
+
+def test_an_edited_corpus_with_as_many_documents_is_tokenized_again(run_dir, tmp_path):
+    """The outside corpus's token cache is keyed by the documents' text, not their count: an
+    edited corpus is never scored with the tokens of the old one."""
+    from planner_lm.corpus import CorpusConfig
+    from planner_lm.evaluation.scoring import load_test_set
+    from planner_lm.evaluation.texts import external_text
+    from planner_lm.run_folder import RunFolder
+
+    folder = RunFolder(run_dir)
+    tokenizer = load_tokenizer(str(folder.tokenizer_dir(folder.joint_run("fixed"))))
+    corpus, cache = tmp_path / "notes.txt", tmp_path / "5_eval-notes" / "corpus"
+    seen = []
+    for words in ("The cat sat on the mat. It purred.", "A dog ran in the park. It barked loudly."):
+        corpus.write_text(words)
+        text = external_text(folder, CorpusConfig(name=str(corpus)), cache, torch.device("cpu"), hash_encoder)
+        test = load_test_set(text, tokenizer, tokenizer_fingerprint(tokenizer), None)
+        seen.append(test.documents[0].input_ids.tolist())
+        assert tokenizer.decode(seen[-1]).strip().endswith(words.split()[-1])
+    assert seen[0] != seen[1]

@@ -433,3 +433,34 @@ def test_runs_record_their_learning_curve_and_evaluation_tabulates_it_against_fi
     assert "| 1 | – |" in table
     plot_curves(curves, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_resumed_run_reports_the_accuracy_of_the_planner_before_joint_training(tmp_path, monkeypatch):
+    """The forgetting baseline is measured once, on the planner as it came in, and kept in the
+    checkpoint: a run resumed after a crash must not measure the half-tuned planner instead."""
+    import shutil
+
+    run = make_fake_upstream(tmp_path, num_docs=40, dim=DIM, k=K)
+    write_fake_lm(run)
+    write_fake_planner(run, K, DIM, CONTEXT)
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(run, other)
+    # the planner loss makes the planner learn the planted rule fast, so its accuracy moves
+    args = ("--trainer.max_steps", "6", "--checkpoint_every_n_steps", "2", "--model.planner_lr", "0.05",
+            "--model.planner_loss_weight", "1.0", "--model.export_best", "false", "--trainer.limit_val_batches", "4")
+    reference = run_stage(other, "soft", *args)["metrics"]
+    assert reference["val/planner_acc"] != reference["val/planner_acc_start"]  # tuning moved the planner
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == 5:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JointPlannerLM, "on_train_batch_start", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_stage(run, "soft", *args)
+    out = stage_dir(run, "finetune_joint", "soft")
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed = run_stage(run, "soft", *args)["metrics"]
+    assert resumed["val/planner_acc_start"] == reference["val/planner_acc_start"]
+    assert resumed["val/planner_acc"] == pytest.approx(reference["val/planner_acc"])

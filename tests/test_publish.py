@@ -223,3 +223,24 @@ def test_names_that_can_only_be_paths_never_reach_the_hub(tmp_path, hub, capsys,
     assert "HF_HUB_OFFLINE=1" in refused(lambda: load_base_lm("models/gpt2"), capsys)
     assert "local_files_only" in refused(
         lambda: ActionConditionedLM.from_pretrained("me/elsewhere", local_files_only=True), capsys)
+
+
+def test_publish_never_deletes_a_users_folder_and_replaces_its_own_output_whole(tmp_path, capsys):
+    run = fake_joint_runs(tmp_path, ("fixed",), num_docs=12)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's notes")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--selection", "fixed", "--output", str(mine)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("error:") == 1 and str(mine) in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no copy left behind
+
+    out = tmp_path / "shared"
+    publish(run, "fixed", output=out)
+    first = (out / "lm" / "README.md").read_text()
+    (out / "lm" / "stale.txt").write_text("left by the first publish")  # inside planner-lm's own output
+    publish(run, "fixed", output=out)
+    assert sorted(p.name for p in out.iterdir()) == [".planner-lm", "lm", "planner"]
+    assert not (out / "lm" / "stale.txt").exists() and (out / "lm" / "README.md").read_text() == first

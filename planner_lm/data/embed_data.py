@@ -11,6 +11,7 @@ made under the same plan. Shards are dealt to ranks round-robin; the dataset sha
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import shutil
@@ -83,11 +84,23 @@ def reset_shards_if_plan_changed(shard_dir: Path, plan: dict[str, Any]) -> bool:
         except json.JSONDecodeError:
             pass
         print(f"{shard_dir} holds shards of another plan or encoder; starting the embedding over")
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
+    remove_shards(shard_dir)
     shard_dir.mkdir(parents=True)
     atomic_write_text(plan_file, json.dumps(plan, indent=2, sort_keys=True) + "\n")
     return False
+
+
+def remove_shards(shard_dir: Path) -> None:
+    """Delete the shards folder: only shards, their temporary files and the plan; any other file
+    in it means it is not ours, and it is refused, untouched."""
+    if not shard_dir.exists():
+        return
+    foreign = [p for p in shard_dir.iterdir() if not (p.is_file() and (
+        p.name == PLAN_FILE or fnmatch.fnmatchcase(p.name.lstrip("."), "shard_*.npy*") or p.name.startswith(f".{PLAN_FILE}.")))]
+    if foreign:
+        raise UserError(f"{shard_dir} holds files the embed stage did not write ({foreign[0].name}), so it is left "
+                        "alone; move them away and run `make embed` again")
+    shutil.rmtree(shard_dir)
 
 
 class SentenceBatches(IterableDataset):

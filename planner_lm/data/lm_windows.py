@@ -104,10 +104,13 @@ def build_token_cache(
 
 
 def _publish(built: Path, final: Path) -> None:
-    """Rename a finished cache folder into place; an incomplete one left there by an interrupted
-    run is replaced, a complete one written meanwhile by another process is kept."""
-    if final.exists() and not (final / "cache.json").exists():
-        shutil.rmtree(final, ignore_errors=True)
+    """Rename a finished cache folder into place; a complete one written meanwhile by another
+    process is kept. Caches only ever appear whole (renamed), so a non-empty folder without
+    `cache.json` is not one of ours: it is refused, never deleted."""
+    if final.is_dir() and not (final / "cache.json").exists() and any(final.iterdir()):
+        shutil.rmtree(built, ignore_errors=True)
+        raise UserError(f"{final} holds files that are not a planner-lm token cache, so it is left alone; "
+                        "move it away and run the stage again")
     try:
         os.rename(built, final)
     except OSError:  # another process published first (the folder is not empty): keep theirs

@@ -8,6 +8,7 @@ written batch by batch to a memory-mapped file, so memory is bounded by a batch,
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -138,7 +139,19 @@ def external_text(folder: RunFolder, corpus: CorpusConfig, cache_dir: Path, devi
     print(f"{description}: {len(keep):,} documents, {len(sentences):,} sentences "
           f"(median {int(np.median(counts))} per document), encoded with {folder.encoder_settings()['encoder']}")
     return ScoredText(corpus_slug(corpus), table, embeddings, actions, np.repeat(firsts, counts),
-                      cache_dir / "tokens", offset=folder.prepared.num_sentences)
+                      cache_dir / "tokens" / documents_digest(table), offset=folder.prepared.num_sentences)
+
+
+def documents_digest(documents: Any) -> str:
+    """SHA-256 (16 hex digits) of the documents' text and sentence spans: the key of their token
+    cache, so an edited corpus is tokenized again even when it has as many documents as before."""
+    digest = hashlib.sha256()
+    for batch in documents.select_columns(["text", "sent_start", "sent_end"]).iter(batch_size=1024):
+        for text, starts, ends in zip(batch["text"], batch["sent_start"], batch["sent_end"]):
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+            digest.update(np.asarray([*starts, -1, *ends, -1], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def encode_and_assign(folder: RunFolder, sentences: Sequence[str], cache_dir: Path, device: torch.device,

@@ -38,6 +38,7 @@ from planner_lm.errors import UserError
 from planner_lm.seeding import global_seed
 
 LAST_CHECKPOINT = "last.ckpt"
+PARTIAL_CHECKPOINT = f".{LAST_CHECKPOINT}.partial"  # written beside it, then renamed over it
 
 
 class StepSeed(L.Callback):
@@ -108,7 +109,7 @@ class ResumeCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ saving
     def save(self, trainer: L.Trainer) -> None:
         """Write the checkpoint beside `last.ckpt`, then rename it over (rank 0 writes)."""
-        partial = self.dirpath / f".{LAST_CHECKPOINT}.partial"
+        partial = self.dirpath / PARTIAL_CHECKPOINT
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
         # the full training state (optimizer, loops, callbacks): said explicitly, so Lightning

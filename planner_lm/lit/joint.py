@@ -286,6 +286,8 @@ class JointPlannerLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["joint_best"] = self.best.to_checkpoint()
         checkpoint["val_curve"] = list(self.val_curve)
+        # measured once, on the planner as it came in: a resumed run must not re-measure the tuned one
+        checkpoint["planner_acc_start"] = self.planner_acc_start
         state = checkpoint.get("state_dict", {})
         for key in self._frozen_base_keys():
             state.pop(key, None)
@@ -293,6 +295,7 @@ class JointPlannerLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best.load_checkpoint(checkpoint.get("joint_best"))
         self.val_curve = list(checkpoint.get("val_curve", []))
+        self.planner_acc_start = checkpoint.get("planner_acc_start")
         missing = set(self.state_dict()) - set(checkpoint.get("state_dict", {})) - self._frozen_base_keys()
         if missing:
             raise UserError(f"the resume checkpoint lacks trained weights ({sorted(missing)[:3]}...); "

@@ -9,13 +9,12 @@ natively and fp32 elsewhere (override with `--trainer.precision`). Finished shar
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 import numpy as np
 
 from planner_lm.cli import StageSpec, build_cli, finish_stage
-from planner_lm.data.embed_data import EmbedDataModule, count_truncated, reset_shards_if_plan_changed
+from planner_lm.data.embed_data import EmbedDataModule, count_truncated, remove_shards, reset_shards_if_plan_changed
 from planner_lm.run_folder import EMBEDDINGS_FILE
 from planner_lm.lit.embed import SentenceEmbedder, ShardWriter, consolidate_shards
 
@@ -68,7 +67,7 @@ def run_embed(args: list[str] | None = None) -> dict:
                "norm_min": round(float(norms.min()), 4), "norm_max": round(float(norms.max()), 4)}
     manifest = finish_stage(cli, inputs=data.inputs, outputs=[EMBEDDINGS_FILE], facts=facts,
                             metrics=metrics)
-    shutil.rmtree(data.shard_dir)  # the consolidated file supersedes them
+    remove_shards(data.shard_dir)  # the consolidated file supersedes them
     print(f"embed: {data.num_sentences:,} × {dim} ({model.hparams.encoder}, {metrics['compute']}) in {seconds:.1f} s "
           f"({metrics['sentences_per_s']:.0f} sentences/s over this run) -> {out / EMBEDDINGS_FILE}")
     return manifest

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from planner_lm import sentence_vectors
-from planner_lm.artifacts import atomic_write_text, start_stage, write_manifest
+from planner_lm.artifacts import atomic_write_text, write_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import PerplexityResult
 from planner_lm.evaluation.sharding import barrier, process_group, score_documents
@@ -32,6 +32,7 @@ from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, 
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
 from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, eval_source, generation_selection
+from planner_lm.ownership import start_stage
 from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
 from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from planner_lm.artifacts import start_stage, write_manifest
+from planner_lm.artifacts import write_manifest
+from planner_lm.ownership import start_stage
 from planner_lm.corpus import CorpusConfig, Document, corpus_description, iter_documents
 from planner_lm.errors import UserError
 from planner_lm.prepared import SPLITS, STAGE

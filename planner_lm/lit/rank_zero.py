@@ -1,0 +1,87 @@
+"""Decisions about a stage folder made once, by global rank 0, and used by every process.
+
+Preparing, replacing or cleaning a stage folder and choosing the checkpoint to resume from must
+happen on one process only: two processes deleting the folder, or one picking a `last.ckpt` that
+the other is deleting as stale, crash one rank and hang the rest, or silently restart a run.
+How rank 0's answer reaches the others depends on who started them:
+
+- Lightning itself (`ddp` re-runs the script inside `fit`, `ddp_fork`/`ddp_spawn` fork there):
+  rank 0 decides before the others exist and leaves its answer in its environment, which the
+  re-run scripts inherit (forked processes never ask);
+- torchrun, srun, mpirun (every process starts at once): the process group is opened now, with
+  the backend and timeout Lightning would use (Lightning reuses it in `fit`), and rank 0's answer,
+  or its error, is broadcast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from planner_lm.errors import UserError
+
+_ENV_PREFIX = "PLANNER_LM_RANK0_"
+
+
+def _env_name(key: str) -> str:
+    return _ENV_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _open_process_group(strategy: Any) -> None:
+    """Initialise torch.distributed the way the strategy would in `fit` (which then reuses it)."""
+    import torch.distributed as dist
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    if dist.is_initialized():
+        return
+    strategy.accelerator.setup_device(strategy.root_device)
+    backend = strategy._get_process_group_backend() if hasattr(strategy, "_get_process_group_backend") else (
+        "nccl" if strategy.root_device.type == "cuda" else "gloo")
+    kwargs = {"timeout": strategy._timeout} if getattr(strategy, "_timeout", None) is not None else {}
+    _init_dist_connection(strategy.cluster_environment, backend, **kwargs)
+
+
+def decided_on_rank_zero(trainer: Any, key: str, decide: Callable[[], Any]) -> Any:
+    """Run `decide()` on global rank 0 only; every process returns its (JSON-able) result.
+
+    `key` names the decision (e.g. the stage folder and what is decided); an error raised by
+    `decide` on rank 0 is raised on every rank.
+    """
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    strategy, rank = trainer.strategy, trainer.global_rank
+    if trainer.world_size == 1:
+        return decide()
+    environment = strategy.cluster_environment
+    if not environment.creates_processes_externally:  # Lightning starts the others later, from here
+        if rank != 0:
+            raise UserError("multi-node runs must be started by torchrun or srun (every process at once); "
+                            "Lightning's own launcher cannot share rank 0's decisions across nodes")
+        value = decide()
+        os.environ[_env_name(key)] = json.dumps(value)
+        return value
+    if isinstance(environment, LightningEnvironment):  # a script re-run by rank 0's launcher
+        found = os.environ.get(_env_name(key))
+        if found is None:
+            raise RuntimeError(f"rank {rank} was started without rank 0's decision on {key}")
+        return json.loads(found)
+    import torch.distributed as dist
+
+    _open_process_group(strategy)
+    answer: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            answer[0] = {"value": decide()}
+        except BaseException as err:  # noqa: BLE001 - shared with the others, then raised here
+            error = err
+            answer[0] = {"error": str(err), "user": isinstance(err, UserError)}
+    dist.broadcast_object_list(answer, src=0)
+    if error is not None:
+        raise error
+    if "error" in answer[0]:
+        message = answer[0]["error"]
+        raise UserError(message) if answer[0]["user"] else RuntimeError(f"rank 0 failed: {message}")
+    return answer[0]["value"]
