@@ -95,28 +95,6 @@ def test_rouge2_is_the_f_measure_of_bigram_precision_and_recall():
     assert rouge2_f("green apples fall from trees", "green apples") == pytest.approx(0.4)
 
 
-# ------------------------------------------------------------------ publishing: from_pretrained
-def test_every_layers_own_codebook_survives_save_and_load(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from planner_lm.models.conditioning import ActionConditionedLM
-
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2)).eval()
-    lm = ActionConditionedLM(base, torch.randn(4, 6), conditioned_layers=[0, 1, 2], per_layer_codebook=True)
-    with torch.no_grad():  # the copies drift apart in training; start them apart here
-        lm.codebook[1] += torch.randn(4, 6)
-        lm.codebook[2] -= torch.randn(4, 6)
-    lm.save_pretrained(tmp_path / "lm")
-    loaded = ActionConditionedLM.from_pretrained(tmp_path / "lm").eval()
-    for slot in range(3):
-        torch.testing.assert_close(loaded.layer_codebook(slot), lm.layer_codebook(slot))
-    ids = torch.randint(0, 50, (1, 8))
-    weights = torch.softmax(torch.randn(1, 8, 4), -1)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, action_weights=weights).logits, lm(ids, action_weights=weights).logits)
-
-
 # ------------------------------------------------------------------ corpus evaluation: actions of new text
 def test_sentences_of_another_corpus_get_their_own_nearest_centroid(tmp_path):
     from fixtures_stages import make_fake_upstream
@@ -200,3 +178,28 @@ def test_evaluation_table_recomputed_from_each_runs_own_codes(tmp_path):
     change = math.exp((doc_nll["soft"].sum() - doc_nll["boundary"].sum()) / tokens.sum()) - 1
     assert abs(change) > 1e-3
     assert rows["soft"]["vs_boundary"]["value"] == pytest.approx(change, rel=1e-3)
+
+
+# ------------------------------------------------------------------ generation: the run's planner temperature
+def test_generation_mixes_the_planners_codes_at_the_runs_temperature():
+    from planner_lm.generation import PlannerGenerator, SamplingConfig
+    from planner_lm.tokenization import load_tokenizer
+    from test_generation import DIM, K, ScriptedLM, hash_encoder, tiny_planner
+
+    tokenizer = load_tokenizer("gpt2")
+    planner = tiny_planner()
+    prompt = ["The Moon is bright.", "It shines."]
+    # the planner's context for the sentence the prompt opens: both prompt sentences, right-aligned
+    context = torch.zeros(1, planner.context_sentences, DIM)
+    context[0, -2:] = hash_encoder(prompt)
+    mask = torch.zeros(1, planner.context_sentences, dtype=torch.bool)
+    mask[0, -2:] = True
+    with torch.no_grad():
+        logits = planner(context, mask)[0]
+    for temperature in (0.3, 2.0):
+        lm = ScriptedLM(tokenizer)
+        generator = PlannerGenerator(lm, tokenizer, hash_encoder, K, planner=planner)
+        generator.generate([" ".join(prompt)], config=SamplingConfig(max_new_tokens=1, temperature=0,
+                                                                      selection="soft", planner_temperature=temperature))
+        fed = lm.calls[0][1][0, -1]  # the prompt's final "." carries the code of the sentence it opens
+        torch.testing.assert_close(fed, torch.softmax(logits / temperature, -1), atol=1e-5, rtol=1e-4)
