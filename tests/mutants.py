@@ -107,7 +107,6 @@ MUTANTS = [
 PERPLEXITY, GUARDS = "tests/test_perplexity.py", "tests/test_guards.py"
 BASELINES = f"{GUARDS}::test_content_free_baselines_copy_the_previous_sentence_and_learn_bigrams_from_training_only"
 EVAL_TABLE = f"{GUARDS}::test_evaluation_table_recomputed_from_each_runs_own_codes"
-HARNESS_VS_EVALUATE = "tests/test_harness.py::test_planned_scoring_matches_the_evaluate_stage_on_the_same_text"
 FORCED_PLAN = "tests/test_generation.py::test_forced_plan_conditions_each_sentence_on_its_action"
 CORPUS_ACTIONS = f"{GUARDS}::test_sentences_of_another_corpus_get_their_own_nearest_centroid"
 MUTANTS += [
@@ -144,7 +143,8 @@ MUTANTS += [
            "planner_lm/evaluation/report.py", "(cell.low > 0 or cell.high < 0)", "(cell.high < 0)", (f"{GUARDS}::test_a_change_is_marked_whenever_its_interval_excludes_zero_in_either_direction",)),
     Mutant("30: harness scoring lets the planner read the sentence being scored", "planner_lm/planned_scoring.py",
            "planner_logits([vectors[:j] for j in range(len(spans))])",
-           "planner_logits([vectors[:j + 1] for j in range(len(spans))])", (HARNESS_VS_EVALUATE,)),
+           "planner_logits([vectors[:j + 1] for j in range(len(spans))])",
+           (f"{GUARDS}::test_harness_plans_each_sentence_from_the_sentences_before_it_only",)),
     Mutant("31: harness loglikelihood counts the context's last token as continuation", "planner_lm/planned_scoring.py",
            "count = min(max(len(ids) - 1 - context_tokens, 1), len(targets))",
            "count = min(max(len(ids) - context_tokens, 1), len(targets))", ("tests/test_harness.py::test_continuation_loglikelihood_is_the_difference_of_prefix_scores",)),

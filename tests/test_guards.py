@@ -203,3 +203,23 @@ def test_generation_mixes_the_planners_codes_at_the_runs_temperature():
                                                                       selection="soft", planner_temperature=temperature))
         fed = lm.calls[0][1][0, -1]  # the prompt's final "." carries the code of the sentence it opens
         torch.testing.assert_close(fed, torch.softmax(logits / temperature, -1), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ harness: the plan never reads the scored sentence
+def test_harness_plans_each_sentence_from_the_sentences_before_it_only(tmp_path, monkeypatch):
+    import planner_lm.sentence_vectors
+    from planner_lm.planned_scoring import PlannedLM
+    from test_evaluate_stage import fake_joint_runs, hash_encoder
+
+    run = fake_joint_runs(tmp_path, ("soft",), num_docs=10)
+    monkeypatch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
+    planned = PlannedLM(run / "4_joint-soft", device="cpu")
+    head = "The Moon is bright. It shines at night. "
+    plans = {ending: planned.plan(head + ending).weights for ending in ("Stars are far.", "Cats sleep all day.")}
+    first, second = plans.values()
+    assert first.shape == second.shape == (3, planned.generator.num_actions)
+    # the third sentence's code comes from the first two only: rewriting it leaves every code as it was
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    # while rewriting an earlier sentence moves the codes after it (the plan does read its context)
+    other = planned.plan("The Moon is bright. Dogs bark loudly. Stars are far.").weights
+    assert torch.equal(other[:2], first[:2]) and not torch.equal(other[2], first[2])
