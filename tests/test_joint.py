@@ -263,7 +263,11 @@ def test_stage_saves_a_loadable_conditioned_lm_planner_and_manifest(run_dir, dat
             nll, tokens = token_nll(lm(batch["input_ids"], batch["attention_mask"], action_weights=weights).logits,
                                     batch["labels"])
             total, count = total + nll.double(), count + int(tokens)
-    assert manifest["metrics"]["val/ppl"] == pytest.approx(float(torch.exp(total / count)), rel=1e-6)
+    # recomputed in fp32: exact when the stage ran in fp32 too, within bf16 rounding otherwise
+    from planner_lm.hardware import fast_precision
+
+    tolerance = 1e-6 if fast_precision() == "32-true" else 1e-3
+    assert manifest["metrics"]["val/ppl"] == pytest.approx(float(torch.exp(total / count)), rel=tolerance)
 
 
 def test_plain_lm_with_frozen_weights_is_evaluated_untouched(run_dir):
