@@ -4,9 +4,12 @@ Each mutant replaces one exact snippet of library code in a temporary copy of th
 and runs the tests meant to catch it. A snippet that is not found exactly once stops the check
 (a mutant that no longer applies must not count as killed): update it when the code moves.
 Not part of `make test` (pytest only collects `test_*.py`); takes a few minutes on 2 cores.
+`--list` prints the mutants, `--only 2,27` runs some of them, `--tests PATH...` runs other tests
+against them (to find which tests catch a new mutant).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -116,6 +119,90 @@ MUTANTS = [
            ("tests/test_evaluate_stage.py::test_an_edited_corpus_with_as_many_documents_is_tokenized_again",)),
 ]
 
+# Mutants 19-39 were designed from the README's claims and the library code alone, before the tests
+# meant to catch them were read (issue 22: a different hand).
+PERPLEXITY, GUARDS = "tests/test_perplexity.py", "tests/test_guards.py"
+BASELINES = f"{GUARDS}::test_content_free_baselines_copy_the_previous_sentence_and_learn_bigrams_from_training_only"
+EVAL_TABLE = f"{GUARDS}::test_evaluation_table_recomputed_from_each_runs_own_codes"
+FORCED_PLAN = "tests/test_generation.py::test_forced_plan_conditions_each_sentence_on_its_action"
+CORPUS_ACTIONS = f"{GUARDS}::test_sentences_of_another_corpus_get_their_own_nearest_centroid"
+MUTANTS += [
+    Mutant("19: sliding windows give each target one token less context than the window allows",
+           "planner_lm/evaluation/perplexity.py",
+           "windows.append(Window(doc, max(0, new_end - window), new_end, end))",
+           "windows.append(Window(doc, max(0, new_end - window + 1), new_end, end))", (f"{PERPLEXITY}::test_windows_cover_every_target_once",)),
+    Mutant("20: the paired bootstrap resamples the reference run differently (not paired)",
+           "planner_lm/evaluation/bootstrap.py", "reference_nll, doc_tokens, indices",
+           "reference_nll, doc_tokens, indices[::-1]", (f"{PERPLEXITY}::test_paired_relative_change_detects_a_small_consistent_gain",)),
+    Mutant("21: a 95 % CI cut at the 5th/95th percentiles (a 90 % interval)", "planner_lm/evaluation/bootstrap.py",
+           "alpha = (1.0 - confidence) / 2.0", "alpha = 1.0 - confidence", (f"{GUARDS}::test_ppl_interval_is_the_2_5_and_97_5_percentiles_of_the_resampled_ppls",)),
+    Mutant("22: planner top-5 computed as top-4", "planner_lm/evaluation/planner_metrics.py",
+           "top = min(5, logits.shape[1])", "top = min(4, logits.shape[1])", (f"{GUARDS}::test_planner_scores_recomputed_by_hand",)),
+    Mutant("23: the previous-action baseline copies the target sentence's own action",
+           "planner_lm/evaluation/planner_metrics.py", "np.asarray(actions)[np.maximum(ids - 1, 0)]",
+           "np.asarray(actions)[ids]", (BASELINES,)),
+    Mutant("24: the action bigram is fitted on the scored sentences, not the training split",
+           "planner_lm/evaluation/planner_metrics.py",
+           "np.add.at(transitions, (train_prev, actions[train_ids]), 1)",
+           "np.add.at(transitions, (previous_actions(actions, val_ids, doc_first, num_actions), actions[val_ids]), 1)",
+           ("tests/test_planner_stage.py::test_baselines_on_a_handmade_sequence",)),
+    Mutant("25: evaluation scores a tuned run with the pretrained planner instead of its own",
+           "planner_lm/pipeline/evaluate.py", 'run_logits = logits.get(run.selection, logits.get("pretrained"))',
+           'run_logits = logits.get("pretrained", logits.get(run.selection))', (EVAL_TABLE,)),
+    Mutant("26: the evaluation's boundary code counts sentences across documents", "planner_lm/evaluation/scoring.py",
+           "return self.sentence_ids - self.sentence_doc_first", "return self.sentence_ids", (EVAL_TABLE,)),
+    Mutant("27: Δ vs a control computed the wrong way round (the control against the run)",
+           "planner_lm/evaluation/results.py", "relative_change_interval(result.doc_nll, reference.doc_nll,",
+           "relative_change_interval(reference.doc_nll, result.doc_nll,", (EVAL_TABLE,)),
+    Mutant("28: PPL by document length leaves out documents on a bucket's lower edge",
+           "planner_lm/evaluation/results.py", "keep = (counts >= lo) &", "keep = (counts > lo) &", (EVAL_TABLE,)),
+    Mutant("29: the significance mark only for CIs below 0 (a significant loss goes unmarked)",
+           "planner_lm/evaluation/report.py", "(cell.low > 0 or cell.high < 0)", "(cell.high < 0)", (f"{GUARDS}::test_a_change_is_marked_whenever_its_interval_excludes_zero_in_either_direction",)),
+    Mutant("30: harness scoring lets the planner read the sentence being scored", "planner_lm/planned_scoring.py",
+           "planner_logits([vectors[:j] for j in range(len(spans))])",
+           "planner_logits([vectors[:j + 1] for j in range(len(spans))])",
+           (f"{GUARDS}::test_harness_plans_each_sentence_from_the_sentences_before_it_only",)),
+    Mutant("31: harness loglikelihood counts the context's last token as continuation", "planner_lm/planned_scoring.py",
+           "count = min(max(len(ids) - 1 - context_tokens, 1), len(targets))",
+           "count = min(max(len(ids) - context_tokens, 1), len(targets))", ("tests/test_harness.py::test_continuation_loglikelihood_is_the_difference_of_prefix_scores",)),
+    Mutant("32: generation re-plans one token late (the sentence-final token keeps the old action)",
+           "planner_lm/generation.py",
+           "            row.token_sentence[-1] = index  # the sentence-final token predicts the new sentence",
+           "            pass", (FORCED_PLAN,)),
+    Mutant("33: a forced plan starts one sentence late", "planner_lm/generation.py",
+           "step = sentence_index - row.prompt_sentences", "step = sentence_index - row.prompt_sentences - 1", (FORCED_PLAN,)),
+    Mutant("34: from_pretrained gives every layer the first layer's codebook", "planner_lm/models/conditioning.py",
+           'model.codebook.copy_(state["codebook"].to(device))',
+           'model.codebook.copy_(state["codebook"][:1].expand_as(model.codebook).to(device))', ("tests/test_conditioning.py::test_save_load_round_trip_gives_identical_logits",)),
+    Mutant("35: publish leaves a local base LM out of the shared folder", "planner_lm/publish.py",
+           "include_base=local_base,", "include_base=False,", ("tests/test_publish.py::test_a_run_is_pushed_with_cards_and_loads_back_anywhere",)),
+    Mutant("36: corpus evaluation writes length-sorted actions back in sorted order", "planner_lm/evaluation/texts.py",
+           "actions[ids] = sentence_vectors.nearest_actions(chunk, codebook)",
+           "actions[start:start + len(ids)] = sentence_vectors.nearest_actions(chunk, codebook)", (CORPUS_ACTIONS,)),
+    Mutant("37: new text gets the farthest centroid as its action", "planner_lm/sentence_vectors.py",
+           "ids, _ = torch_assign(vectors.float(), centroids.float().to(vectors.device))",
+           "ids, _ = torch_assign(-vectors.float(), centroids.float().to(vectors.device))", (CORPUS_ACTIONS,)),
+    Mutant("38: action edit distance charges 2 for a substitution", "planner_lm/evaluation/structure.py",
+           "previous[j - 1] + (x != y)", "previous[j - 1] + 2 * (x != y)", (f"{PERPLEXITY}::test_edit_distance_and_plan_following",)),
+    Mutant("39: ROUGE-2 reported as precision instead of F", "planner_lm/evaluation/structure.py",
+           '["rouge2"].fmeasure', '["rouge2"].precision', (f"{GUARDS}::test_rouge2_is_the_f_measure_of_bigram_precision_and_recall",)),
+]
+
+# 40-42 were designed after reading the tests.
+MUTANTS += [
+    Mutant("40: Δ vs none measured against a none run that fine-tuned its base", "planner_lm/evaluation/results.py",
+           'if (run.selection == "none" and run.manifest.facts.get("trained") is False)',
+           'if run.selection == "none"',
+           ("tests/test_references.py::test_delta_vs_none_only_ever_uses_the_untouched_base_lm",)),
+    Mutant("41: evaluation runs the planners with dropout on", "planner_lm/evaluation/planner_metrics.py",
+           "planner = planner.eval()", "planner = planner.train()", (EVAL_TABLE,)),
+    Mutant("42: generation mixes the planner's codes at T = 1 whatever the run was trained with",
+           "planner_lm/generation.py",
+           "weights = select_weights(logits, config.selection, temperature=config.planner_temperature)",
+           "weights = select_weights(logits, config.selection)",
+           (f"{GUARDS}::test_generation_mixes_the_planners_codes_at_the_runs_temperature",)),
+]
+
 
 def copy_tree(target: Path) -> None:
     """Tracked and untracked (not ignored) files of the working tree: the code as it is now."""
@@ -161,26 +248,58 @@ def check(tree: Path, mutant: Mutant) -> tuple[str, str]:
     return {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (pytest exit {code})"), detail
 
 
-def main() -> int:
+def mutant_id(mutant: Mutant) -> str:
+    """The short name before the colon, e.g. `5a` or `27`."""
+    return mutant.name.split(":", 1)[0]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="print every mutant's id, name and file, then exit")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated mutant ids to run (e.g. 2,5a,27); default: all")
+    parser.add_argument("--tests", nargs="+", default=None,
+                        help="run these tests against each selected mutant instead of its targeted ones "
+                             "(to find which tests catch a new mutant)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for mutant in MUTANTS:
+            print(f"{mutant_id(mutant):>4}  {mutant.file}  {mutant.name.split(': ', 1)[-1]}")
+        return 0
+    selected = MUTANTS
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {mutant_id(m) for m in MUTANTS})
+        if unknown:
+            raise SystemExit(f"unknown mutant id(s) {', '.join(unknown)}; `--list` shows them")
+        selected = [m for m in MUTANTS if mutant_id(m) in wanted]
+    if args.tests:
+        selected = [Mutant(m.name, m.file, m.old, m.new, tuple(args.tests)) for m in selected]
+    untargeted = [m.name for m in selected if not m.tests]
+    if untargeted:  # pytest with no arguments would run the whole suite and count as a check
+        raise SystemExit(f"mutant(s) without targeted tests: {'; '.join(untargeted)}")
     with tempfile.TemporaryDirectory(prefix="mutants-") as folder:
         tree = Path(folder)
         copy_tree(tree)
         for mutant in MUTANTS:  # every snippet still applies, before minutes of tests
             mutated(tree, mutant)
-        tests = tuple(dict.fromkeys(t for m in MUTANTS for t in m.tests))
+        tests = tuple(dict.fromkeys(t for m in selected for t in m.tests))
         code, detail = run_tests(tree, tests)
         if code != 0:
             print(f"the targeted tests fail on the unmutated code; fix them first:\n  {detail}")
             return 1
         results = {}
-        for mutant in MUTANTS:
+        for mutant in selected:
             results[mutant.name], detail = check(tree, mutant)
             print(f"{results[mutant.name]:>9}  {mutant.name}", *detail.splitlines(), sep="\n           ", flush=True)
     survivors = [name for name, result in results.items() if result != "killed"]
     print(f"{len(results) - len(survivors)}/{len(results)} mutants killed" +
           (f"; not killed: {', '.join(survivors)}" if survivors else ""))
     return 1 if survivors else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
