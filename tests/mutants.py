@@ -111,10 +111,10 @@ MUTANTS = [
            'torch.load(path, map_location="cpu", weights_only=True, mmap=True)',
            'torch.load(path, map_location="cpu", weights_only=False)',
            ("tests/test_reliability.py::test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it",)),
-    Mutant("19: a resumed joint run re-measures the tuned planner as its accuracy before joint training",
+    Mutant("F1: a resumed joint run re-measures the tuned planner as its accuracy before joint training",
            "planner_lm/lit/joint.py", '        self.planner_acc_start = checkpoint.get("planner_acc_start")', "        pass",
            ("tests/test_joint.py::test_a_resumed_run_reports_the_accuracy_of_the_planner_before_joint_training",)),
-    Mutant("20: an outside corpus's token cache is reused for an edited corpus with as many documents",
+    Mutant("F2: an outside corpus's token cache is reused for an edited corpus with as many documents",
            "planner_lm/evaluation/texts.py", 'cache_dir / "tokens" / documents_digest(table)', 'cache_dir / "tokens"',
            ("tests/test_evaluate_stage.py::test_an_edited_corpus_with_as_many_documents_is_tokenized_again",)),
 ]
