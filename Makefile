@@ -82,7 +82,7 @@ EVAL := $(RUN)/5_eval/manifest.json
         evaluate generate demo seeds variant quality quality-forgetting real long test test-bf16 test-slow tensorboard clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-18s %s\n", $$1, $$2}'
 	@echo "variables: RUN=$(RUN) PRESET=$(PRESET) CORPUS=$(CORPUS) BASE_LM=$(BASE_LM) ARGS=... OVERWRITE=1 (see the top of the Makefile)"
 
 $(STAMP): pyproject.toml
