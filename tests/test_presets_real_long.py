@@ -24,11 +24,11 @@ def stage_commands(target: str, tmp_path: Path, **variables: str) -> list[tuple[
     lines = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
     commands = []
     for line in dict.fromkeys(lines):
-        if " stages/" not in line:
+        if " -m planner_lm " not in line:  # the Makefile runs every stage as `python -m planner_lm <stage>`
             continue
         words = shlex.split(line.replace(" && true", ""))
-        if len(words) > 1 and words[1].startswith("stages/") and words[1].endswith(".py"):
-            commands.append((Path(words[1]).stem, words[2:]))
+        if len(words) > 3 and words[1:3] == ["-m", "planner_lm"] and not words[3].startswith("-"):
+            commands.append((words[3].replace("-", "_"), words[4:]))
     return commands
 
 
