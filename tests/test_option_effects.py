@@ -552,9 +552,6 @@ def scored_test(joint_run):
     return folder, tokenizer, test, base, lm
 
 
-@pytest.mark.xfail(strict=True, reason="known broken after merging the faster scorer: evaluation now conditions "
-                   "through `lm.conditioned(weights)` around the base, which this test's spy on "
-                   "`ActionConditionedLM.forward` does not see; the spy must follow (open work, issue 22)")
 @pytest.mark.parametrize("source", ["planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none"])
 def test_each_code_source_conditions_every_token_as_documented(scored_test, source, monkeypatch):
     """At evaluation, the token at position t (predicting token t+1) is conditioned on the code of
@@ -609,24 +606,34 @@ TEMPERATURE = 0.5  # not the default: a path that forgot the run's temperature w
 
 
 class LMCalls:
-    """Every call of `ActionConditionedLM.forward`: the run the LM was loaded from (None: built in
-    process), its input ids and the action weights it got."""
+    """Every run of the LM's token embedding inside `ActionConditionedLM.conditioned` (the one door
+    through which training, evaluation, the harness and generation condition the base): the run the
+    LM was loaded from (None: built in process), its input ids and the action weights in force."""
 
     def __init__(self, patch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str | None, torch.Tensor, torch.Tensor | None]] = []
-        forward, load = ActionConditionedLM.forward, ActionConditionedLM.from_pretrained.__func__
+        conditioned, load = ActionConditionedLM.conditioned, ActionConditionedLM.from_pretrained.__func__
 
-        def spy(lm, input_ids=None, attention_mask=None, action_weights=None, labels=None, **kwargs):
+        @contextlib.contextmanager
+        def spy(lm, action_weights):
             weights = None if action_weights is None else action_weights.detach().float().cpu().clone()
-            self.calls.append((getattr(lm, "_test_run", None), input_ids.detach().cpu().clone(), weights))
-            return forward(lm, input_ids, attention_mask, action_weights, labels, **kwargs)
+
+            def record(module, args):
+                self.calls.append((getattr(lm, "_test_run", None), args[0].detach().cpu().clone(), weights))
+
+            handle = lm.base.get_input_embeddings().register_forward_pre_hook(record)
+            try:
+                with conditioned(lm, action_weights):
+                    yield
+            finally:
+                handle.remove()
 
         def loaded(cls, save_dir, *args, **kwargs):
             lm = load(cls, save_dir, *args, **kwargs)
             lm._test_run = Path(save_dir).parent.name
             return lm
 
-        patch.setattr(ActionConditionedLM, "forward", spy)
+        patch.setattr(ActionConditionedLM, "conditioned", spy)
         patch.setattr(ActionConditionedLM, "from_pretrained", classmethod(loaded))
 
     def take(self, run: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -699,9 +706,6 @@ def document_batches(run: Path) -> tuple[JointDataModule, list[tuple[str, dict[s
                   for i, text in enumerate(texts)]
 
 
-@pytest.mark.xfail(strict=True, reason="known broken after merging the faster scorer: evaluation now conditions "
-                   "through `lm.conditioned(weights)` around the base, which this test's spy on "
-                   "`ActionConditionedLM.forward` does not see; the spy must follow (open work, issue 22)")
 @pytest.mark.parametrize("selection", TRAINED)
 def test_evaluation_and_harness_give_the_lm_the_codes_it_was_trained_with(trained, selection, monkeypatch):
     """On each test document, the action weights the LM receives in the evaluate stage and in the

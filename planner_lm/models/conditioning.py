@@ -31,20 +31,12 @@ from planner_lm.errors import UserError
 from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONFIG_RULES, FORMAT,
                                         FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path, inject_lora,
                                         input_features, normalise_layers)
-from planner_lm.model_files import PRESETS, check_weights_cover_config, path_only
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
+from planner_lm.models.conditioned_files import (BASE_SUBDIR, CONFIG_FILE, WEIGHTS_FILE, base_location,
+                                                  check_warm_start)
 from planner_lm.models.hub import HUB_SETTINGS, HubArtefact, check_shapes, header_shapes, read_config
 
-__all__ = ["BASE_MODES", "ActionConditionedLM"]
-
-WARM_START_MATCH: tuple[str, ...] = ("model_type", "conditioned_layers", "num_actions", "action_dim",
-                                     "per_layer_codebook", "adapter_site", "base_mode", "lora_r",
-                                     "lora_target_modules")
-"""Settings a warm start must share with the run it starts from (the weights' shapes and meaning)."""
-
-CONFIG_FILE = "conditioning_config.json"
-WEIGHTS_FILE = "conditioning.safetensors"
-BASE_SUBDIR = "base"
+__all__ = ["BASE_MODES", "CONFIG_FILE", "ActionConditionedLM"]
 
 
 class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
@@ -338,7 +330,7 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         check_shapes(save_dir / WEIGHTS_FILE, {"codebook": stated.get("codebook")},
                      {"codebook": (books, settings.num_actions, settings.action_dim)})
         if base is None:
-            base = load_base_lm(_base_location(save_dir, config, downloaded), dtype=dtype)
+            base = load_base_lm(base_location(save_dir, config, downloaded), dtype=dtype)
         expected = config.get("base_fingerprint")
         if check_fingerprint and expected and weights_fingerprint(base) != expected:
             raise UserError(
@@ -367,24 +359,9 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         `pred` run: the reference's joint training starts from the LM trained on the frozen planner's
         predictions). Refuses one made for another base, k, codebook dimension or set of layers."""
         save_dir = Path(save_dir)
-        config_path = save_dir / CONFIG_FILE
-        if not config_path.is_file():
-            raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing); finish that run first")
-        config = json.loads(config_path.read_text())
-        mine = asdict(self.settings)
-        differ = [k for k in WARM_START_MATCH if config.get(k) != mine[k]]
-        if differ:
-            details = ", ".join(f"{k} {config.get(k)} vs {mine[k]}" for k in differ)
-            raise UserError(f"cannot warm-start from {save_dir}: it differs in {details}; train it with the same "
-                            "settings or drop --data.init_from")
-        if config.get("base_saved") or self.settings.base_mode == "full":
-            raise UserError(f"cannot warm-start from {save_dir}: warm starts carry adapters and codebooks over a "
-                            "frozen (or LoRA) base, not fully fine-tuned base weights")
         if self._base_fingerprint is None:
             self._base_fingerprint = weights_fingerprint(self.base)  # frozen/lora: the base never changes
-        if config.get("base_fingerprint") != self._base_fingerprint:
-            raise UserError(f"cannot warm-start from {save_dir}: it was trained on another base LM "
-                            f"({config.get('base')!r}); use a run of the same base")
+        check_warm_start(save_dir, asdict(self.settings), self._base_fingerprint)
         self._load_trained(load_file(str(save_dir / WEIGHTS_FILE)), save_dir)
 
     def _load_trained(self, state: dict[str, Tensor], save_dir: Path) -> None:
@@ -409,27 +386,3 @@ def _checkpointing(model: PreTrainedModel) -> bool:
     name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
     return bool(getattr(model, name, False))
 
-
-def _base_location(save_dir: Path, config: dict[str, Any], downloaded: bool) -> str:
-    """Where the base LM of a saved conditioned LM lies. A downloaded folder may only carry its base
-    (`base/`), point inside itself, or name a Hub model (fetched with the same safe file patterns)
-    or a preset: never a path on this machine."""
-    if config["base_saved"]:
-        if downloaded:
-            check_weights_cover_config(save_dir / BASE_SUBDIR, f"{save_dir / CONFIG_FILE}'s base")
-        return str(save_dir / BASE_SUBDIR)
-    relative = config.get("base_relative")
-    if downloaded:
-        inside = save_dir.resolve()
-        if relative and inside not in (inside / relative).resolve().parents:
-            raise UserError(f"{save_dir / CONFIG_FILE} points its base LM outside the downloaded folder "
-                            f"(base_relative {relative!r}); refused: a download may only carry its base or name a Hub model")
-        if relative and (save_dir / relative).is_dir():
-            return str((save_dir / relative).resolve())
-        if config["base"] not in PRESETS and path_only(config["base"]):
-            raise UserError(f"{save_dir / CONFIG_FILE} names its base LM by a local path ({config['base']!r}); refused: "
-                            "a downloaded conditioned LM may only carry its base or name a Hub model or a preset")
-        return config["base"]
-    if relative and (save_dir / relative).is_dir():
-        return str((save_dir / relative).resolve())
-    return config["base"]
