@@ -78,7 +78,7 @@ PLANNER := $(RUN)/3_planner/manifest.json
 JOINT := $(RUN)/4_joint-$(SELECTION)/manifest.json
 EVAL := $(RUN)/5_eval/manifest.json
 
-.PHONY: help setup setup-smollm mutants prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
+.PHONY: help setup setup-smollm mutants precisions prepare embed cluster pretrain-lm pretrain-planner finetune-joint baselines \
         evaluate generate demo seeds variant quality quality-forgetting real long test test-bf16 test-slow tensorboard clean
 
 help: ## list the targets
@@ -159,6 +159,27 @@ seeds: $(EVAL) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)/.linked) ## SEEDS=N: 
 	$(PY) -m planner_lm.evaluation.compare --verdicts $(RUN) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)) \
 		--labels "seed 42" $(foreach s,$(EXTRA_SEEDS),"seed $(s)") --output $(RUN)/seeds.md
 
+# make precisions: the demo's verdicts in this host's default precision and in PRECISION_OTHER (bf16 autocast,
+# forced with PLANNER_LM_PRECISION; emulated and ~7x slower on AVX2 hosts; use 32-true on native-bf16 hosts).
+# Both sides are reduced alike: RUN's upstream and base LM linked, PRECISION_STEPS joint steps per run; the
+# planner is trained again in the other precision (the host side links RUN's). Verdicts in RUN/precisions.md.
+PRECISION_OTHER ?= bf16-mixed
+PRECISION_STEPS ?= 40
+$(RUN)/precision-%/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
+	mkdir -p $(RUN)/precision-$* $(RUN)/tokens
+	for d in 0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens $(if $(filter host,$*),3_planner); do \
+		ln -sfn ../$$d $(RUN)/precision-$*/$$d; done
+	@touch $@
+precisions: $(EVAL) $(RUN)/precision-host/.linked $(RUN)/precision-other/.linked ## the demo's verdicts in this host's precision and in PRECISION_OTHER, on a reduced demo (PRECISION_STEPS); RUN/precisions.md
+	$(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-host PRESET=$(PRESET) ARGS= \
+		ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)"
+	PLANNER_LM_PRECISION=$(PRECISION_OTHER) $(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-other \
+		PRESET=$(PRESET) ARGS= ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)"
+	$(PY) -m planner_lm.evaluation.compare --verdicts $(RUN)/precision-host $(RUN)/precision-other \
+		--labels "this host ($$($(PY) -c 'from planner_lm.hardware import fast_precision; print(fast_precision())'))" \
+		"$(PRECISION_OTHER)" --output $(RUN)/precisions.md
+	@cat $(RUN)/precisions.md
+
 # a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only
 # its own joint runs train
 $(RUN)/$(VARIANT)/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
@@ -191,26 +212,34 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 # `make real`: the claim on a real pretrained LM. SmolLM2-135M (frozen, PRESET=real) over REAL_FROM's upstream
 # stages (built with the demo preset and linked into REAL_FROM/real): pred first (the LM trained on the frozen
 # planner's soft weights), then soft (planner loss on; warm-started from REAL_WARM, empty = from scratch) and
-# REAL_RUNS, scored on the test split and on EVAL_CORPUS=sotu; then soft without the planner loss (a variant).
+# REAL_RUNS, scored on the test split; REAL_EXTRAS adds the first REAL_SOTU_DOCS sotu addresses (out of domain)
+# and soft without the planner loss (a variant). On a 2-core AVX2 host a step takes ~8.7 s: there
+#   make real REAL_STEPS=150 REAL_RUNS=fixed REAL_WARM= REAL_EXTRAS= REAL_VAL_EVERY=75
+# trains soft and fixed only, in about an hour (docs/results.md has the measured wall time).
 REAL_FROM ?= runs/demo
 REAL_STEPS ?= 300
 REAL_VAL_EVERY ?= 50
 REAL_WARM ?= pred
 REAL_RUNS ?= none fixed boundary oracle pred hard
+REAL_EXTRAS ?= sotu planner-loss
+REAL_SOTU_DOCS ?= 20
 REAL_RUN := $(REAL_FROM)/real
 REAL_VARS = --no-print-directory RUN=$(REAL_RUN) PRESET=real \
 	ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(REAL_STEPS) --trainer.val_check_interval $(REAL_VAL_EVERY)" \
 	ARGS_finetune_joint_soft="$(if $(REAL_WARM),--data.init_from $(REAL_WARM)) $(ARGS_finetune_joint_soft)"
-real: $(SMOLLM_STAMP) ## SmolLM2-135M, frozen: pred, soft (warm, planner loss), controls; test split + sotu (REAL_STEPS steps, default 300)
+real: $(SMOLLM_STAMP) ## SmolLM2-135M, frozen: pred, soft (warm, planner loss), controls; test split (+ REAL_EXTRAS: sotu, planner-loss); REAL_STEPS steps, default 300
 	$(MAKE) --no-print-directory $(REAL_RUN)/.linked RUN=$(REAL_FROM) VARIANT=real PRESET=demo BASE_LM=smollm2-135m
 	$(if $(REAL_WARM),$(MAKE) $(REAL_VARS) $(REAL_RUN)/4_joint-$(REAL_WARM)/manifest.json)
 	$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)"
-	$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)" EVAL_CORPUS=sotu
-	$(MAKE) $(REAL_VARS) variant VARIANT=soft-lm-loss VARIANT_RUNS= VARIANT_LINKS="fixed $(REAL_WARM)" \
-		VARIANT_ARGS="--model.planner_loss_weight 0"
+	$(if $(filter sotu,$(REAL_EXTRAS)),$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)" EVAL_CORPUS=sotu \
+		ARGS_evaluate="--max_docs $(REAL_SOTU_DOCS)")
+	$(if $(filter planner-loss,$(REAL_EXTRAS)),$(MAKE) $(REAL_VARS) variant VARIANT=soft-lm-loss VARIANT_RUNS= \
+		VARIANT_LINKS="fixed $(REAL_WARM)" VARIANT_ARGS="--model.planner_loss_weight 0")
 	@echo "## SmolLM2-135M, frozen, test split"; cat $(REAL_RUN)/5_eval/results.md
-	@echo; echo "## the same runs on sotu (out of domain)"; cat $(REAL_RUN)/5_eval-sotu/results.md
-	@echo; echo "## soft with and without the planner loss"; $(PY) -m planner_lm.evaluation.compare $(REAL_RUN) $(REAL_RUN)/soft-lm-loss
+	$(if $(filter sotu,$(REAL_EXTRAS)),@echo; echo "## the same runs on the first $(REAL_SOTU_DOCS) sotu addresses (out of domain)"; \
+		cat $(REAL_RUN)/5_eval-sotu/results.md)
+	$(if $(filter planner-loss,$(REAL_EXTRAS)),@echo; echo "## soft with and without the planner loss"; \
+		$(PY) -m planner_lm.evaluation.compare $(REAL_RUN) $(REAL_RUN)/soft-lm-loss)
 
 long: ## long documents: planner and LM trained on sotu speeches, scored on held-out ones (PPL by document length)
 	$(MAKE) --no-print-directory evaluate RUN=runs/long PRESET=long

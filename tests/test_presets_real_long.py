@@ -62,8 +62,33 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
     assert joint[("soft-lm-loss", "soft")]["model"]["planner_loss_weight"] == 0.0
     # the order: pred is trained before soft needs it
     assert order.index(("real", "pred")) < order.index(("real", "soft"))
-    sotu = [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
-    assert sotu and sotu[0][sotu[0].index("--corpus.name") + 1] == "sotu"
+    sotu = [resolved(s, a, capsys) for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+    assert sotu and sotu[0]["corpus"]["name"] == "sotu" and sotu[0]["max_docs"] == 20
+
+
+def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path, capsys):
+    """The one-hour setting the README gives for AVX2 hosts: no pred, no warm start, no extras."""
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="150", REAL_RUNS="fixed",
+                              REAL_WARM="", REAL_EXTRAS="", REAL_VAL_EVERY="75")
+    joint = {resolved(s, a, capsys)["model"]["selection"]: resolved(s, a, capsys) for s, a in commands
+             if s == "finetune_joint"}
+    assert set(joint) == {"soft", "fixed"}
+    assert joint["soft"]["data"]["init_from"] is None and joint["soft"]["model"]["planner_loss_weight"] == 1.0
+    assert all(c["trainer"]["max_steps"] == 150 and c["trainer"]["val_check_interval"] == 75 for c in joint.values())
+    assert not [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+
+
+def test_make_precisions_trains_both_sides_alike_and_only_the_other_side_in_the_other_precision(tmp_path, capsys):
+    venv = Path(sys.executable).parent.parent
+    lines = subprocess.run(["make", "-n", "precisions", f"VENV={venv}", f"RUN={tmp_path}", "PRECISION_STEPS=9"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+    host = next(i for i, l in enumerate(lines) if "RUN=" + str(tmp_path / "precision-host") in l)
+    other = next(i for i, l in enumerate(lines) if "RUN=" + str(tmp_path / "precision-other") in l)
+    assert not lines[host].startswith("PLANNER_LM_PRECISION=")
+    assert lines[other].startswith("PLANNER_LM_PRECISION=bf16-mixed ")
+    assert all("--trainer.max_steps 9" in lines[i] + lines[i + 1] for i in (host, other))
+    links = [l for l in lines if l.strip().startswith("for d in")]
+    assert any("3_planner" in l for l in links) and any("3_planner" not in l for l in links)
 
 
 def test_make_long_has_every_lm_stage_on_sotu(tmp_path, capsys):
