@@ -60,6 +60,29 @@ def time_variants(step: Callable[[str], float], variants: Sequence[str], steps: 
     return {v: statistics.median(times[v]) for v in variants}
 
 
+def synthetic_batch(args: argparse.Namespace, device: torch.device, vocab: int):
+    """Random token ids ``[B, T]``, each position's sentence (runs of ~tokens_per_sentence
+    positions, numbered across the batch) and one random planner context per sentence."""
+    b, t = args.batch_size, args.window
+    input_ids = torch.randint(0, vocab, (b, t), device=device)
+    per_window = -(-t // args.tokens_per_sentence)
+    token_sentence = ((torch.arange(t, device=device) // args.tokens_per_sentence)[None]
+                      + per_window * torch.arange(b, device=device)[:, None])
+    contexts = torch.randn(b * per_window, args.context_sentences, args.embedding_dim, device=device)
+    mask = torch.ones(b * per_window, args.context_sentences, dtype=torch.bool, device=device)
+    return input_ids, token_sentence, contexts, mask
+
+
+def joint_update(lm: ActionConditionedLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                 weights: torch.Tensor) -> None:
+    """One conditioned LM step: loss, backward, Adam, and a device sync so the clock sees it all."""
+    lm(input_ids, action_weights=weights, labels=input_ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if input_ids.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def smollm2_base():
     """A randomly initialised model of SmolLM2-135M's config (Llama, 30 layers, 576 wide, 49,152 tokens)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,27 +110,17 @@ def frozen_vs_plain(args: argparse.Namespace, device: torch.device, report) -> N
     planner = Planner(args.embedding_dim, args.num_actions, args.context_sentences).to(device).train()
     optimizer = torch.optim.Adam([p for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad], lr=1e-3)
     b, t = args.batch_size, args.window
-    vocab = plain.config.vocab_size
-    input_ids = torch.randint(0, vocab, (b, t), device=device)
-    per_window = -(-t // args.tokens_per_sentence)
-    token_sentence = ((torch.arange(t, device=device) // args.tokens_per_sentence)[None]
-                      + per_window * torch.arange(b, device=device)[:, None])
-    contexts = torch.randn(b * per_window, args.context_sentences, args.embedding_dim, device=device)
-    mask = torch.ones(b * per_window, args.context_sentences, dtype=torch.bool, device=device)
+    input_ids, token_sentence, contexts, mask = synthetic_batch(args, device, plain.config.vocab_size)
 
     def step(variant: str) -> float:
         start = time.perf_counter()
         if variant == "plain_forward_backward":
             plain(input_ids, labels=input_ids).loss.backward()
             plain.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         else:
-            weights = select_weights(planner(contexts, mask), "soft")[token_sentence]
-            loss = lm(input_ids, action_weights=weights, labels=input_ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            joint_update(lm, optimizer, input_ids, select_weights(planner(contexts, mask), "soft")[token_sentence])
         return time.perf_counter() - start
 
     trainable = sum(p.numel() for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad)
@@ -136,14 +149,9 @@ def planner_overhead(args: argparse.Namespace, device: torch.device, report) -> 
     planner = Planner(args.embedding_dim, args.num_actions, args.context_sentences).to(device).train()
     optimizer = torch.optim.Adam([p for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad], lr=1e-4)
 
-    b, t, s, d = args.batch_size, args.window, args.context_sentences, args.embedding_dim
-    input_ids = torch.randint(0, 50257, (b, t), device=device)
-    # sentence index per position: consecutive runs of ~tokens_per_sentence positions
-    per_window = -(-t // args.tokens_per_sentence)
-    token_sentence = (torch.arange(t, device=device) // args.tokens_per_sentence)[None] + per_window * torch.arange(b, device=device)[:, None]
-    num_sentences = b * per_window
-    contexts = torch.randn(num_sentences, s, d, device=device)
-    mask = torch.ones(num_sentences, s, dtype=torch.bool, device=device)
+    b, t = args.batch_size, args.window
+    input_ids, token_sentence, contexts, mask = synthetic_batch(args, device, base.config.vocab_size)
+    num_sentences = len(contexts)
 
     def step(variant: str) -> float:
         if device.type == "cuda":
@@ -158,12 +166,7 @@ def planner_overhead(args: argparse.Namespace, device: torch.device, report) -> 
             flat = token_sentence.reshape(-1)
             logits = planner(contexts[flat], mask[flat])
             weights = select_weights(logits, "soft").reshape(b, t, -1)
-        loss = lm(input_ids, action_weights=weights, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        joint_update(lm, optimizer, input_ids, weights)
         return time.perf_counter() - start
 
     report.update({"batch": [b, t], "steps": args.steps,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from planner_lm.evaluation.structure import edit_distance, normalized_edit_distance, rouge2_f
+from planner_lm.evaluation.structure import edit_distance, normalized_edit_distance, plan_following_rate, rouge2_f
 from planner_lm.generation import PlannerGenerator, SamplingConfig
 from planner_lm.generation_plan import Generation
 from planner_lm.sentence_vectors import nearest_actions
@@ -114,7 +114,7 @@ class StructureEvaluator:
                 sentences = sentences[:-1]  # cut off by max tokens: unfinished
             judged.extend(s for s in sentences if s.source in CONDITIONED_SOURCES)
         own = self._actions_of([s.text for s in judged])
-        follow = float(np.mean([s.action == a for s, a in zip(judged, own)])) if judged else float("nan")
+        follow = plan_following_rate([s.action for s in judged], own)
         return {
             "rouge2": float(np.mean(rouge)) if rouge else float("nan"),
             "edit": float(np.mean(edits)) if edits else float("nan"),
