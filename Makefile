@@ -160,24 +160,27 @@ seeds: $(EVAL) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)/.linked) ## SEEDS=N: 
 		--labels "seed 42" $(foreach s,$(EXTRA_SEEDS),"seed $(s)") --output $(RUN)/seeds.md
 
 # make precisions: the demo's verdicts in this host's default precision and in PRECISION_OTHER (bf16 autocast,
-# forced with PLANNER_LM_PRECISION; emulated and ~7x slower on AVX2 hosts; use 32-true on native-bf16 hosts).
-# Both sides are reduced alike: RUN's upstream and base LM linked, PRECISION_STEPS joint steps per run; the
-# planner is trained again in the other precision (the host side links RUN's). Verdicts in RUN/precisions.md.
+# forced with PLANNER_LM_PRECISION; emulated and ~13x slower on AVX2 hosts; use 32-true on native-bf16 hosts).
+# PRECISION_STEPS=0 (default): only the planner is trained again in the other precision (the question that flips
+# with the host), beside RUN's own full evaluation. PRECISION_STEPS=N: both sides reduced alike, RUN's upstream,
+# base LM linked, N joint steps per run (the host side links RUN's planner). Verdicts in RUN/precisions.md.
 PRECISION_OTHER ?= bf16-mixed
-PRECISION_STEPS ?= 40
+PRECISION_STEPS ?= 0
+PRECISION_REDUCED = $(filter-out 0,$(PRECISION_STEPS))
 $(RUN)/precision-%/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
 	mkdir -p $(RUN)/precision-$* $(RUN)/tokens
 	for d in 0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens $(if $(filter host,$*),3_planner); do \
 		ln -sfn ../$$d $(RUN)/precision-$*/$$d; done
 	@touch $@
-precisions: $(EVAL) $(RUN)/precision-host/.linked $(RUN)/precision-other/.linked ## the demo's verdicts in this host's precision and in PRECISION_OTHER, on a reduced demo (PRECISION_STEPS); RUN/precisions.md
-	$(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-host PRESET=$(PRESET) ARGS= \
-		ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)"
-	PLANNER_LM_PRECISION=$(PRECISION_OTHER) $(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-other \
-		PRESET=$(PRESET) ARGS= ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)"
-	$(PY) -m planner_lm.evaluation.compare --verdicts $(RUN)/precision-host $(RUN)/precision-other \
-		--labels "this host ($$($(PY) -c 'from planner_lm.hardware import fast_precision; print(fast_precision())'))" \
-		"$(PRECISION_OTHER)" --output $(RUN)/precisions.md
+precisions: $(EVAL) $(RUN)/precision-other/.linked $(if $(PRECISION_REDUCED),$(RUN)/precision-host/.linked) ## the demo's verdicts in this host's precision and in PRECISION_OTHER (the planner; PRECISION_STEPS=N: also N-step joint runs); RUN/precisions.md
+	$(if $(PRECISION_REDUCED),$(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-host PRESET=$(PRESET) ARGS= \
+		ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)")
+	PLANNER_LM_PRECISION=$(PRECISION_OTHER) $(MAKE) --no-print-directory RUN=$(RUN)/precision-other PRESET=$(PRESET) ARGS= \
+		ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(PRECISION_STEPS)" \
+		$(if $(PRECISION_REDUCED),evaluate,$(RUN)/precision-other/3_planner/manifest.json)
+	$(PY) -m planner_lm.evaluation.compare --verdicts $(if $(PRECISION_REDUCED),$(RUN)/precision-host,$(RUN)) \
+		$(RUN)/precision-other --output $(RUN)/precisions.md --labels \
+		"this host ($$($(PY) -c 'from planner_lm.hardware import fast_precision; print(fast_precision())'))" "$(PRECISION_OTHER)"
 	@cat $(RUN)/precisions.md
 
 # a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only

@@ -78,10 +78,16 @@ def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path,
     assert not [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
 
 
-def test_make_precisions_trains_both_sides_alike_and_only_the_other_side_in_the_other_precision(tmp_path, capsys):
+def test_make_precisions_trains_only_the_other_side_in_the_other_precision(tmp_path):
     venv = Path(sys.executable).parent.parent
-    lines = subprocess.run(["make", "-n", "precisions", f"VENV={venv}", f"RUN={tmp_path}", "PRECISION_STEPS=9"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    def dry(**variables: str) -> list[str]:
+        return subprocess.run(["make", "-n", "precisions", f"VENV={venv}", f"RUN={tmp_path}",
+                               *(f"{k}={v}" for k, v in variables.items())],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    # reduced: both sides train N-step joint runs; only the other side in the other precision
+    lines = dry(PRECISION_STEPS="9")
     host = next(i for i, l in enumerate(lines) if "RUN=" + str(tmp_path / "precision-host") in l)
     other = next(i for i, l in enumerate(lines) if "RUN=" + str(tmp_path / "precision-other") in l)
     assert not lines[host].startswith("PLANNER_LM_PRECISION=")
@@ -89,6 +95,14 @@ def test_make_precisions_trains_both_sides_alike_and_only_the_other_side_in_the_
     assert all("--trainer.max_steps 9" in lines[i] + lines[i + 1] for i in (host, other))
     links = [l for l in lines if l.strip().startswith("for d in")]
     assert any("3_planner" in l for l in links) and any("3_planner" not in l for l in links)
+    # default: only the other side's planner, compared with the run's own full evaluation
+    lines = dry()
+    assert not any("precision-host" in l for l in lines)
+    other = next(i for i, l in enumerate(lines) if "RUN=" + str(tmp_path / "precision-other") in l)
+    assert lines[other].startswith("PLANNER_LM_PRECISION=bf16-mixed ")
+    assert "precision-other/3_planner/manifest.json" in " ".join(lines[other:other + 3])
+    compare = " ".join(l for l in lines if "--verdicts" in l or "precision-other --output" in l)
+    assert f"--verdicts {tmp_path} " in compare
 
 
 def test_make_long_has_every_lm_stage_on_sotu(tmp_path, capsys):

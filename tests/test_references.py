@@ -81,3 +81,18 @@ def test_verdicts_across_seeds_agree_or_say_they_flip(tmp_path, capsys):
     assert compare.main(["--verdicts", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "seed 42", "seed 43"]) == 0
     assert "| question | seed 42 | seed 43 | mean | spread | verdict |" in capsys.readouterr().out
     assert compare.main(["--verdicts", str(tmp_path / "a"), "--labels", "x", "y"]) == 2
+
+
+def test_verdicts_leave_out_a_folder_that_only_retrained_its_planner(tmp_path, monkeypatch):
+    """The other-precision check retrains only the planner on slow hosts: its column answers the
+    planner question (from the planner stage) and leaves the perplexity questions unmeasured."""
+    from planner_lm.evaluation import compare
+
+    _fake_evaluation(tmp_path / "a", (-0.006, -0.008, -0.004), top1=0.373, previous=0.335)
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(compare, "planner_lead", lambda folder: (0.344, 0.324))
+    rows = {row["question"]: row for row in compare.verdict_rows([tmp_path / "a", tmp_path / "b"])}
+    assert rows["soft vs fixed"]["cells"] == ["-0.60% [-0.80%, -0.40%]", "–"]
+    assert rows["soft vs fixed"]["verdict"] == "helps (1 of 2 measured)"
+    lead = rows["planner top-1 lead over copying"]
+    assert lead["cells"] == ["+3.8%", "+2.0%"] and lead["verdict"] == "flips: better, under 3% points"

@@ -453,6 +453,24 @@ def test_content_free_baselines(run, metrics):
             f"{expected['previous_top1']:.1%}, action bigram of the training split {expected['bigram_top1']:.1%}") in text
 
 
+def test_planner_lead_of_a_folder_without_an_evaluation(run, metrics):
+    """`compare --verdicts` on a folder whose joint runs were never evaluated (the other-precision
+    check retrains only the planner) reads the planner's test top-1 and copying's from the planner
+    stage: the same figures, recomputed here from the true next actions."""
+    from planner_lm.evaluation.compare import planner_lead
+    from planner_lm.run_folder import RunFolder
+
+    corpus = Corpus(run, "test")
+    sentences = list(corpus.sentences())
+    with torch_threads(1):
+        expected = planner_accuracy(load_planner(stage_dir(run, "pretrain_planner") / "planner"), corpus, sentences,
+                                    [corpus.actions[j] for j, _, _ in sentences])["top1"]
+    copying = content_free(run, None, targets_of(corpus))["previous_top1"]
+    top1, previous = planner_lead(RunFolder(run))
+    assert (top1, previous) == (pytest.approx(expected, abs=1e-6), pytest.approx(copying, abs=1e-12))
+    assert abs(expected - copying) > 10 * 1e-6  # the lead is not zero: a swapped pair would fail
+
+
 def test_planner_stage_table(run, capsys):
     """`pretrain-planner`'s validation table (manifest metrics, rounded to 6 decimals): the
     exported planner on every validation sentence, and the content-free baselines there."""

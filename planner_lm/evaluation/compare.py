@@ -94,21 +94,27 @@ def verdict_rows(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     The questions: oracle, soft vs fixed and soft vs boundary (paired relative PPL change of the
     run scored with its own codes; a verdict needs its CI to exclude 0), and the pretrained
     planner's top-1 lead over copying the previous sentence's action (better only by at least
-    `COPY_LEAD_BAR`).
+    `COPY_LEAD_BAR`). A directory without an evaluation (e.g. only its planner retrained, where
+    joint runs are too slow) answers the planner question from its planner stage and leaves the
+    others out.
     """
-    evaluations = [_read_json(RunFolder(d).dir("evaluate") / "metrics.json") for d in run_dirs]
+    folders = [RunFolder(d) for d in run_dirs]
+    evaluations = [_read_json(f.dir("evaluate") / "metrics.json") if (f.dir("evaluate") / "metrics.json").is_file()
+                   else None for f in folders]
+    if not any(evaluations):
+        _read_json(folders[0].dir("evaluate") / "metrics.json")  # says which evaluation to run
     rows = []
     for question, run, control in VERDICT_CHANGES:
         cells = []
         for metrics in evaluations:
-            row = next((r for r in metrics["rows"] if r["run"] == run and r.get("matched")), None)
+            row = next((r for r in metrics["rows"] if r["run"] == run and r.get("matched")), None) if metrics else None
             cells.append(_interval(row.get(f"vs_{control}")) if row else None)
         rows.append(_verdict_row(f"{question} vs {control}" if question == run else question, cells,
                                  [_change_verdict(c) for c in cells], "{:+.2%}"))
     leads = []
-    for metrics in evaluations:
-        top1 = metrics.get("planner", {}).get("pretrained", {}).get("top1")
-        previous = metrics.get("planner_baselines", {}).get("previous_top1")
+    for folder, metrics in zip(folders, evaluations):
+        top1, previous = (metrics.get("planner", {}).get("pretrained", {}).get("top1"),
+                          metrics.get("planner_baselines", {}).get("previous_top1")) if metrics else planner_lead(folder)
         leads.append(None if top1 is None or previous is None else Interval(top1 - previous, top1 - previous,
                                                                              top1 - previous))
     verdicts = ["missing" if c is None else ("better" if c.value >= COPY_LEAD_BAR else
@@ -117,15 +123,44 @@ def verdict_rows(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def planner_lead(folder: RunFolder) -> tuple[float | None, float | None]:
+    """(top-1 of the pretrained planner, top-1 of copying the previous action) on the test split,
+    computed as the evaluate stage does, for a folder with a planner but no evaluation."""
+    from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
+    from planner_lm.evaluation.scoring import load_test_set
+    from planner_lm.evaluation.texts import test_split_text
+    from planner_lm.models.planner import Planner
+    from planner_lm.run_folder import PLANNER_DIR
+    from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
+
+    pretrained = folder.pretrained_planner()
+    if pretrained is None:
+        return None, None
+    text = test_split_text(folder)
+    tokenizer = load_tokenizer(str(folder.dir("pretrain_lm")))
+    test = load_test_set(text, tokenizer, tokenizer_fingerprint(tokenizer), None)
+    planner = Planner.from_pretrained(pretrained.dir / PLANNER_DIR)
+    top1 = planner_scores(planner_logits(planner, text.embeddings, test.sentence_ids, test.sentence_doc_first),
+                          test.actions)["top1"]
+    return top1, text.content_free_baselines(folder, test.sentence_ids.numpy())["previous_top1"]
+
+
 def _verdict_row(question: str, cells: list[Interval | None], verdicts: list[str], fmt: str) -> dict[str, Any]:
     values = [c.value for c in cells if c is not None]
     shown = [("–" if c is None else fmt.format(c.value) + ("" if c.low == c.high else
                                                           f" [{fmt.format(c.low)}, {fmt.format(c.high)}]"))
              for c in cells]
+    measured = [v for v in verdicts if v != "missing"]
+    if not measured:
+        verdict = "missing"
+    else:
+        verdict = measured[0] if len(set(measured)) == 1 else "flips: " + ", ".join(measured)
+        if len(measured) < len(verdicts):
+            verdict += f" ({len(measured)} of {len(verdicts)} measured)"
     return {"question": question, "cells": shown, "verdicts": verdicts,
             "mean": fmt.format(sum(values) / len(values)) if values else "–",
             "spread": fmt.format(max(values) - min(values)).lstrip("+") if values else "–",
-            "verdict": verdicts[0] if len(set(verdicts)) == 1 else "flips: " + ", ".join(verdicts)}
+            "verdict": verdict}
 
 
 def verdict_table(run_dirs: Sequence[Path], labels: Sequence[str] | None = None) -> str:
