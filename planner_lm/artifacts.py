@@ -43,6 +43,11 @@ def make_target(stage: str) -> str:
     return MAKE_TARGETS.get(stage, stage)
 
 
+def rerun(target: str) -> str:
+    """How to (re)build a stage, for a checkout (make) and for a pip install (the same command name)."""
+    return f"`make {target}` (pip install: `planner-lm {target} --run_dir ...`)"
+
+
 # ----------------------------------------------------------------------------- atomic writes
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -240,7 +245,7 @@ class Manifest:
         if key not in self.facts:
             raise UserError(
                 f"{self.path} has no fact '{key}'; it was written by an older or different stage: "
-                f"re-run `make {make_target(self.stage)}`"
+                f"re-run {rerun(make_target(self.stage))}"
             )
         return self.facts[key]
 
@@ -251,7 +256,7 @@ class Manifest:
             context = f" ({what})" if what else ""
             raise UserError(
                 f"mismatched artefacts{context}: {self.dir} has {key}={actual!r} but {expected!r} was "
-                f"expected; re-run `make {make_target(self.stage)}` or point to matching directories"
+                f"expected; re-run {rerun(make_target(self.stage))} or point to matching directories"
             )
 
     def check_built_from(self, name: str, upstream: Manifest) -> None:
@@ -260,7 +265,7 @@ class Manifest:
         if recorded is not None and recorded != upstream.hash:
             raise UserError(
                 f"{self.dir} was built from an older {upstream.dir} (it has changed since); "
-                f"re-run `make {make_target(self.stage)}`"
+                f"re-run {rerun(make_target(self.stage))}"
             )
 
 
@@ -272,10 +277,10 @@ def _check_recorded_shape(path: Path, info: dict[str, Any], target: str) -> None
         array = np.load(path, mmap_mode="r")
         found = (list(array.shape), str(array.dtype))
     except (OSError, ValueError) as err:
-        raise UserError(f"{path} is unreadable ({err}); re-run `make {target}`") from err
+        raise UserError(f"{path} is unreadable ({err}); re-run {rerun(target)}") from err
     if found != (info["shape"], info.get("dtype", found[1])):
         raise UserError(f"{path} is {found[1]} {found[0]} but its manifest recorded {info.get('dtype')} "
-                        f"{info['shape']}: it changed after the stage finished; re-run `make {target}`")
+                        f"{info['shape']}: it changed after the stage finished; re-run {rerun(target)}")
 
 
 def read_manifest(stage_dir: str | os.PathLike, stage: str | None = None) -> Manifest:
@@ -284,25 +289,25 @@ def read_manifest(stage_dir: str | os.PathLike, stage: str | None = None) -> Man
     target = make_target(stage) if stage else "the upstream stage"
     path = stage_dir / MANIFEST
     if not stage_dir.is_dir():
-        raise UserError(f"{stage_dir} does not exist; run `make {target}` first")
+        raise UserError(f"{stage_dir} does not exist; run {rerun(target)} first")
     if not path.is_file():
         raise UserError(
             f"{stage_dir} has no {MANIFEST}: the stage did not finish (interrupted or failed); "
-            f"run `make {target}` to complete it"
+            f"run {rerun(target)} to complete it"
         )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt ({err}); run `make {target}` again") from err
+        raise UserError(f"{path} is corrupt ({err}); run {rerun(target)} again") from err
     if stage is not None and data.get("stage") != stage:
         raise UserError(f"{stage_dir} holds stage '{data.get('stage')}', not '{stage}'; check the path")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise UserError(
             f"{path} has schema version {data.get('schema_version')}, this planner-lm writes "
-            f"{SCHEMA_VERSION}; re-run `make {target}`"
+            f"{SCHEMA_VERSION}; re-run {rerun(target)}"
         )
     for rel, info in data.get("outputs", {}).items():
         if not (stage_dir / rel).exists():
-            raise UserError(f"{stage_dir} is incomplete: {rel} is missing; re-run `make {target}`")
+            raise UserError(f"{stage_dir} is incomplete: {rel} is missing; re-run {rerun(target)}")
         _check_recorded_shape(stage_dir / rel, info, target)
     return Manifest(path=path, data=data)
