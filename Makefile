@@ -181,7 +181,6 @@ precisions: $(EVAL) $(RUN)/precision-other/.linked $(if $(PRECISION_REDUCED),$(R
 	$(PY) -m planner_lm.evaluation.compare --verdicts $(if $(PRECISION_REDUCED),$(RUN)/precision-host,$(RUN)) \
 		$(RUN)/precision-other --output $(RUN)/precisions.md --labels \
 		"this host ($$($(PY) -c 'from planner_lm.hardware import fast_precision; print(fast_precision())'))" "$(PRECISION_OTHER)"
-	@cat $(RUN)/precisions.md
 
 # a variant directory: symlinks to the parent's finished upstream stages (and token cache), so only
 # its own joint runs train

@@ -93,6 +93,6 @@ def test_verdicts_leave_out_a_folder_that_only_retrained_its_planner(tmp_path, m
     monkeypatch.setattr(compare, "planner_lead", lambda folder: (0.344, 0.324))
     rows = {row["question"]: row for row in compare.verdict_rows([tmp_path / "a", tmp_path / "b"])}
     assert rows["soft vs fixed"]["cells"] == ["-0.60% [-0.80%, -0.40%]", "–"]
-    assert rows["soft vs fixed"]["verdict"] == "helps (1 of 2 measured)"
+    assert rows["soft vs fixed"]["verdict"] == "helps (1 of 2 measured)" and rows["soft vs fixed"]["spread"] == "–"
     lead = rows["planner top-1 lead over copying"]
     assert lead["cells"] == ["+3.8%", "+2.0%"] and lead["verdict"] == "flips: better, under 3% points"

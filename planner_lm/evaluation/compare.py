@@ -159,7 +159,7 @@ def _verdict_row(question: str, cells: list[Interval | None], verdicts: list[str
             verdict += f" ({len(measured)} of {len(verdicts)} measured)"
     return {"question": question, "cells": shown, "verdicts": verdicts,
             "mean": fmt.format(sum(values) / len(values)) if values else "–",
-            "spread": fmt.format(max(values) - min(values)).lstrip("+") if values else "–",
+            "spread": fmt.format(max(values) - min(values)).lstrip("+") if len(values) > 1 else "–",
             "verdict": verdict}
 
 
