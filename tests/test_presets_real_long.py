@@ -67,13 +67,15 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
 
 
 def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path, capsys):
-    """The one-hour setting the README gives for AVX2 hosts: no pred, no warm start, no extras."""
+    """The one-hour setting docs/results.md gives for AVX2 hosts: no pred, no warm start, no extras,
+    the soft run without the planner loss."""
     commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="150", REAL_RUNS="fixed",
-                              REAL_WARM="", REAL_EXTRAS="", REAL_VAL_EVERY="75")
+                              REAL_WARM="", REAL_EXTRAS="", REAL_VAL_EVERY="75",
+                              ARGS_finetune_joint_soft="--model.planner_loss_weight 0")
     joint = {resolved(s, a, capsys)["model"]["selection"]: resolved(s, a, capsys) for s, a in commands
              if s == "finetune_joint"}
     assert set(joint) == {"soft", "fixed"}
-    assert joint["soft"]["data"]["init_from"] is None and joint["soft"]["model"]["planner_loss_weight"] == 1.0
+    assert joint["soft"]["data"]["init_from"] is None and joint["soft"]["model"]["planner_loss_weight"] == 0.0
     assert all(c["trainer"]["max_steps"] == 150 and c["trainer"]["val_check_interval"] == 75 for c in joint.values())
     assert not [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
 
