@@ -99,10 +99,10 @@ def verdict_rows(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     others out.
     """
     folders = [RunFolder(d) for d in run_dirs]
-    evaluations = [_read_json(f.dir("evaluate") / "metrics.json") if (f.dir("evaluate") / "metrics.json").is_file()
-                   else None for f in folders]
+    paths = [f.dir("evaluate") / "metrics.json" for f in folders]
+    evaluations = [_read_json(p) if p.is_file() else None for p in paths]
     if not any(evaluations):
-        _read_json(folders[0].dir("evaluate") / "metrics.json")  # says which evaluation to run
+        _read_json(paths[0])  # raises: says which evaluation to run
     rows = []
     for question, run, control in VERDICT_CHANGES:
         cells = []
@@ -127,22 +127,19 @@ def planner_lead(folder: RunFolder) -> tuple[float | None, float | None]:
     """(top-1 of the pretrained planner, top-1 of copying the previous action) on the test split,
     computed as the evaluate stage does, for a folder with a planner but no evaluation."""
     from planner_lm.evaluation.planner_metrics import planner_logits, planner_scores
-    from planner_lm.evaluation.scoring import load_test_set
+    from planner_lm.evaluation.scoring import scored_sentences
     from planner_lm.evaluation.texts import test_split_text
     from planner_lm.models.planner import Planner
     from planner_lm.run_folder import PLANNER_DIR
-    from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
     pretrained = folder.pretrained_planner()
     if pretrained is None:
         return None, None
     text = test_split_text(folder)
-    tokenizer = load_tokenizer(str(folder.dir("pretrain_lm")))
-    test = load_test_set(text, tokenizer, tokenizer_fingerprint(tokenizer), None)
+    ids, doc_first, actions = scored_sentences(text)  # no tokenizer: the planner reads sentence vectors only
     planner = Planner.from_pretrained(pretrained.dir / PLANNER_DIR)
-    top1 = planner_scores(planner_logits(planner, text.embeddings, test.sentence_ids, test.sentence_doc_first),
-                          test.actions)["top1"]
-    return top1, text.content_free_baselines(folder, test.sentence_ids.numpy())["previous_top1"]
+    top1 = planner_scores(planner_logits(planner, text.embeddings, ids, doc_first), actions)["top1"]
+    return top1, text.content_free_baselines(folder, ids.numpy())["previous_top1"]
 
 
 def _verdict_row(question: str, cells: list[Interval | None], verdicts: list[str], fmt: str) -> dict[str, Any]:

@@ -60,10 +60,22 @@ def load_test_set(text: ScoredText, tokenizer: Any, fingerprint: str, max_docs: 
         texts.append(row["text"])
         spans.append(list(zip(row["sent_start"], row["sent_end"])))
         firsts.append(int(row["first_sentence"]))
-    ids = np.arange(firsts[0], firsts[-1] + len(spans[-1]), dtype=np.int64)
-    true = np.array(text.actions[ids[0]:ids[-1] + 1], dtype=np.int64)
-    return TestSet(documents, texts, spans, firsts, firsts[0], torch.from_numpy(ids),
-                   torch.from_numpy(np.asarray(text.doc_first[ids], dtype=np.int64)), torch.from_numpy(true))
+    ids, doc_first, true = scored_sentences(text, firsts[0], firsts[-1] + len(spans[-1]))
+    return TestSet(documents, texts, spans, firsts, firsts[0], ids, doc_first, true)
+
+
+def scored_sentences(text: ScoredText, first: int | None = None, end: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sentence ids ``first .. end - 1`` (default: every sentence of ``text``'s documents), the first
+    sentence of each one's document, and each one's action: what planner accuracy is scored on."""
+    if first is None or end is None:
+        rows = text.documents
+        first = int(rows[0]["first_sentence"])
+        end = int(rows[len(rows) - 1]["first_sentence"]) + len(rows[len(rows) - 1]["sent_start"])
+    ids = np.arange(first, end, dtype=np.int64)
+    true = np.array(text.actions[first:end], dtype=np.int64)
+    return (torch.from_numpy(ids), torch.from_numpy(np.asarray(text.doc_first[ids], dtype=np.int64)),
+            torch.from_numpy(true))
 
 
 def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor, num_actions: int,
