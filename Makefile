@@ -146,11 +146,18 @@ demo: $(EVAL) $(if $(EXTRA_SEEDS),seeds) ## the whole chain offline on the demo 
 	@cat $(RUN)/5_eval/results.md
 	$(if $(EXTRA_SEEDS),@echo; echo "## verdicts over $(SEEDS) seeds"; cat $(RUN)/seeds.md)
 
+# link_stages(dir, names): dir/<name> -> ../<name> for each stage folder a seed, precision or variant directory
+# shares with its parent. Only links are replaced: a real file or folder at a link path is the user's, so the
+# rule stops instead of overwriting it.
+link_stages = mkdir -p $(1) $(RUN)/tokens && for d in $(2); do \
+	if [ -e $(1)/$$d ] && [ ! -L $(1)/$$d ]; then \
+		echo "error: $(1)/$$d exists and is not a link made by planner-lm; move it away, then run make again" >&2; exit 2; fi; \
+	ln -sfn ../$$d $(1)/$$d; done
+
 # seeds beyond the first (seed_everything 42): RUN/seed-43, ... share RUN's prepare, embed, cluster and
 # base LM (links); the planner and every compared joint run are trained again with that seed
 $(RUN)/seed-%/.linked: $(CLUSTER) $(if $(BASE_LM),,$(LM))
-	mkdir -p $(RUN)/seed-$* $(RUN)/tokens
-	for d in 0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens; do ln -sfn ../$$d $(RUN)/seed-$*/$$d; done
+	$(call link_stages,$(RUN)/seed-$*,0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens)
 	@touch $@
 seeds: $(EVAL) $(foreach s,$(EXTRA_SEEDS),$(RUN)/seed-$(s)/.linked) ## SEEDS=N: the planner and joint runs again with N-1 more seeds; verdicts in RUN/seeds.md
 	$(foreach s,$(EXTRA_SEEDS),$(MAKE) --no-print-directory evaluate RUN=$(RUN)/seed-$(s) PRESET=$(PRESET) ARGS= \
@@ -168,9 +175,7 @@ PRECISION_OTHER ?= bf16-mixed
 PRECISION_STEPS ?= 0
 PRECISION_REDUCED = $(filter-out 0,$(PRECISION_STEPS))
 $(RUN)/precision-%/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
-	mkdir -p $(RUN)/precision-$* $(RUN)/tokens
-	for d in 0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens $(if $(filter host,$*),3_planner); do \
-		ln -sfn ../$$d $(RUN)/precision-$*/$$d; done
+	$(call link_stages,$(RUN)/precision-$*,0_prepare 1_embed 2_cluster $(if $(BASE_LM),,lm) tokens $(if $(filter host,$*),3_planner))
 	@touch $@
 precisions: $(EVAL) $(RUN)/precision-other/.linked $(if $(PRECISION_REDUCED),$(RUN)/precision-host/.linked) ## the demo's verdicts in this host's precision and in PRECISION_OTHER (the planner; PRECISION_STEPS=N: also N-step joint runs); RUN/precisions.md
 	$(if $(PRECISION_REDUCED),$(MAKE) --no-print-directory evaluate RUN=$(RUN)/precision-host PRESET=$(PRESET) ARGS= \
@@ -186,9 +191,7 @@ precisions: $(EVAL) $(RUN)/precision-other/.linked $(if $(PRECISION_REDUCED),$(R
 # its own joint runs train
 $(RUN)/$(VARIANT)/.linked: $(PLANNER) $(if $(BASE_LM),,$(LM))
 	@test -n "$(VARIANT)" || { echo "error: name the variant: make variant VARIANT=<name> VARIANT_ARGS=..."; exit 2; }
-	mkdir -p $(RUN)/$(VARIANT) $(RUN)/tokens
-	for d in 0_prepare 1_embed 2_cluster 3_planner $(if $(BASE_LM),,lm) tokens $(addprefix 4_joint-,$(VARIANT_LINKS)); do \
-		ln -sfn ../$$d $(RUN)/$(VARIANT)/$$d; done
+	$(call link_stages,$(RUN)/$(VARIANT),0_prepare 1_embed 2_cluster 3_planner $(if $(BASE_LM),,lm) tokens $(addprefix 4_joint-,$(VARIANT_LINKS)))
 	@touch $@
 variant: $(RUN)/$(VARIANT)/.linked $(foreach s,$(VARIANT_LINKS),$(RUN)/4_joint-$(s)/manifest.json) ## RUN/VARIANT: other finetune-joint settings on RUN's upstream stages (VARIANT_ARGS, VARIANT_RUNS, VARIANT_LINKS)
 	$(MAKE) --no-print-directory evaluate RUN=$(RUN)/$(VARIANT) PRESET=$(PRESET) COMPARED="$(VARIANT_RUNS)" \

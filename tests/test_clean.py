@@ -70,3 +70,31 @@ def test_the_checkout_and_folders_without_stages_are_not_run_folders(tmp_path):
         clean_run(empty)
     assert empty.is_dir()
     assert clean_run(tmp_path / "missing") is False
+
+
+LINKED_DIRS = {"variant": ("mine", "VARIANT=mine"), "seed": ("seed-43", "SEEDS=1"), "precision": ("precision-other", "SEEDS=1")}
+
+
+@pytest.mark.parametrize("kind", sorted(LINKED_DIRS))
+def test_the_link_rules_never_replace_a_users_folder_at_a_link_path(run, kind):
+    """Seeds, precisions and variants link their parent's stages: an existing link is refreshed, but a real
+    folder of the user's at a link path stops the rule with a clear message and is left as it was."""
+    folder, variable = LINKED_DIRS[kind]
+    upstream = [f"-o{run}/{stage}/manifest.json" for stage in ("2_cluster", "3_planner", "lm")]  # never rebuilt
+    users = run / folder / "1_embed"
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    (run / folder / "0_prepare").symlink_to("elsewhere")  # a link: planner-lm's to refresh
+    result = subprocess.run(["make", "--no-print-directory", *upstream, f"{run}/{folder}/.linked", f"RUN={run}",
+                             variable, "STAMP=", f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"{run}/{folder}/1_embed exists and is not a link" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (users / "notes.txt").read_text() == "mine" and not users.is_symlink()
+    assert (run / folder / "0_prepare").resolve() == (run / "0_prepare").resolve()  # links before it refreshed
+    assert not (run / folder / ".linked").exists()
+
+    users.rename(run / "moved-away")
+    subprocess.run(["make", "--no-print-directory", "-s", *upstream, f"{run}/{folder}/.linked", f"RUN={run}",
+                    variable, "STAMP=", f"PY={sys.executable}"], cwd=ROOT, check=True, capture_output=True)
+    assert (run / folder / "1_embed").resolve() == (run / "1_embed").resolve()
