@@ -246,9 +246,10 @@ real: $(SMOLLM_STAMP) ## SmolLM2-135M, frozen: pred, soft (warm, planner loss), 
 	$(if $(filter planner-loss,$(REAL_EXTRAS)),@echo; echo "## soft with and without the planner loss"; \
 		$(PY) -m planner_lm.evaluation.compare $(REAL_RUN) $(REAL_RUN)/soft-lm-loss)
 
-long: ## long documents: planner and LM trained on sotu speeches, scored on held-out ones (PPL by document length)
-	$(MAKE) --no-print-directory evaluate RUN=runs/long PRESET=long
-	@cat runs/long/5_eval/results.md
+LONG_RUN ?= runs/long
+long: ## long documents: planner and LM trained on sotu speeches, scored on held-out ones (PPL by document length; LONG_RUN)
+	$(MAKE) --no-print-directory evaluate RUN=$(LONG_RUN) PRESET=long
+	@cat $(LONG_RUN)/5_eval/results.md
 
 test: $(STAMP) ## run the test suite (fast tests; offline)
 	$(PY) -m pytest -q

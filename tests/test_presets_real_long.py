@@ -95,7 +95,7 @@ def test_make_precisions_trains_only_the_other_side_in_the_other_precision(tmp_p
     assert not lines[host].startswith("PLANNER_LM_PRECISION=")
     assert lines[other].startswith("PLANNER_LM_PRECISION=bf16-mixed ")
     assert all("--trainer.max_steps 9" in lines[i] + lines[i + 1] for i in (host, other))
-    links = [l for l in lines if l.strip().startswith("for d in")]
+    links = [l for l in lines if "for d in" in l]
     assert any("3_planner" in l for l in links) and any("3_planner" not in l for l in links)
     # default: only the other side's planner, compared with the run's own full evaluation
     lines = dry()
@@ -109,7 +109,7 @@ def test_make_precisions_trains_only_the_other_side_in_the_other_precision(tmp_p
 
 def test_make_long_has_every_lm_stage_on_sotu(tmp_path, capsys):
     stages = {}
-    for stage, args in stage_commands("long", tmp_path):
+    for stage, args in stage_commands("long", tmp_path, LONG_RUN=str(tmp_path / "long")):  # not the checkout's runs/long
         stages.setdefault(stage, resolved(stage, args, capsys))
     assert {"prepare", "pretrain_lm", "finetune_joint", "evaluate"} <= set(stages)
     assert stages["prepare"]["corpus"]["name"] == "sotu"
