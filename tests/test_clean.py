@@ -85,8 +85,9 @@ def test_the_link_rules_never_replace_a_users_folder_at_a_link_path(run, kind):
     users.mkdir(parents=True)
     (users / "notes.txt").write_text("mine")
     (run / folder / "0_prepare").symlink_to("elsewhere")  # a link: planner-lm's to refresh
-    result = subprocess.run(["make", "--no-print-directory", *upstream, f"{run}/{folder}/.linked", f"RUN={run}",
-                             variable, "STAMP=", f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    link = ["make", "--no-print-directory", *upstream, f"{run}/{folder}/.linked", f"RUN={run}", variable, "STAMP=",
+            f"PY={sys.executable}"]
+    result = subprocess.run(link, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"{run}/{folder}/1_embed exists and is not a link" in result.stderr
     assert "Traceback" not in result.stderr
@@ -95,6 +96,5 @@ def test_the_link_rules_never_replace_a_users_folder_at_a_link_path(run, kind):
     assert not (run / folder / ".linked").exists()
 
     users.rename(run / "moved-away")
-    subprocess.run(["make", "--no-print-directory", "-s", *upstream, f"{run}/{folder}/.linked", f"RUN={run}",
-                    variable, "STAMP=", f"PY={sys.executable}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(link, cwd=ROOT, check=True, capture_output=True)
     assert (run / folder / "1_embed").resolve() == (run / "1_embed").resolve()
