@@ -29,6 +29,7 @@ Every input is synthetic; `--device cuda` without a GPU is one line (exit 2). Th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from _common import add_json_option, bench_report
 
 from planner_lm.errors import UserError
-from planner_lm.hardware import cpu_flags
+from planner_lm.hardware import cpu_flags, fast_precision
 from planner_lm.models.base_lm import gpt2_config
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.planner import Planner
@@ -73,10 +74,19 @@ def synthetic_batch(args: argparse.Namespace, device: torch.device, vocab: int):
     return input_ids, token_sentence, contexts, mask
 
 
+def autocast(device: torch.device, precision: str):
+    """The Trainer's `bf16-mixed` as a context (weights and optimizer state stay as they are), or nothing for `32-true`."""
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+
+
 def joint_update(lm: ActionConditionedLM, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
-                 weights: torch.Tensor) -> None:
-    """One conditioned LM step: loss, backward, Adam, and a device sync so the clock sees it all."""
-    lm(input_ids, action_weights=weights, labels=input_ids).loss.backward()
+                 weights: torch.Tensor, precision: str = "32-true") -> None:
+    """One conditioned LM step: loss (under `precision`), backward, Adam, and a device sync so the clock sees it all."""
+    with autocast(input_ids.device, precision):
+        loss = lm(input_ids, action_weights=weights, labels=input_ids).loss
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if input_ids.device.type == "cuda":
@@ -115,17 +125,21 @@ def frozen_vs_plain(args: argparse.Namespace, device: torch.device, report) -> N
     def step(variant: str) -> float:
         start = time.perf_counter()
         if variant == "plain_forward_backward":
-            plain(input_ids, labels=input_ids).loss.backward()
+            with autocast(device, args.precision):
+                loss = plain(input_ids, labels=input_ids).loss
+            loss.backward()
             plain.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         else:
-            joint_update(lm, optimizer, input_ids, select_weights(planner(contexts, mask), "soft")[token_sentence])
+            with autocast(device, args.precision):
+                weights = select_weights(planner(contexts, mask), "soft")[token_sentence]
+            joint_update(lm, optimizer, input_ids, weights, args.precision)
         return time.perf_counter() - start
 
     trainable = sum(p.numel() for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad)
     report.update({
-        "shape": args.shape, "batch": [b, t], "base_dtype": "bfloat16" if dtype is not None else "float32",
+        "shape": args.shape, "batch": [b, t], "precision": args.precision, "base_dtype": "bfloat16" if dtype is not None else "float32",
         "base_parameters": sum(p.numel() for p in plain.parameters()), "joint_trainable_parameters": trainable,
         "conditioned_layers": len(lm.conditioned_layers), "steps": args.steps,
     })
@@ -188,6 +202,9 @@ def main() -> None:
                              "against a plain forward+backward of the same base")
     parser.add_argument("--shape", choices=("smollm2", "demo"), default="smollm2", help="base shape (frozen_vs_plain)")
     parser.add_argument("--bf16-base", action="store_true", help="frozen base in bf16 (frozen_vs_plain; native-bf16 hosts)")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default=None,
+                        help="autocast of both variants (frozen_vs_plain); default: what the stages pick on this host "
+                             "(bf16-mixed where bf16 is native, else 32-true)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     parser.add_argument("--window", type=int, default=128, help="tokens per window")
@@ -201,6 +218,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     add_json_option(parser, "joint")
     args = parser.parse_args()
+    args.precision = args.precision or fast_precision()
     torch.set_num_threads(args.threads)
     name = "joint_step" if args.mode == "planner" else "frozen_joint_vs_plain"
     with bench_report(name, args.json, mode=args.mode, host=platform.node(), cpu_flags=cpu_flags(),

@@ -107,3 +107,20 @@ def test_eval_bench_keeps_its_scoring_figures(tmp_path, monkeypatch, capsys):
     # fp32 (--precision 32): our scorer without actions gives the plain forward's numbers
     assert report["scoring"]["none_vs_plain_max_abs_token_nll_diff"] < 1e-4
     assert "encoding" not in report
+
+
+def test_frozen_vs_plain_bench_times_both_steps_in_the_hosts_precision(tmp_path, monkeypatch, capsys):
+    from planner_lm.hardware import fast_precision
+
+    path = tmp_path / "frozen.json"
+    run_bench("bench_joint", ["--mode", "frozen_vs_plain", "--shape", "demo", "--steps", "1", "--batch-size", "1",
+                              "--window", "16", "--num-actions", "4", "--embedding-dim", "8", "--context-sentences", "2",
+                              "--tokens-per-sentence", "5", "--threads", "1", "--json", str(path)], monkeypatch)
+    report = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == report and report["complete"] is True
+    assert report["precision"] == fast_precision()  # what the stages would train in here
+    assert {v: len(s) for v, s in report["step_s_rounds"].items()} == {
+        "plain_forward_backward": 1, "frozen_joint_step": 1}
+    rounds = report["step_s_rounds"]  # one round: each variant's median is its only time
+    assert report["frozen_joint_over_plain"] == pytest.approx(
+        rounds["frozen_joint_step"][0] / rounds["plain_forward_backward"][0], rel=5e-3)
