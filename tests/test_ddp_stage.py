@@ -33,9 +33,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 K, DIM = 8, 16
 # 96 training sentences in global batches of 8: 12 steps per epoch, none of them short (a short last
-# batch is padded by DDP's sampler). Checkpoints at each epoch end; rank 1 SIGKILLs itself in the
-# second epoch. (Resuming mid-epoch under DDP replays the epoch: `planner_lm.data.resumable`.)
-KILL_AT = 16
+# batch is padded by DDP's sampler). The kill test checkpoints every 4 steps and rank 1 SIGKILLs
+# itself at step 18, so the run resumes from step 16, a third of the way into the second epoch.
+KILL_AT, CHECKPOINT_EVERY = 18, 4
 ARGS = ["--config", "configs/pretrain_planner.yaml", "--model.ffn_dim", "16", "--model.dropout", "0.0",
         "--model.lr", "1e-2", "--model.export_best", "false", "--data.batch_size", "8", "--data.num_workers", "0",
         "--data.context_sentences", "4", "--data.max_train_sentences", "96", "--trainer.max_epochs", "2",
@@ -136,13 +136,14 @@ def test_fresh_run_then_overwrite_with_another_config(upstream, one_process, env
 def test_one_rank_killed_mid_run_then_the_same_command_resumes(upstream, one_process, env, tmp_path):
     run = fresh_run(upstream, tmp_path)
     steps = tmp_path / "steps.txt"
-    killed = torchrun(run, env, PLANNER_LM_TEST_KILL_AT=str(KILL_AT))
+    every = ("--checkpoint_every_n_steps", str(CHECKPOINT_EVERY))
+    killed = torchrun(run, env, *every, PLANNER_LM_TEST_KILL_AT=str(KILL_AT))
     assert killed.returncode != 0
     assert not (run / "3_planner" / "manifest.json").exists()
     saved = torch.load(run / "3_planner" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 12  # the end of the first epoch
+    assert saved["global_step"] == 16  # mid second epoch: the resumed processes must skip its first 4 batches
 
-    again = torchrun(run, env, PLANNER_LM_TEST_STEPS=str(steps))
+    again = torchrun(run, env, *every, PLANNER_LM_TEST_STEPS=str(steps))
     assert again.returncode == 0, again.stderr[-3000:]
     trained = [int(line) for line in steps.read_text().split()]
     assert trained[0] == saved["global_step"]  # continued from the checkpoint, not from scratch

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
-from planner_lm.data.resumable import resumable_train_loader, world_size_of
+from planner_lm.data.resumable import process_of, resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.run_folder import RunFolder
 
@@ -168,7 +168,7 @@ class LMPretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return resumable_train_loader(self._datasets["train"], self.batch_size, None, collate_fn=collate_lm,
-                                      num_workers=self.num_workers, world_size=world_size_of(self))
+                                      num_workers=self.num_workers, process=process_of(self))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._datasets["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate_lm,

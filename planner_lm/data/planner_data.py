@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from planner_lm.data.contexts import gather_contexts
-from planner_lm.data.resumable import resumable_train_loader, world_size_of
+from planner_lm.data.resumable import process_of, resumable_train_loader
 from planner_lm.errors import UserError
 from planner_lm.evaluation.planner_metrics import action_baselines, previous_actions
 from planner_lm.run_folder import RunFolder
@@ -186,7 +186,7 @@ class PlannerDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = SentenceTargets(self._ids["train"])
         return resumable_train_loader(data, self.batch_size, self.seed, collate_fn=self.collate,
-                                      num_workers=self.num_workers, world_size=world_size_of(self))
+                                      num_workers=self.num_workers, process=process_of(self))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(SentenceTargets(self._ids["val"]), batch_size=self.eval_batch_size, shuffle=False,

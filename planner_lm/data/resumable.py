@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from planner_lm.errors import UserError
 
@@ -18,9 +18,8 @@ from planner_lm.errors import UserError
 class EpochSeededSampler(RandomSampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
 
-    `start` skips the first examples of the next pass (set when resuming mid-epoch). It is a
-    `RandomSampler`, so under DDP Lightning swaps in a `DistributedSampler` (which then restarts
-    an interrupted epoch from its beginning).
+    `start` skips the first examples of the next pass (set when resuming mid-epoch). One process
+    only: under DDP each process takes `DistributedEpochSeededSampler`.
     """
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
@@ -39,6 +38,25 @@ class EpochSeededSampler(RandomSampler):
         yield from order[start:]
 
 
+class DistributedEpochSeededSampler(DistributedSampler):
+    """One process's share of the (seed, epoch) shuffle under DDP, able to skip ahead mid-epoch.
+
+    The permutation is `EpochSeededSampler`'s for the same seed and epoch, dealt to the processes in
+    turn (DistributedSampler's rule), so N processes loading batch/N each together see the batches one
+    process would. Being a `DistributedSampler`, Lightning keeps it rather than swapping in its own,
+    which would restart an interrupted epoch from its beginning; `start` skips this process's first
+    examples of the next pass.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int, rank: int, world_size: int) -> None:
+        super().__init__(data_source, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        yield from list(super().__iter__())[start:]
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning can checkpoint mid-epoch (`state_dict` / `load_state_dict`).
 
@@ -53,7 +71,7 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         done, self._resume_from = self._resume_from, 0
-        if done and isinstance(self.sampler, EpochSeededSampler):
+        if done and isinstance(self.sampler, (EpochSeededSampler, DistributedEpochSeededSampler)):
             self.sampler.start = done * self.batch_size
         self._batches_done = done
         for batch in super().__iter__():
@@ -67,10 +85,11 @@ class ResumableLoader(DataLoader):
         self._resume_from = int(state.get("batches_done", 0))
 
 
-def world_size_of(datamodule: Any) -> int:
-    """Processes that share one optimizer step: the attached trainer's world size, else 1."""
+def process_of(datamodule: Any) -> tuple[int, int]:
+    """(global rank, world size) of the attached trainer, i.e. which share of each optimizer step's
+    batch this process loads; (0, 1) when no trainer is attached."""
     trainer = getattr(datamodule, "trainer", None)
-    return int(trainer.world_size) if trainer is not None else 1
+    return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
 
 def per_device_batch(global_batch: int, world_size: int) -> int:
@@ -87,16 +106,18 @@ def per_device_batch(global_batch: int, world_size: int) -> int:
 
 
 def resumable_train_loader(data: Dataset, batch_size: int, seed: int | None, *, collate_fn: Callable | None = None,
-                           num_workers: int = 0, world_size: int = 1) -> ResumableLoader:
+                           num_workers: int = 0, process: tuple[int, int] = (0, 1)) -> ResumableLoader:
     """Shuffled training loader that resumes mid-epoch; `seed` None: torch's seed (the run's
     `seed_everything`, which LightningCLI applies before building the data module).
 
-    `batch_size` is the global batch: each of `world_size` processes loads its share. Under DDP
-    Lightning swaps the sampler for a `DistributedSampler` seeded with the run's seed, whose
-    permutation is the one `EpochSeededSampler` draws for that seed, so the processes together see
-    the batches a single process would."""
+    `batch_size` is the global batch: each of the world's processes (`process`: rank, world size)
+    loads its share, and together they see the batches a single process would, also after a
+    resume mid-epoch."""
     if seed is None:
         seed = torch.initial_seed() % 2**31
+    rank, world_size = process
+    sampler = (EpochSeededSampler(data, seed) if world_size == 1
+               else DistributedEpochSeededSampler(data, seed, rank, world_size))
     return ResumableLoader(data, batch_size=per_device_batch(batch_size, world_size),
-                           sampler=EpochSeededSampler(data, seed), collate_fn=collate_fn, num_workers=num_workers,
+                           sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                            persistent_workers=num_workers > 0, drop_last=False)
