@@ -438,3 +438,16 @@ def test_an_edited_corpus_with_as_many_documents_is_tokenized_again(run_dir, tmp
         seen.append(test.documents[0].input_ids.tolist())
         assert tokenizer.decode(seen[-1]).strip().endswith(words.split()[-1])
     assert seen[0] != seen[1]
+
+
+def test_auto_precision_scores_in_bf16_exactly_where_training_would_autocast(run_dir, tmp_path, monkeypatch):
+    from planner_lm import hardware
+
+    for host, expected in (("32-true", "32"), ("bf16-mixed", "bf16")):
+        monkeypatch.setenv(hardware.PRECISION_ENV, host)
+        copy = tmp_path / host / "run"
+        shutil.copytree(run_dir, copy, symlinks=True)
+        metrics = evaluate_runs(config(copy, runs=["fixed"], precision="auto", precision_check_docs=2, overwrite=True,
+                                      structure=StructureConfig(docs=0)))
+        assert metrics["protocol"]["precision"] == expected  # the manifest says what was computed
+        assert ("bf16_vs_fp32_ppl_rel_diff" in metrics["protocol"]) == (expected == "bf16")

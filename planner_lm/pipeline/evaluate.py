@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -84,8 +84,10 @@ class EvaluateConfig:
         confidence: confidence level of the intervals.
         structure: generation-based structure metrics.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
-        precision: `32` or `bf16` (autocast; fast on GPUs). With bf16 the first run is also
-            scored in 32 on `precision_check_docs` documents and the difference is reported.
+        precision: `32`, `bf16` (autocast; fast on GPUs and native-bf16 CPUs, emulated and slow
+            elsewhere) or `auto` (bf16 where training would use bf16 autocast, else 32; the manifest
+            records the one used). With bf16 the first run is also scored in 32 on
+            `precision_check_docs` documents and the difference is reported.
         precision_check_docs: documents of that check (0 = skip it).
         seed: seed of the bootstrap and of sampling.
         overwrite: replace a finished evaluation made with a different config.
@@ -116,6 +118,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     _check_config(cfg)
+    cfg = replace(cfg, precision=scoring_precision(cfg.precision))
     folder = RunFolder(cfg.run_dir)
     num_actions = folder.num_actions
     pretrained = folder.pretrained_planner()
@@ -273,14 +276,23 @@ def _generate_and_score(evaluator, run: JointRun, lm, planners, tokenizer, num_a
     return evaluator.score(generations), generations
 
 
+def scoring_precision(requested: str) -> str:
+    """`auto` -> `bf16` where the stages train with bf16 autocast (bf16 is native there), else `32`."""
+    if requested != "auto":
+        return requested
+    from planner_lm.hardware import fast_precision
+
+    return "bf16" if fast_precision() == "bf16-mixed" else "32"
+
+
 def _check_config(cfg: EvaluateConfig) -> None:
     unknown = [s for s in cfg.code_sources if s not in (*CODE_SOURCES, "matched")]
     if unknown:
         raise UserError(f"unknown code source(s) {', '.join(unknown)}; choose from {', '.join(CODE_SOURCES)}, matched")
     if cfg.window < 2 or not 1 <= cfg.stride <= cfg.window - 1:
         raise UserError(f"need window >= 2 and 1 <= stride <= window - 1, got window {cfg.window}, stride {cfg.stride}")
-    if cfg.precision not in ("32", "bf16"):
-        raise UserError(f"precision must be '32' or 'bf16', got {cfg.precision!r}")
+    if cfg.precision not in ("32", "bf16", "auto"):
+        raise UserError(f"precision must be '32', 'bf16' or 'auto', got {cfg.precision!r}")
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise UserError(f"max_docs must be >= 1 (or null for all), got {cfg.max_docs}")
     if cfg.structure.docs < 0 or cfg.structure.prompt_sentences < 1:
