@@ -217,6 +217,8 @@ def test_bad_requests_are_clear_errors(run_dir, tmp_path):
         evaluate_runs(config(run_dir, runs=["hard"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="code source"):
         evaluate_runs(config(run_dir, code_sources=["planner"]), encoder=hash_encoder)
+    with pytest.raises(UserError, match="run:reference"):
+        evaluate_runs(config(run_dir, pairs=["soft", "soft:"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="different config"):
         evaluate_runs(config(run_dir, stride=4), encoder=hash_encoder)
     empty = make_fake_upstream(tmp_path, num_docs=10, dim=DIM, k=K)

@@ -114,7 +114,8 @@ def _evaluate(run: Path, *extra: str) -> None:
     args = ["--run_dir", str(run), "--window", str(WINDOW), "--stride", str(STRIDE), "--batch_size", "8",
             "--bootstrap_samples", str(BOOTSTRAP), "--seed", str(SEED), "--device", "cpu", "--precision", "32",
             "--structure.docs", str(STRUCTURE_DOCS), "--structure.prompt_sentences", str(PROMPT_SENTENCES),
-            "--structure.max_new_tokens", "40", "--structure.batch_size", "4", *extra]
+            "--structure.max_new_tokens", "40", "--structure.batch_size", "4",
+            "--pairs", "[soft:boundary, fixed:none, soft:pred]", *extra]
     with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
         load_stage("evaluate").main(args)
@@ -348,6 +349,24 @@ def test_perplexity_intervals_and_every_paired_change(rows, recomputed, metrics)
             if key != reference and not (name == "none" and key[1] == "none"):  # a plain LM is the plain LM
                 effects.append(abs(delta["value"]))
     assert min(effects) > 10 * ATOL_DELTA  # every Δ that is not a row against itself is far from 0
+
+
+def test_paired_changes_between_runs(rows, recomputed, metrics, run):
+    """Each `run:reference` pair: Δ = ppl_run / ppl_reference - 1 of the two runs' own code sources on
+    the same resampled documents; a pair with a run that was not evaluated (pred here) is left out."""
+    picks = resamples(metrics["protocol"]["test_docs"])
+    own = {key[0]: key for key, row in rows.items() if row.get("matched")}
+    assert [pair["label"] for pair in metrics["pairs"]] == ["soft vs boundary", "fixed vs none"]
+    for pair in metrics["pairs"]:
+        (sums, counts), (ref_sums, _) = recomputed[own[pair["run"]]], recomputed[own[pair["reference"]]]
+        delta = interval(ppl_of(sums, counts) / ppl_of(ref_sums, counts) - 1,
+                         [ppl_of(sums, counts, p) / ppl_of(ref_sums, counts, p) - 1 for p in picks])
+        for bound in ("value", "low", "high"):
+            assert pair["change"][bound] == pytest.approx(delta[bound], abs=ATOL_DELTA), (pair["label"], bound)
+        assert abs(delta["value"]) > 10 * ATOL_DELTA
+    results = (stage_dir(run, "evaluate") / "results.md").read_text()
+    shown = f"{metrics['pairs'][0]['change']['value']:+.2%}"
+    assert f"| soft vs boundary | {shown} [" in results
 
 
 def test_perplexity_by_document_length(rows, recomputed, run):

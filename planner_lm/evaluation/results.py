@@ -37,6 +37,11 @@ def _delta_column(reference: str) -> Column:
                   show_interval=True, mark_nonzero=True)
 
 
+PAIRS = ("soft:pred", "soft:hard")
+"""The papers' own comparisons between trained runs (`run:reference`), each scored with its own codes:
+end-to-end soft against the frozen planner's codes (pred, the predecessor paper) and against hard selection."""
+PAIR_COLUMN = Column("change", "Δ [95 % CI]", fmt="{:+.2%}", show_interval=True, mark_nonzero=True)
+
 PPL_COLUMNS = [
     Column("ppl", "test PPL [95 % CI]", better="lower", show_interval=True),
     *(_delta_column(reference) for reference in REFERENCES),
@@ -101,6 +106,7 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
                     row.update({k: planner_table[planner_name][k] for k in ("top1", "top5", "mean_rank")})
                 row.update({k: v for k, v in structure.get(run.selection, {}).items()})
             rows.append(row)
+    pairs = paired_changes(cfg.pairs, results, indices, cfg.confidence)
     if "pretrained" in planner_table:
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
@@ -112,6 +118,7 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
     return {
         "rows": as_json,
         "table": table,
+        "pairs": [{**pair, "change": pair["change"].as_dict()} for pair in pairs],
         "planner": planner_table,
         "planner_baselines": baselines,
         "structure": structure,
@@ -119,6 +126,28 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
                      "test_docs": len(test.documents), "test_tokens": num_tokens,
                      "bootstrap_samples": cfg.bootstrap_samples, "confidence": cfg.confidence},
     }
+
+
+def paired_changes(pairs: list[str], results: dict, indices: np.ndarray, confidence: float) -> list[dict[str, Any]]:
+    """Paired Δ of each `run:reference` pair whose two runs were both scored with their own codes."""
+    out = []
+    for pair in pairs:
+        run, reference = pair.split(":")
+        scored = results.get((run, eval_source(run))), results.get((reference, eval_source(reference)))
+        if None not in scored:
+            change = relative_change_interval(scored[0].doc_nll, scored[1].doc_nll, scored[0].doc_tokens, indices,
+                                              confidence)
+            out.append({"label": f"{run} vs {reference}", "run": run, "reference": reference, "change": change})
+    return out
+
+
+def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
+    """The run-against-run comparisons as a small table (empty when none of the pairs was scored)."""
+    if not pairs:
+        return ""
+    rows = [{**pair, "change": Interval(**pair["change"])} for pair in pairs]
+    return ("\nRuns against each other, paired on the same documents, each with its own codes (negative = the "
+            "first run is better):\n\n" + results_markdown(rows, [PAIR_COLUMN], label_header="run vs reference"))
 
 
 def setting_line(protocol: dict[str, Any]) -> str:
@@ -202,6 +231,7 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
+    body += pairs_markdown(metrics["pairs"])
     body += length_markdown(matched_rows)
     curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step
     metrics["val_curves"] = {name: {str(step): ppl for step, ppl in points.items()} for name, points in curves.items()}

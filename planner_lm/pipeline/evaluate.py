@@ -27,7 +27,7 @@ from planner_lm.evaluation.perplexity import PerplexityResult
 from planner_lm.evaluation.sharding import barrier, process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
 from planner_lm.evaluation.planner_metrics import other_document_logits, planner_logits, planner_scores
-from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
+from planner_lm.evaluation.results import PAIRS, assemble_metrics, finite, run_protocol, setting_line, write_outputs
 from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, test_split_text
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
@@ -80,6 +80,8 @@ class EvaluateConfig:
             full window of context), window-1 = non-overlapping windows (fastest).
         batch_size: windows per forward pass.
         max_docs: evaluate only the first N test documents (None = all).
+        pairs: `run:reference` comparisons between trained runs, each scored with its own codes
+            (paired Δ with its CI, reported where both runs were evaluated).
         bootstrap_samples: resamples of the test documents for the confidence intervals.
         confidence: confidence level of the intervals.
         structure: generation-based structure metrics.
@@ -101,6 +103,7 @@ class EvaluateConfig:
     stride: int = 64
     batch_size: int = 32
     max_docs: int | None = None
+    pairs: list[str] = field(default_factory=lambda: list(PAIRS))
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     structure: StructureConfig = field(default_factory=StructureConfig)
@@ -293,6 +296,9 @@ def _check_config(cfg: EvaluateConfig) -> None:
         raise UserError(f"need window >= 2 and 1 <= stride <= window - 1, got window {cfg.window}, stride {cfg.stride}")
     if cfg.precision not in ("32", "bf16", "auto"):
         raise UserError(f"precision must be '32', 'bf16' or 'auto', got {cfg.precision!r}")
+    malformed = [p for p in cfg.pairs if p.count(":") != 1 or "" in p.split(":")]
+    if malformed:
+        raise UserError(f"pairs are written run:reference (e.g. soft:pred), got {', '.join(malformed)}")
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise UserError(f"max_docs must be >= 1 (or null for all), got {cfg.max_docs}")
     if cfg.structure.docs < 0 or cfg.structure.prompt_sentences < 1:
