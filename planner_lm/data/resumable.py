@@ -10,45 +10,23 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from planner_lm.errors import UserError
 
 
-class EpochSeededSampler(RandomSampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order.
+class EpochSeededSampler(DistributedSampler):
+    """One process's share of a shuffle that depends only on (seed, epoch), so a resumed run sees
+    the same order; the whole shuffle on a single process (rank 0 of 1).
 
-    `start` skips the first examples of the next pass (set when resuming mid-epoch). One process
-    only: under DDP each process takes `DistributedEpochSeededSampler`.
+    The permutation is dealt to the processes in turn (DistributedSampler's rule), so N processes
+    loading batch/N each together see the batches one process would. Being a `DistributedSampler`,
+    Lightning keeps it under DDP rather than swapping in its own, which would restart an interrupted
+    epoch from its beginning. `start` skips this process's first examples of the next pass (set when
+    resuming mid-epoch).
     """
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.data_source), generator=generator).tolist()
-        start, self.start = self.start, 0
-        yield from order[start:]
-
-
-class DistributedEpochSeededSampler(DistributedSampler):
-    """One process's share of the (seed, epoch) shuffle under DDP, able to skip ahead mid-epoch.
-
-    The permutation is `EpochSeededSampler`'s for the same seed and epoch, dealt to the processes in
-    turn (DistributedSampler's rule), so N processes loading batch/N each together see the batches one
-    process would. Being a `DistributedSampler`, Lightning keeps it rather than swapping in its own,
-    which would restart an interrupted epoch from its beginning; `start` skips this process's first
-    examples of the next pass.
-    """
-
-    def __init__(self, data_source: Dataset, seed: int, rank: int, world_size: int) -> None:
+    def __init__(self, data_source: Dataset, seed: int, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(data_source, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.start = 0
 
@@ -71,7 +49,7 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         done, self._resume_from = self._resume_from, 0
-        if done and isinstance(self.sampler, (EpochSeededSampler, DistributedEpochSeededSampler)):
+        if done and isinstance(self.sampler, EpochSeededSampler):
             self.sampler.start = done * self.batch_size
         self._batches_done = done
         for batch in super().__iter__():
@@ -116,8 +94,6 @@ def resumable_train_loader(data: Dataset, batch_size: int, seed: int | None, *, 
     if seed is None:
         seed = torch.initial_seed() % 2**31
     rank, world_size = process
-    sampler = (EpochSeededSampler(data, seed) if world_size == 1
-               else DistributedEpochSeededSampler(data, seed, rank, world_size))
     return ResumableLoader(data, batch_size=per_device_batch(batch_size, world_size),
-                           sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                           sampler=EpochSeededSampler(data, seed, rank, world_size), collate_fn=collate_fn, num_workers=num_workers,
                            persistent_workers=num_workers > 0, drop_last=False)
