@@ -11,7 +11,6 @@ Metrics: `train/loss` (next-token cross-entropy, nats), `train/ppl`, `val/loss` 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torchmetrics import MeanMetric
 from transformers import GPT2LMHeadModel
 
 from planner_lm.lit.losses import global_batch_mean, next_token_nll
+from planner_lm.lit.schedules import warmup_cosine
 from planner_lm.models.base_lm import gpt2_config
 from planner_lm.tokenization import GPT2_VOCAB_SIZE
 
@@ -121,23 +121,7 @@ class CausalLMPretrainModule(L.LightningModule):
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr, betas=(0.9, 0.95),
         )
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-        total: list[int] = []  # resolved at the first step past warm-up, see below
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if step == warmup:
-                return 1.0
-            # Asked here rather than in configure_optimizers: asking Lightning for the step count
-            # there builds the training loader before a checkpoint is restored, and a resumed run
-            # would then start its epoch over instead of continuing from the saved batch.
-            if not total:
-                total.append(max(1, int(self.trainer.estimated_stepping_batches)))
-            progress = min(1.0, (step - warmup) / max(1, total[0] - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine(self, optimizer, self.hparams.warmup_steps, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export(self, out_dir: str | Path, tokenizer: Any) -> list[str]:

@@ -69,6 +69,16 @@ class ConditioningSettings:
     lora_target_modules: list[str] | None
     adapter_seed: int
     adapter_site: str = "attention_output"
+    conditioning: str = "paper"
+    residual_rank: int = 0
+
+
+CONDITIONINGS: tuple[str, ...] = ("paper", "residual")
+"""How an action mixture becomes each layer's shift. `paper`: ``W_l (w @ C_l) + b_l`` with ``W_l``
+Xavier-initialised (the reference: every code moves every layer from step 0). `residual`: ``b_l +
+W_l (w @ C_l - m)`` with ``W_l`` zero-initialised and ``m`` the mean of the k-means centroids: the
+bias is a code-independent shift every token trains, and the plan only adds a centred, initially
+zero residual on top of it, so at step 0 every code source gives the same model."""
 
 
 BASE_MODES: tuple[str, ...] = ("frozen", "lora", "full")
@@ -87,6 +97,7 @@ CONFIG_RULES: ConfigRules = {
     "train_codebook": flag(), "base_mode": one_of(*BASE_MODES), "lora_r": integer(1, 4096),
     "lora_alpha": number(0, 1e6), "lora_dropout": number(0.0, 1.0), "lora_target_modules": optional(list_of(text(256), 64)),
     "adapter_seed": integer(0, 2**63 - 1), "adapter_site": one_of(*ADAPTER_SITES),
+    "conditioning": one_of(*CONDITIONINGS), "residual_rank": integer(0, MAX_WIDTH),
 }
 """What `conditioning_config.json` may hold (checked before anything is built from it)."""
 REQUIRED_KEYS = ("format", "format_version", "base", "base_saved", "model_type", "conditioned_layers", "num_actions",

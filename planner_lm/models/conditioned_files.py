@@ -21,7 +21,7 @@ BASE_SUBDIR = "base"
 
 WARM_START_MATCH: tuple[str, ...] = ("model_type", "conditioned_layers", "num_actions", "action_dim",
                                      "per_layer_codebook", "adapter_site", "base_mode", "lora_r",
-                                     "lora_target_modules")
+                                     "lora_target_modules", "conditioning", "residual_rank")
 """Settings a warm start must share with the run it starts from (the weights' shapes and meaning)."""
 
 
@@ -32,9 +32,10 @@ def check_warm_start(save_dir: Path, settings: dict[str, Any], base_fingerprint:
     if not config_path.is_file():
         raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing); finish that run first")
     config = json.loads(config_path.read_text())
-    differ = [k for k in WARM_START_MATCH if config.get(k) != settings[k]]
+    saved = {"conditioning": "paper", "residual_rank": 0, **config}  # folders saved before the residual design
+    differ = [k for k in WARM_START_MATCH if saved.get(k) != settings[k]]
     if differ:
-        details = ", ".join(f"{k} {config.get(k)} vs {settings[k]}" for k in differ)
+        details = ", ".join(f"{k} {saved.get(k)} vs {settings[k]}" for k in differ)
         raise UserError(f"cannot warm-start from {save_dir}: it differs in {details}; train it with the same "
                         "settings or drop --data.init_from")
     if config.get("base_saved") or settings["base_mode"] == "full":

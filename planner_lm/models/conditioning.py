@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
-from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONFIG_RULES, FORMAT,
-                                        FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path, inject_lora,
-                                        input_features, normalise_layers)
+from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONDITIONINGS, CONFIG_RULES,
+                                        FORMAT, FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path,
+                                        inject_lora, input_features, normalise_layers)
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
 from planner_lm.models.conditioned_files import (BASE_SUBDIR, CONFIG_FILE, WEIGHTS_FILE, base_location,
                                                   check_warm_start)
@@ -65,6 +65,12 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             OLMo adapter).
         base_reference: how a saved copy refers to the base (hub name, preset or directory);
             defaults to ``base.name_or_path``.
+        conditioning: `paper` (Xavier adapters on the raw action embedding: the reference) or
+            `residual` (a shared per-layer shift plus a zero-initialised adapter on the centred
+            action embedding, see :data:`CONDITIONINGS`).
+        residual_rank: with `residual`, r > 0 sends the centred action embedding through one
+            projection to r dimensions shared by every layer before each layer's adapter, so
+            neighbouring actions share strength; 0 = a full-width adapter per layer.
     """
 
     def __init__(
@@ -82,6 +88,8 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         adapter_seed: int = 0,
         base_reference: str | None = None,
         adapter_site: str = "attention_output",
+        conditioning: str = "paper",
+        residual_rank: int = 0,
     ) -> None:
         super().__init__()
         model_type = base.config.model_type
@@ -96,6 +104,11 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         self._hub_mixin_config = None  # the JSON config is ours (conditioning_config.json), not the mixin's
         if adapter_site not in ADAPTER_SITES:
             raise UserError(f"adapter_site must be one of {', '.join(ADAPTER_SITES)}, got {adapter_site!r}")
+        if conditioning not in CONDITIONINGS:
+            raise UserError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
+        if residual_rank < 0 or (residual_rank and conditioning != "residual"):
+            raise UserError(f"residual_rank must be >= 0 and needs conditioning residual, got {residual_rank} "
+                            f"with {conditioning}")
         if codebook.ndim != 2:
             raise ValueError(f"codebook must be [num_actions, action_dim], got {tuple(codebook.shape)}")
         target = ADAPTER_TARGETS[model_type]
@@ -118,6 +131,8 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             lora_target_modules=list(lora_target_modules) if lora_target_modules else None,
             adapter_seed=adapter_seed,
             adapter_site=adapter_site,
+            conditioning=conditioning,
+            residual_rank=residual_rank,
         )
         self._action_weights: Tensor | None = None
         self._base_fingerprint: str | None = None
@@ -132,14 +147,32 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         num_books = len(layers) if per_layer_codebook else 1
         books = codebook.detach().float().to(device).unsqueeze(0).repeat(num_books, 1, 1)
         self.codebook = nn.Parameter(books, requires_grad=train_codebook)
+        residual = conditioning == "residual"
+        # the residual design subtracts the centroids' mean, so the code-independent part of every
+        # action lives in the adapters' biases (trained by every token) and not in their weights
+        if residual:
+            self.register_buffer("code_centre", books.mean(dim=1))
+        else:
+            self.code_centre: Tensor | None = None
         generator = torch.Generator().manual_seed(adapter_seed)
+        self.code_projection: nn.Linear | None = None
+        adapter_input = self.settings.action_dim
+        if residual_rank:
+            self.code_projection = nn.Linear(self.settings.action_dim, residual_rank, bias=False).to(device)
+            nn.init.orthogonal_(self.code_projection.weight, generator=generator)
+            adapter_input = residual_rank
         self.adapters = nn.ModuleList()
         self._hooks = []
+        self._sites: list[nn.Module] = []  # plain list: the modules belong to the base, not to this wrapper
         for slot, layer in enumerate(layers):
             site = get_path(blocks[layer], target.site(adapter_site))
+            self._sites.append(site)
             width = input_features(site) if adapter_site == "attention_output" else int(base.config.hidden_size)
-            adapter = nn.Linear(self.settings.action_dim, width)
-            nn.init.xavier_normal_(adapter.weight, generator=generator)
+            adapter = nn.Linear(adapter_input, width)
+            if residual:  # the plan starts at exactly zero and matters only as far as it earns it
+                nn.init.zeros_(adapter.weight)
+            else:
+                nn.init.xavier_normal_(adapter.weight, generator=generator)
             nn.init.zeros_(adapter.bias)
             self.adapters.append(adapter.to(device))
             self._hooks.append(site.register_forward_pre_hook(self._make_hook(slot)))
@@ -206,6 +239,10 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         with self.conditioned(action_weights):
             return self.base.generate(input_ids=input_ids, **kwargs)
 
+    def sites(self) -> list[nn.Module]:
+        """The module of each conditioned layer whose input receives the action (one per slot)."""
+        return list(self._sites)
+
     def layer_codebook(self, slot: int) -> Tensor:
         """The codebook ``[K, D]`` used by the ``slot``-th conditioned layer."""
         return self.codebook[slot if self.settings.per_layer_codebook else 0]
@@ -222,11 +259,19 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
                     f"model runs on {tuple(hidden.shape[:2])}; with past_key_values give weights "
                     "for the new positions only"
                 )
-            action = weights.to(self.codebook.dtype) @ self.layer_codebook(slot)
-            delta = self.adapters[slot](action)
-            return (hidden + delta.to(hidden.dtype), *args[1:])
+            return (hidden + self.action_shift(slot, weights).to(hidden.dtype), *args[1:])
 
         return add_action
+
+    def action_shift(self, slot: int, weights: Tensor) -> Tensor:
+        """What the ``slot``-th conditioned layer adds for action mixtures ``weights`` ``[..., K]``."""
+        action = weights.to(self.codebook.dtype) @ self.layer_codebook(slot)
+        if self.code_centre is not None:
+            # mixtures sum to 1, so this is the mixture of centred actions
+            action = action - self.code_centre[slot if self.settings.per_layer_codebook else 0]
+        if self.code_projection is not None:
+            action = self.code_projection(action)
+        return self.adapters[slot](action)
 
     # ------------------------------------------------------------------ parameters
     def set_codebook_trainable(self, trainable: bool) -> None:
@@ -237,7 +282,12 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         return [self.codebook]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapters.parameters())
+        projection = [] if self.code_projection is None else list(self.code_projection.parameters())
+        return [*self.adapters.parameters(), *projection]
+
+    def shared_shift_parameters(self) -> list[nn.Parameter]:
+        """The adapters' biases: each layer's code-independent shift (every token trains it)."""
+        return [adapter.bias for adapter in self.adapters]
 
     def base_trainable_parameters(self) -> list[nn.Parameter]:
         """Base-model parameters that train in this ``base_mode`` (LoRA layers or all)."""
@@ -277,9 +327,7 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             self.base.save_pretrained(base_dir)
         if not save_base and self._base_fingerprint is None:
             self._base_fingerprint = weights_fingerprint(self.base)
-        state = {"codebook": self.codebook.detach().cpu().contiguous()}
-        for name, tensor in self.adapters.state_dict().items():
-            state[f"adapters.{name}"] = tensor.detach().cpu().contiguous()
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self._trained_state().items()}
         if self.settings.base_mode == "lora":
             for name, tensor in self.base.state_dict().items():
                 if "lora_" in name:
@@ -345,8 +393,7 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         else:
             model._base_fingerprint = expected
             model.base_reference = config["base"]
-        expected = {"codebook": tuple(model.codebook.shape)}
-        expected.update({f"adapters.{k}": tuple(v.shape) for k, v in model.adapters.state_dict().items()})
+        expected = {k: tuple(v.shape) for k, v in model._trained_state().items()}
         if settings.base_mode == "lora":
             expected.update({f"lora.{k}": tuple(v.shape) for k, v in model.base.state_dict().items() if "lora_" in k})
         check_shapes(save_dir / WEIGHTS_FILE, stated, expected)
@@ -368,16 +415,24 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
         """Copy saved codebook(s), adapters and LoRA layers into this model."""
         device = self.codebook.device
         with torch.no_grad():
-            self.codebook.copy_(state["codebook"].to(device))
-            self.adapters.load_state_dict(
-                {k[len("adapters."):]: v for k, v in state.items() if k.startswith("adapters.")}
-            )
+            for name, tensor in self._trained_state().items():
+                tensor.copy_(state[name].to(device))
             lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
             if lora:
                 missing = set(lora) - set(self.base.state_dict())
                 if missing:
                     raise UserError(f"{save_dir} has LoRA weights the rebuilt model lacks: {sorted(missing)[:3]}")
                 self.base.load_state_dict(lora, strict=False)
+
+    def _trained_state(self) -> dict[str, Tensor]:
+        """The tensors a saved conditioned LM carries besides LoRA layers, by their file names."""
+        state = {"codebook": self.codebook}
+        state.update({f"adapters.{k}": v for k, v in self.adapters.state_dict(keep_vars=True).items()})
+        if self.code_centre is not None:
+            state["code_centre"] = self.code_centre
+        if self.code_projection is not None:
+            state["code_projection.weight"] = self.code_projection.weight
+        return state
 
 
 # ----------------------------------------------------------------------------- helpers

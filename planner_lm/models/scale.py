@@ -17,7 +17,8 @@ from planner_lm.models.conditioning import ActionConditionedLM
 def build_conditioned_lm(
     lm_path: str, codebook: Tensor, selection: str, base_mode: str, conditioned_layers: list[int] | None,
     per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32, adapter_site: str = "attention_output",
-    base_dtype: str | None = None, activation_checkpointing: bool = False,
+    base_dtype: str | None = None, activation_checkpointing: bool = False, conditioning: str = "paper",
+    residual_rank: int = 0,
 ) -> ActionConditionedLM:
     """Load the base LM (in `base_dtype`, e.g. a frozen bf16 base) and wrap it with fp32 action adapters.
 
@@ -32,7 +33,7 @@ def build_conditioned_lm(
     lm = ActionConditionedLM(
         load_base_lm(lm_path, dtype=base_dtype), codebook, conditioned_layers=conditioned_layers,
         per_layer_codebook=per_layer_codebook, base_mode=base_mode, lora_r=lora_r, lora_alpha=lora_alpha,
-        adapter_site=adapter_site,
+        adapter_site=adapter_site, conditioning=conditioning, residual_rank=residual_rank,
     )
     if selection == "none":
         for parameter in [*lm.adapter_parameters(), *lm.codebook_parameters()]:
