@@ -23,6 +23,7 @@ from planner_lm.errors import UserError
 from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
 from planner_lm.lit.losses import global_batch_mean, next_token_nll
+from planner_lm.lit.schedules import SCHEDULES
 from planner_lm.lit import strategies
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.models.scale import build_conditioned_lm, full_copy, shard
@@ -67,7 +68,21 @@ class JointPlannerLM(L.LightningModule):
             actions of the batch's sentences) added to the LM loss; 0 = LM loss only (the paper).
         lr: Adam learning rate of the LM's trainable weights (paper: 1e-4).
         planner_lr: learning rate of the planner; None (default) = `lr`, 0 = the planner never moves.
-        weight_decay: Adam weight decay (paper: 0).
+        weight_decay: decoupled (AdamW) weight decay of every trained weight (paper: 0).
+        conditioning: how actions enter the LM: `paper` (the reference's Xavier adapters on the raw
+            action embedding) or `residual` (a shared per-layer shift every token trains, plus a
+            zero-initialised adapter on the centred action embedding: at step 0 every code source
+            gives the same model, and the plan matters only as far as it earns it).
+        residual_rank: `residual` only: r > 0 projects the centred action embedding to r dimensions
+            (one projection shared by all layers) before each layer's adapter; 0 = full width.
+        residual_lr: learning rate of the code-dependent weights (adapter weights, projection,
+            codebooks); None = `lr`. The shared shifts (adapter biases) keep `lr`.
+        residual_weight_decay: decoupled weight decay of the code-dependent weights, pulling the
+            plan's part back to zero unless the data keep it; None = `weight_decay`.
+        lr_schedule: `constant` (the papers) or `cosine`: linear warm-up over `warmup_steps`, then
+            cosine decay to `min_lr_ratio` of every group's rate at the last step.
+        warmup_steps: warm-up steps of the cosine schedule.
+        min_lr_ratio: the cosine schedule's final rate as a fraction of the peak.
         forgetting_warn_drop: warn when the planner's validation accuracy falls more than this
             many percentage points below its accuracy before joint training.
         planner_dropout: dropout inside the planner during joint training (the reference planner
@@ -104,6 +119,13 @@ class JointPlannerLM(L.LightningModule):
         lr: float = 1e-4,
         planner_lr: float | None = None,
         weight_decay: float = 0.0,
+        conditioning: Literal["paper", "residual"] = "paper",
+        residual_rank: int = 0,
+        residual_lr: float | None = None,
+        residual_weight_decay: float | None = None,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
         forgetting_warn_drop: float = 5.0,
         planner_dropout: float = 0.0,
         export_best: bool = True,
@@ -125,6 +147,11 @@ class JointPlannerLM(L.LightningModule):
             raise UserError(f"--model.temperature must be > 0, got {temperature}")
         if planner_loss_weight < 0:
             raise UserError(f"--model.planner_loss_weight must be >= 0, got {planner_loss_weight}")
+        if lr_schedule not in SCHEDULES:
+            raise UserError(f"--model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise UserError(f"--model.warmup_steps must be >= 0 and --model.min_lr_ratio in [0, 1], got "
+                            f"{warmup_steps} and {min_lr_ratio}")
         for at in (planner_unfreeze_at, codebook_unfreeze_at):
             resolve_unfreeze_step(at, total_steps=100)  # rejects malformed schedules before any work
         self.save_hyperparameters()
@@ -174,7 +201,7 @@ class JointPlannerLM(L.LightningModule):
         h = self.hparams
         return build_conditioned_lm(h.lm_path, codebook, h.selection, h.base_mode, h.conditioned_layers,
                                     h.per_layer_codebook, h.lora_r, h.lora_alpha, h.adapter_site, h.base_dtype,
-                                    h.activation_checkpointing)
+                                    h.activation_checkpointing, h.conditioning, h.residual_rank)
 
     # ------------------------------------------------------------------ large bases
     def configure_model(self) -> None:
@@ -352,15 +379,30 @@ class JointPlannerLM(L.LightningModule):
         """False only for the plain LM (`none`) with frozen base weights: nothing to fine-tune."""
         return bool(self.trainable_lm_parameters()) or self.planner is not None
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         # Parameters held still by an unfreeze schedule are included: Adam skips them while
         # their gradient is None (the schedule drops it before each step).
-        groups: list[dict[str, Any]] = [{"params": self.trainable_lm_parameters(), "lr": self.hparams.lr, "name": "lm"}]
+        h = self.hparams
+        lm = self.trainable_lm_parameters()
+        shared = {id(p) for p in self.lm.shared_shift_parameters()}
+        code = {id(p) for p in [*self.lm.adapter_parameters(), *self.lm.codebook_parameters()]} - shared
+        residual_lr = h.lr if h.residual_lr is None else h.residual_lr
+        residual_decay = h.weight_decay if h.residual_weight_decay is None else h.residual_weight_decay
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in lm if id(p) not in code], "lr": h.lr, "weight_decay": h.weight_decay, "name": "lm"},
+            {"params": [p for p in lm if id(p) in code], "lr": residual_lr, "weight_decay": residual_decay,
+             "name": "codes"},
+        ]
         if self.planner is not None:
-            planner_lr = self.hparams.lr if self.hparams.planner_lr is None else self.hparams.planner_lr
-            groups.append({"params": list(self.planner.parameters()), "lr": planner_lr, "name": "planner"})
+            planner_lr = h.lr if h.planner_lr is None else h.planner_lr
+            groups.append({"params": list(self.planner.parameters()), "lr": planner_lr,
+                           "weight_decay": h.weight_decay, "name": "planner"})
         groups = [group for group in groups if group["params"]]
-        return torch.optim.Adam(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=h.lr)
+        if SCHEDULES[h.lr_schedule] is None:
+            return optimizer
+        scheduler = SCHEDULES[h.lr_schedule](self, optimizer, h.warmup_steps, h.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
         self.schedules = {}
