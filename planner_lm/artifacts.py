@@ -90,6 +90,17 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     _atomic_replace(Path(path), lambda h: torch.save(obj, h))
 
 
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """Every file and link under `folder` (links not followed), as sorted relative POSIX paths."""
+    folder = Path(folder)
+    found = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root)
+        for name in [*files, *(d for d in dirs if (base / d).is_symlink())]:
+            found.append((base / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
 # ----------------------------------------------------------------------------- manifests
 def _jsonable(value: Any) -> Any:
     """Make configs (Namespaces, Paths, numpy scalars) JSON-serialisable."""
@@ -172,6 +183,8 @@ def write_manifest(
         if not path.exists():
             raise FileNotFoundError(f"stage {stage}: output {path} missing; refusing to write the manifest")
         described[rel] = _describe_output(path)
+    from planner_lm.ownership import written_files  # (ownership builds on this module)
+
     recorded_inputs = {}
     for name, upstream in (inputs or {}).items():
         upstream = Path(upstream)
@@ -184,6 +197,7 @@ def write_manifest(
         "config_hash": config_hash(config),
         "inputs": recorded_inputs,
         "outputs": described,
+        "files": written_files(stage_dir),  # everything the stage wrote: what `make clean` may delete
         "facts": _jsonable(dict(facts or {})),
         "metrics": _jsonable(dict(metrics or {})),
         "seed": seed,

@@ -1,10 +1,12 @@
 """`make clean RUN=...` (`python -m planner_lm.clean RUN`): delete a run folder, only if it is one.
 
 A run folder is deleted only when everything in it is planner-lm's: stage folders carrying the
-project's marker or manifest, the token cache, variant folders (`make variant`, themselves run
-folders) and the links and hidden temporary folders the project makes. Anything else (`RUN=.`,
-a home folder, a run folder holding someone's notes) is refused with one sentence that names
-what is not the project's, and nothing is deleted.
+project's marker or manifest and holding only the files their stage wrote, the token cache,
+variant folders (`make variant`, seeds, precisions: themselves run folders), the tables and tasks
+commands write there (`seeds.md`, `precisions.md` by `compare --output`, `harness/` by
+`planner-lm-eval task`), and the links and hidden temporaries the project makes. Anything else
+(`RUN=.`, a home folder, a user's notes beside the stages or inside one, a hidden folder named
+like a stage) is refused with one sentence that names it, and nothing is deleted.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from planner_lm.ownership import MARKER, marked
+from planner_lm.ownership import MARKER, foreign_files, marked, name_foreign, owned_text, temporary_of
 from planner_lm.errors import UserError, friendly_errors
 from planner_lm.run_folder import JOINT_PREFIX, STAGE_DIRS, TOKEN_CACHE_DIR
 
@@ -33,34 +35,41 @@ def _foreign_in_token_cache(cache: Path) -> list[Path]:
     foreign = []
     for path in cache.rglob("*"):
         relative = path.relative_to(cache)
-        if path.is_file() and not (path.parent / _CACHE_FILE).is_file() and not any(
-                part.startswith(".") for part in relative.parts):
+        in_cache = (path.parent / _CACHE_FILE).is_file() and (path.name == _CACHE_FILE or path.suffix == ".npy")
+        if path.is_file() and not in_cache and not any(part.startswith(".") for part in relative.parts):
             foreign.append(path)
     return foreign
+
+
+def _ours_at_root(entry: Path) -> list[Path] | None:
+    """What planner-lm did not write in `entry`, one entry of a run folder; None: `entry` is not ours."""
+    name = entry.name
+    if name in (MARKER, VARIANT_MARKER) and entry.is_file():
+        return []
+    base = temporary_of(name)  # `.<stage>.removed-<pid>`, `.<stage>.<random>.tmp`, `.seeds.md.<random>.tmp`
+    if base is not None and (_is_stage_name(base) or base == TOKEN_CACHE_DIR or (entry.is_file() and base.endswith(".md"))):
+        return foreign_files(entry) if entry.is_dir() and marked(entry, "stage") else []
+    if name.startswith("."):
+        return None
+    if entry.is_symlink():  # a variant's link to its parent's stage: removing it removes the link only
+        return [] if _is_stage_name(name) or name == TOKEN_CACHE_DIR else None
+    if entry.is_dir() and _is_stage_name(name) and marked(entry, "stage"):
+        return foreign_files(entry)
+    if entry.is_dir() and name == TOKEN_CACHE_DIR:
+        return _foreign_in_token_cache(entry)
+    if entry.is_dir() and (entry / VARIANT_MARKER).is_file():
+        return foreign_entries(entry)
+    if entry.is_dir() and (marked(entry, "harness") or marked(entry, "publish")):
+        return foreign_files(entry)
+    return [] if entry.is_file() and owned_text(entry) else None
 
 
 def foreign_entries(run: Path) -> list[Path]:
     """What in `run` planner-lm did not make (empty: the whole folder is the project's)."""
     foreign = []
     for entry in sorted(run.iterdir()):
-        name = entry.name
-        if name in (MARKER, VARIANT_MARKER) and entry.is_file():
-            continue
-        if name.startswith("."):  # temporary or half-deleted copies: `.<stage>.<suffix>`
-            base = name[1:].split(".", 1)[0]
-            if _is_stage_name(base) or base == TOKEN_CACHE_DIR:
-                continue
-        elif entry.is_symlink() and (_is_stage_name(name) or name == TOKEN_CACHE_DIR):
-            continue  # a variant's link to its parent's stage: removing it removes the link only
-        elif entry.is_dir() and _is_stage_name(name) and marked(entry, "stage"):
-            continue
-        elif entry.is_dir() and name == TOKEN_CACHE_DIR:
-            foreign.extend(_foreign_in_token_cache(entry))
-            continue
-        elif entry.is_dir() and (entry / VARIANT_MARKER).is_file():
-            foreign.extend(foreign_entries(entry))
-            continue
-        foreign.append(entry)
+        found = _ours_at_root(entry)
+        foreign.extend([entry] if found is None else found)
     return foreign
 
 
@@ -77,8 +86,7 @@ def clean_run(run_dir: str | os.PathLike) -> bool:
                         "name the run folder itself, e.g. RUN=runs/demo")
     foreign = foreign_entries(run)
     if foreign:
-        shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{run} holds files planner-lm did not make ({shown}), so nothing was deleted; "
+        raise UserError(f"{run} holds files planner-lm did not make ({name_foreign(foreign)}), so nothing was deleted; "
                         "move them away or delete the folder yourself")
     stages = [entry for entry in run.iterdir() if entry.is_dir() and not entry.is_symlink() and marked(entry, "stage")]
     if not stages and not (run / VARIANT_MARKER).is_file():

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from planner_lm.artifacts import atomic_write_text
 from planner_lm.errors import UserError
+from planner_lm.ownership import check_owned_folder, mark, marker_of
 
 try:
     from lm_eval.api.model import LM
@@ -106,12 +107,20 @@ metadata:
 
 
 def write_text_task(texts: list[str], out_dir: str | Path, task: str = TEXT_TASK) -> Path:
-    """A local wikitext-style perplexity task over `texts` (one document each), for `--include_path`."""
+    """A local wikitext-style perplexity task over `texts` (one document each), for `--include_path`.
+
+    `out_dir` must be new, empty or an earlier task folder (its marker lists the task's files); only
+    the task's two files are replaced, and a file of the user's in their place is refused, so the
+    user's other files there stay theirs (and `make clean` sees them)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = out_dir / f"{task}.jsonl"
+    names = [data.name, f"{task}.yaml"]
+    check_owned_folder(out_dir, "harness", "the task folder", names)
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data, "".join(json.dumps({"text": text}) + "\n" for text in texts))
-    atomic_write_text(out_dir / f"{task}.yaml", TEXT_TASK_YAML.format(task=task, data=data.resolve()))
+    atomic_write_text(out_dir / names[1], TEXT_TASK_YAML.format(task=task, data=data.resolve()))
+    earlier = [f for f in marker_of(out_dir).get("files", []) if (out_dir / f).is_file()]
+    mark(out_dir, "harness", files=sorted({*earlier, *names}))
     return out_dir
 
 

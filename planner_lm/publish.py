@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from planner_lm.ownership import mark, marked, private_sibling, replace_folder
+from planner_lm.artifacts import list_files
+from planner_lm.ownership import check_owned_folder, mark, private_sibling, replace_folder
 from planner_lm.errors import UserError, friendly_errors
 from planner_lm.run_folder import JointRun, RunFolder
 
@@ -104,7 +105,7 @@ def publish(run_dir: str | Path, selection: str = "soft", repo: str | None = Non
                 push["repo_id"] = f"{repo}-planner"
             Planner.from_pretrained(planner_path).save_pretrained(
                 built / "planner", model_card_kwargs={"body": model_card_body(folder, run, "planner", repo)}, **push)
-        mark(built, "publish", run=str(run.dir))
+        mark(built, "publish", run=str(run.dir), files=list_files(built))
         replace_folder(built, out, "publish")
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
@@ -114,12 +115,9 @@ def publish(run_dir: str | Path, selection: str = "soft", repo: str | None = Non
 
 
 def _check_output(out: Path) -> None:
-    """Refuse, before any work, an output folder that holds anything but an earlier publish."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; name a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and not marked(out, "publish"):
-        raise UserError(f"--output {out} already holds files that planner_lm.publish did not write; name a new "
-                        "or empty folder (nothing in it was touched)")
+    """Refuse, before any work, an output folder that holds anything but an earlier publish, or an
+    earlier publish holding files the user added (replacing it would delete them)."""
+    check_owned_folder(out, "publish", "--output")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

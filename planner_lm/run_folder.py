@@ -42,6 +42,18 @@ JOINT_LM_DIR = "lm"  # 4_joint-*: the conditioned LM (and its tokenizer)
 VAL_CURVE_FILE = "val_curve.json"  # 4_joint-*: [{step, val/ppl, val/lm_loss, ...}] of every validation in training
 HUB_DIR = "hub"  # 4_joint-*: shareable copies with model cards (`planner_lm.publish`)
 TOKEN_CACHE_DIR = "tokens"  # tokenized splits, shared by every stage that reads tokens
+WORK_DIRS = ("checkpoints", "tb")  # every Lightning stage: resume checkpoints and TensorBoard events
+UNFINISHED_FILES: dict[str, tuple[str, ...]] = {
+    "prepare": ("train", "val", "test", "train.tmp", "val.tmp", "test.tmp"),
+    "embed": ("shards", EMBEDDINGS_FILE),
+    "cluster": (CENTROIDS_FILE, ACTIONS_FILE, "report"),
+    "pretrain_lm": ("*.json", "*.safetensors", "merges.txt", "*.jinja", "*.model"),
+    "pretrain_planner": (PLANNER_DIR,),
+    "finetune_joint": (VAL_CURVE_FILE, JOINT_LM_DIR, PLANNER_DIR),
+    "evaluate": ("corpus", "metrics.json", "results.md", "*.png", "generations.jsonl"),
+}
+"""stage -> names (patterns) of what it may write at its folder's top level before its manifest: an
+interrupted run's own files (`planner_lm.ownership.foreign_files`; a finished stage's manifest lists its files)."""
 _TOKENIZER_MARKER = "tokenizer_config.json"
 
 

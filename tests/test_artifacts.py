@@ -154,7 +154,7 @@ def test_replace_folder_swaps_in_a_built_copy_only_over_an_owned_or_empty_folder
     for content in ("one", "two"):
         built = private_sibling(final)
         (built / "card.md").write_text(content)
-        mark(built, "publish")
+        mark(built, "publish", files=["card.md"])  # what it holds: nothing else is ours
         replace_folder(built, final, "publish")
         assert (final / "card.md").read_text() == content
     user = tmp_path / "user"

@@ -225,7 +225,7 @@ def test_names_that_can_only_be_paths_never_reach_the_hub(tmp_path, hub, capsys,
         lambda: ActionConditionedLM.from_pretrained("me/elsewhere", local_files_only=True), capsys)
 
 
-def test_publish_never_deletes_a_users_folder_and_replaces_its_own_output_whole(tmp_path, capsys):
+def test_publish_never_deletes_a_users_folder_and_replaces_only_its_own_earlier_publish(tmp_path, capsys):
     run = fake_joint_runs(tmp_path, ("fixed",), num_docs=12)
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -240,7 +240,17 @@ def test_publish_never_deletes_a_users_folder_and_replaces_its_own_output_whole(
     out = tmp_path / "shared"
     publish(run, "fixed", output=out)
     first = (out / "lm" / "README.md").read_text()
-    (out / "lm" / "stale.txt").write_text("left by the first publish")  # inside planner-lm's own output
+    (out / "lm" / "README.md").write_text("edited")  # the user edits a file publish wrote: replaced with it
     publish(run, "fixed", output=out)
     assert sorted(p.name for p in out.iterdir()) == [".planner-lm", "lm", "planner"]
-    assert not (out / "lm" / "stale.txt").exists() and (out / "lm" / "README.md").read_text() == first
+    assert (out / "lm" / "README.md").read_text() == first
+
+    for added in (out / "lm" / "notes.txt", out / "notes.md"):  # a file the user added: refused, kept
+        added.write_text("the user's notes")
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(run), "--selection", "fixed", "--output", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("error:") == 1 and str(added) in err
+        assert added.read_text() == "the user's notes" and (out / "lm" / "README.md").read_text() == first
+        added.unlink()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

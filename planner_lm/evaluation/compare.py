@@ -23,6 +23,7 @@ from planner_lm.run_folder import RunFolder
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import Interval
 from planner_lm.evaluation.report import Column, results_markdown
+from planner_lm.ownership import check_owned_text, write_owned_text
 
 REMEDY_KEYS = ("model.planner_unfreeze_at", "model.planner_loss_weight")
 """The finetune-joint settings that guard the planner against forgetting."""
@@ -177,7 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "its anti-forgetting variants): PPL, Δ vs fixed, planner top-1 before/after.")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories, each evaluated (`make evaluate RUN=...`)")
     parser.add_argument("--selection", default="soft", help="which joint run of each directory (default: soft)")
-    parser.add_argument("--output", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write the table to this markdown file (a new one, or one compare wrote and "
+                             "nobody edited since: anything else is refused)")
     parser.add_argument("--verdicts", action="store_true",
                         help="instead: each question the demo answers (oracle, soft vs fixed, soft vs boundary, "
                              "planner vs copying), one column per run directory, and whether they agree")
@@ -186,14 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.labels is not None and len(args.labels) != len(args.run_dirs):
             raise UserError(f"--labels names {len(args.labels)} columns for {len(args.run_dirs)} run directories")
+        if args.output is not None:
+            check_owned_text(args.output)  # before the work: a user's file there is refused untouched
         table = (verdict_table(args.run_dirs, args.labels) if args.verdicts
                  else comparison_table(args.run_dirs, args.selection))
+        print(table)
+        if args.output is not None:
+            write_owned_text(args.output, table + "\n", "compare")
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(table)
-    if args.output is not None:
-        args.output.write_text(table + "\n")
     return 0
 
 

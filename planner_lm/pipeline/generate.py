@@ -43,7 +43,7 @@ class GenerateConfig:
         examples: example training sentences shown per action (0 = none, faster start).
         seed: sampling seed.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
-        output: also write the generations (text + plan) as JSON to this file.
+        output: also write the generations (text + plan) as JSON to this file (a new one: never written over).
     """
 
     run_dir: str = "runs/demo"
@@ -106,6 +106,8 @@ def generate_text(cfg: GenerateConfig) -> list[Generation]:
         raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
     if cfg.conditioning is not None and cfg.conditioning not in GENERATION_SELECTIONS:
         raise UserError(f"conditioning must be one of {', '.join(GENERATION_SELECTIONS)}, got {cfg.conditioning!r}")
+    if cfg.output and (Path(cfg.output).exists() or Path(cfg.output).is_symlink()):  # never written over
+        raise UserError(f"--output {cfg.output} already exists; name a new file (nothing was overwritten)")
     generator, default, planner_temperature = load_generator(cfg.run_dir, cfg.selection, cfg.device, cfg.examples)
     plan = parse_plan(cfg.plan, generator.num_actions)
     conditioning = cfg.conditioning or default
