@@ -43,6 +43,9 @@ this file; other files are named. Precision: the plain-torch tests run in float3
 | `planner_unfreeze_at` negative = never | this::test_planner_unfreeze_at_never_holds_the_planner_for_the_whole_run |
 | `planner_loss_weight` | this::test_planner_loss_weight_adds_its_times_the_planner_cross_entropy, test_joint::test_a_planner_no_loss_reaches_is_frozen_from_the_start |
 | `lr`, `planner_lr`, `weight_decay` | this::test_lr_planner_lr_and_coupled_weight_decay_of_joint_training |
+| `conditioning` paper / residual, `residual_rank` | test_residual_conditioning (every test), this::test_residual_lr_and_weight_decay_act_on_the_codes_only |
+| `residual_lr`, `residual_weight_decay` | this::test_residual_lr_and_weight_decay_act_on_the_codes_only |
+| `lr_schedule`, `warmup_steps`, `min_lr_ratio` | this::test_cosine_schedule_warms_up_then_decays_every_group_to_min_lr_ratio |
 | `forgetting_warn_drop` | this::test_forgetting_warn_drop_is_the_threshold_of_the_forgetting_warning |
 | `planner_dropout` | test_joint::test_planner_dropout_is_off_in_joint_training_unless_asked |
 | `export_best`: the weights handed off, `exported_step` | this::test_the_stage_hands_off_the_best_validation_step_or_the_last, test_joint::test_best_validation_weights_are_handed_off |
@@ -53,6 +56,7 @@ this file; other files are named. Precision: the plain-torch tests run in float3
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from pathlib import Path
 
@@ -64,6 +68,7 @@ from conftest import torch_threads
 from fixtures_stages import load_stage, make_fake_upstream, write_fake_lm, write_fake_planner
 from planner_lm.data.joint_data import JointDataModule
 from planner_lm.data.lm_windows import LMWindows
+from planner_lm.errors import UserError
 from planner_lm.lit.joint import JointPlannerLM
 from planner_lm.models.conditioning import ActionConditionedLM
 from planner_lm.pipeline.evaluate import EvaluateConfig, StructureConfig, evaluate_runs
@@ -455,6 +460,50 @@ def test_lr_planner_lr_and_coupled_weight_decay_of_joint_training(joint_data, jo
     with without_trainer():
         adam_step_sizes(model, model.configure_optimizers(), model.training_step(joint_batch, 0))
     torch.testing.assert_close(model.lm.adapters[0].weight.detach(), weight - 1e-3 * weight.sign(), rtol=0, atol=1e-6)
+
+
+def test_residual_lr_and_weight_decay_act_on_the_codes_only(joint_data, joint_batch):
+    """With `conditioning residual` the adapters' biases (the shared shift) step by `lr`; the
+    adapter weights, the low-rank projection and the codebooks (the plan's part) by `residual_lr`,
+    and only they feel `residual_weight_decay` (a huge one shrinks them by exactly their rate)."""
+    model = joint(joint_data, "oracle", lr=1e-3, conditioning="residual", residual_rank=2, residual_lr=1e-2).train()
+    assert model.lm.settings.conditioning == "residual" and model.lm.settings.residual_rank == 2
+    with torch.no_grad():
+        model.lm.adapters[0].weight.normal_()  # a residual that has started to move: gradients reach everything
+    with without_trainer():
+        steps = adam_step_sizes(model, model.configure_optimizers(), model.training_step(joint_batch, 0))
+    assert steps["lm.adapters.0.bias"] == pytest.approx(1e-3, rel=1e-3)
+    for name in ("lm.adapters.0.weight", "lm.code_projection.weight", "lm.codebook"):
+        assert steps[name] == pytest.approx(1e-2, rel=1e-3), name
+    model = joint(joint_data, "oracle", lr=1e-3, conditioning="residual", residual_weight_decay=1e6).train()
+    with torch.no_grad():
+        model.lm.adapters[0].weight.normal_()
+        model.lm.adapters[0].bias.normal_()
+    weight, bias = model.lm.adapters[0].weight.detach().clone(), model.lm.adapters[0].bias.detach().clone()
+    with without_trainer():
+        adam_step_sizes(model, model.configure_optimizers(), model.training_step(joint_batch, 0))
+    torch.testing.assert_close(model.lm.adapters[0].weight.detach(), weight - 1e-3 * weight.sign(), rtol=0, atol=1e-6)
+    assert (model.lm.adapters[0].bias.detach() - bias).abs().max() < 1.01e-3  # the shared shift: a plain step
+    assert not torch.allclose(model.lm.adapters[0].bias.detach(), bias - 1e-3 * bias.sign(), atol=1e-6)
+
+
+def test_cosine_schedule_warms_up_then_decays_every_group_to_min_lr_ratio(joint_data):
+    model = joint(joint_data, "fixed", lr=1e-3, residual_lr=4e-3, conditioning="residual", lr_schedule="cosine",
+                  warmup_steps=4, min_lr_ratio=0.1)
+    model.trainer = type("T", (), {"estimated_stepping_batches": 20})()  # the schedule asks the trainer once
+    setup = model.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(20):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    peaks = [1e-3, 4e-3]
+    assert rates[0] == pytest.approx([p / 4 for p in peaks]) and rates[4] == pytest.approx(peaks)
+    assert rates[-1] == pytest.approx([p * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16))) for p in peaks])
+    assert all(a[0] >= b[0] for a, b in zip(rates[4:], rates[5:]))  # decays monotonically after warm-up
+    with pytest.raises(UserError, match="lr_schedule"):
+        joint(joint_data, "fixed", lr_schedule="linear")
 
 
 def quiet_trainer(**options):

@@ -68,7 +68,7 @@ class JointPlannerLM(L.LightningModule):
             actions of the batch's sentences) added to the LM loss; 0 = LM loss only (the paper).
         lr: Adam learning rate of the LM's trainable weights (paper: 1e-4).
         planner_lr: learning rate of the planner; None (default) = `lr`, 0 = the planner never moves.
-        weight_decay: decoupled (AdamW) weight decay of every trained weight (paper: 0).
+        weight_decay: Adam weight decay (L2 added to the gradient, as the reference) of every trained weight (paper: 0).
         conditioning: how actions enter the LM: `paper` (the reference's Xavier adapters on the raw
             action embedding) or `residual` (a shared per-layer shift every token trains, plus a
             zero-initialised adapter on the centred action embedding: at step 0 every code source
@@ -77,8 +77,8 @@ class JointPlannerLM(L.LightningModule):
             (one projection shared by all layers) before each layer's adapter; 0 = full width.
         residual_lr: learning rate of the code-dependent weights (adapter weights, projection,
             codebooks); None = `lr`. The shared shifts (adapter biases) keep `lr`.
-        residual_weight_decay: decoupled weight decay of the code-dependent weights, pulling the
-            plan's part back to zero unless the data keep it; None = `weight_decay`.
+        residual_weight_decay: weight decay of the code-dependent weights (L2, like `weight_decay`),
+            pulling the plan's part back to zero unless the data keep it; None = `weight_decay`.
         lr_schedule: `constant` (the papers) or `cosine`: linear warm-up over `warmup_steps`, then
             cosine decay to `min_lr_ratio` of every group's rate at the last step.
         warmup_steps: warm-up steps of the cosine schedule.
@@ -398,7 +398,7 @@ class JointPlannerLM(L.LightningModule):
             groups.append({"params": list(self.planner.parameters()), "lr": planner_lr,
                            "weight_decay": h.weight_decay, "name": "planner"})
         groups = [group for group in groups if group["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=h.lr)
+        optimizer = torch.optim.Adam(groups, lr=h.lr)
         if SCHEDULES[h.lr_schedule] is None:
             return optimizer
         scheduler = SCHEDULES[h.lr_schedule](self, optimizer, h.warmup_steps, h.min_lr_ratio)
