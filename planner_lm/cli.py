@@ -110,7 +110,7 @@ def _make_stage_cli_class():
             """Instantiate model, data and trainer; then global rank 0 (known once the trainer
             exists) prepares the stage folder while the other processes wait for it."""
             super().instantiate_classes()
-            from planner_lm.lit.rank_zero import decided_on_rank_zero
+            from planner_lm.rank_zero import decided_on_rank_zero
 
             def prepare() -> str:
                 return str(start_stage(self.output_dir, stage=self.spec.stage, config=self.config_dict,
@@ -198,7 +198,7 @@ def resume_checkpoint(cli: Any, inputs: Mapping[str, str | os.PathLike]) -> str 
     decides (and cleans up); every process resumes from the same answer.
     """
     from planner_lm.lit.checkpointing import LAST_CHECKPOINT, PARTIAL_CHECKPOINT
-    from planner_lm.lit.rank_zero import decided_on_rank_zero
+    from planner_lm.rank_zero import decided_on_rank_zero
 
     folder = Path(cli.output_dir) / "checkpoints"
     record, last = folder / RESUME_RECORD, folder / LAST_CHECKPOINT

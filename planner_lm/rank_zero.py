@@ -1,16 +1,19 @@
-"""Decisions about a stage folder made once, by global rank 0, and used by every process.
+"""Decisions made once, by global rank 0, and used by every process: the one mechanism of every stage.
 
 Preparing, replacing or cleaning a stage folder and choosing the checkpoint to resume from must
 happen on one process only: two processes deleting the folder, or one picking a `last.ckpt` that
 the other is deleting as stale, crash one rank and hang the rest, or silently restart a run.
-How rank 0's answer reaches the others depends on who started them:
+When rank 0 refuses (a `UserError`) or fails before the work starts, every rank raises the same
+error at once, so each prints the same `error:` line and exits: none waits at a barrier for a
+process-group timeout. How rank 0's answer reaches the others depends on who started them:
 
+- torchrun, srun, mpirun or a plain launch with `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/`MASTER_PORT`
+  (every process starts at once): rank 0's answer, or its error, is broadcast over the process
+  group (`shared_decision`; Lightning stages open it first with the backend and timeout Lightning
+  would use, and Lightning reuses it in `fit`; evaluate opens its own);
 - Lightning itself (`ddp` re-runs the script inside `fit`, `ddp_fork`/`ddp_spawn` fork there):
   rank 0 decides before the others exist and leaves its answer in its environment, which the
-  re-run scripts inherit (forked processes never ask);
-- torchrun, srun, mpirun (every process starts at once): the process group is opened now, with
-  the backend and timeout Lightning would use (Lightning reuses it in `fit`), and rank 0's answer,
-  or its error, is broadcast.
+  re-run scripts inherit (forked processes never ask).
 """
 from __future__ import annotations
 
@@ -43,6 +46,30 @@ def _open_process_group(strategy: Any) -> None:
     _init_dist_connection(strategy.cluster_environment, backend, **kwargs)
 
 
+def shared_decision(decide: Callable[[], Any], rank: int, world: int) -> Any:
+    """Run `decide()` on rank 0 of the open process group; every rank returns its (picklable) result
+    or raises its error: a `UserError` as itself, anything else as `RuntimeError("rank 0 failed: ...")`."""
+    if world == 1:
+        return decide()
+    import torch.distributed as dist
+
+    answer: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            answer[0] = {"value": decide()}
+        except BaseException as err:  # noqa: BLE001 - shared with the others, then raised here
+            error = err
+            answer[0] = {"error": str(err), "user": isinstance(err, UserError)}
+    dist.broadcast_object_list(answer, src=0)
+    if error is not None:
+        raise error
+    if "error" in answer[0]:
+        message = answer[0]["error"]
+        raise UserError(message) if answer[0]["user"] else RuntimeError(f"rank 0 failed: {message}")
+    return answer[0]["value"]
+
+
 def decided_on_rank_zero(trainer: Any, key: str, decide: Callable[[], Any]) -> Any:
     """Run `decide()` on global rank 0 only; every process returns its (JSON-able) result.
 
@@ -62,26 +89,8 @@ def decided_on_rank_zero(trainer: Any, key: str, decide: Callable[[], Any]) -> A
         value = decide()
         os.environ[_env_name(key)] = json.dumps(value)
         return value
-    if isinstance(environment, LightningEnvironment):  # a script re-run by rank 0's launcher
-        found = os.environ.get(_env_name(key))
-        if found is None:
-            raise RuntimeError(f"rank {rank} was started without rank 0's decision on {key}")
+    found = os.environ.get(_env_name(key))
+    if isinstance(environment, LightningEnvironment) and found is not None:  # re-run by rank 0's launcher
         return json.loads(found)
-    import torch.distributed as dist
-
-    _open_process_group(strategy)
-    answer: list[Any] = [None]
-    error: BaseException | None = None
-    if rank == 0:
-        try:
-            answer[0] = {"value": decide()}
-        except BaseException as err:  # noqa: BLE001 - shared with the others, then raised here
-            error = err
-            answer[0] = {"error": str(err), "user": isinstance(err, UserError)}
-    dist.broadcast_object_list(answer, src=0)
-    if error is not None:
-        raise error
-    if "error" in answer[0]:
-        message = answer[0]["error"]
-        raise UserError(message) if answer[0]["user"] else RuntimeError(f"rank 0 failed: {message}")
-    return answer[0]["value"]
+    _open_process_group(strategy)  # every process started at once (torchrun, srun, a plain launch)
+    return shared_decision(decide, rank, trainer.world_size)

@@ -2,7 +2,7 @@
 
 Under torchrun every process runs the whole stage script at once, so only global rank 0 may
 prepare, replace or clean the stage folder and choose the checkpoint to resume from; the other
-rank must wait and use the same answer (`planner_lm.lit.rank_zero`). `pretrain-planner` (the
+rank must wait and use the same answer (`planner_lm.rank_zero`). `pretrain-planner` (the
 cheapest training stage) runs: fresh, then again with `--overwrite true` and a changed config,
 and once with one rank SIGKILLed mid-run followed by the same command. Each must end with the
 weights of one process on the same global batch (the tolerance of `tests/test_ddp.py`), and a

@@ -34,11 +34,6 @@ def process_group(device_name: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def score_documents(documents: Sequence[ScoringDocument], scorer: TokenScorer, rank: int, world: int,
                     **windows: Any) -> PerplexityResult:
     """`sliding_window_nll` of this process's share of `documents`, gathered into document order

@@ -24,7 +24,7 @@ from planner_lm import sentence_vectors
 from planner_lm.artifacts import atomic_write_text, write_manifest
 from planner_lm.errors import UserError
 from planner_lm.evaluation.perplexity import PerplexityResult
-from planner_lm.evaluation.sharding import barrier, process_group, score_documents
+from planner_lm.evaluation.sharding import process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
 from planner_lm.evaluation.planner_metrics import other_document_logits, planner_logits, planner_scores
 from planner_lm.evaluation.results import PAIRS, assemble_metrics, finite, run_protocol, setting_line, write_outputs
@@ -33,6 +33,7 @@ from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, 
                                            scored_sources, shared_plain_lm)
 from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, eval_source, generation_selection
 from planner_lm.ownership import start_stage
+from planner_lm.rank_zero import shared_decision
 from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
 from planner_lm.tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -130,9 +131,8 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     config = asdict(cfg)
     rank, world, device = process_group(cfg.device)  # torchrun: documents dealt over the processes
     say = print if rank == 0 else (lambda *args, **kwargs: None)
-    if rank == 0:
-        start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)
-    barrier(world)
+    # rank 0 prepares the folder; its refusal ends every rank at once (no barrier waits for a timeout)
+    shared_decision(lambda: str(start_stage(out, stage=STAGE, config=config, overwrite=cfg.overwrite)), rank, world)
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(str(folder.tokenizer_dir(runs[0])))
