@@ -44,6 +44,7 @@ this file; other files are named. Precision: the plain-torch tests run in float3
 | `planner_loss_weight` | this::test_planner_loss_weight_adds_its_times_the_planner_cross_entropy, test_joint::test_a_planner_no_loss_reaches_is_frozen_from_the_start |
 | `lr`, `planner_lr`, `weight_decay` | this::test_lr_planner_lr_and_coupled_weight_decay_of_joint_training |
 | `conditioning` paper / residual, `residual_rank` | test_residual_conditioning (every test), this::test_residual_lr_and_weight_decay_act_on_the_codes_only |
+| `residual_init` hidden_states, `residual_init_scale`, `residual_init_batches` | this::test_residual_init_starts_each_action_at_the_bases_own_direction |
 | `residual_lr`, `residual_weight_decay` | this::test_residual_lr_and_weight_decay_act_on_the_codes_only |
 | `lr_schedule`, `warmup_steps`, `min_lr_ratio` | this::test_cosine_schedule_warms_up_then_decays_every_group_to_min_lr_ratio |
 | `forgetting_warn_drop` | this::test_forgetting_warn_drop_is_the_threshold_of_the_forgetting_warning |
@@ -521,6 +522,47 @@ def test_forgetting_warn_drop_is_the_threshold_of_the_forgetting_warning(joint_d
             warnings.simplefilter("always")
             quiet_trainer(limit_val_batches=1).validate(model, datamodule=joint_data, verbose=False)
         assert any("forgetting" in str(w.message) for w in caught) == warns, threshold
+
+
+@torch.no_grad()
+def base_directions(data: JointDataModule, lm: ActionConditionedLM, batches: int) -> torch.Tensor:
+    """Per-action mean minus overall mean of each site's input in the plain base, by plain loops."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [site.register_forward_pre_hook(lambda m, a, slot=slot: captured.__setitem__(slot, a[0]))
+               for slot, site in enumerate(lm.sites())]
+    sums, counts = torch.zeros(len(handles), K, lm.adapters[0].out_features, dtype=torch.float64), torch.zeros(K)
+    for index, batch in enumerate(data.ordered_train_loader()):
+        if index == batches:
+            break
+        lm.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for b, t in torch.nonzero(batch["attention_mask"]).tolist():
+            action = int(batch["plan_action"][batch["token_plan"][b, t]])
+            counts[action] += 1
+            for slot, hidden in captured.items():
+                sums[slot, action] += hidden[b, t].double()
+    for handle in handles:
+        handle.remove()
+    seen = counts > 0
+    directions = sums / counts.clamp(min=1).view(1, -1, 1) - sums.sum(1, keepdim=True) / counts.sum()
+    return torch.where(seen.view(1, -1, 1), directions, torch.zeros_like(directions)).float(), seen
+
+
+def test_residual_init_starts_each_action_at_the_bases_own_direction(joint_data, tmp_path):
+    """`residual_init hidden_states`: before the first step each adapter maps every seen action's
+    centred embedding to `residual_init_scale` x the base's mean hidden-state difference for it (over
+    the first `residual_init_batches` ordered training batches)."""
+    model = joint(joint_data, "oracle", lr=0.0, conditioning="residual", residual_init="hidden_states",
+                  residual_init_scale=2.0, residual_init_batches=2)
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path,
+                  precision="32-true").fit(model, datamodule=joint_data)
+    directions, seen = base_directions(joint_data, model.lm.eval(), batches=2)
+    assert seen.sum() >= 2
+    for slot, adapter in enumerate(model.lm.adapters):
+        shifts = torch.stack([model.lm.action_shift(slot, torch.eye(K)[a]) for a in range(K)]).detach()
+        torch.testing.assert_close(shifts[seen], 2.0 * directions[slot][seen], rtol=1e-3, atol=1e-4)
+        assert directions[slot][seen].abs().max() > 100 * 1e-4  # the check is not passing on zeros
+    with pytest.raises(UserError, match="residual_init"):
+        joint(joint_data, "oracle", residual_init="hidden_states")  # needs conditioning residual
 
 
 def test_planner_unfreeze_at_never_holds_the_planner_for_the_whole_run(joint_data, tmp_path):

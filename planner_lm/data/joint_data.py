@@ -214,6 +214,11 @@ class JointDataModule(L.LightningDataModule):
         return resumable_train_loader(self._windows["train"], self.batch_size, None, collate_fn=self.collate,
                                       num_workers=self.num_workers, process=process_of(self))
 
+    def ordered_train_loader(self) -> DataLoader:
+        """The training windows in corpus order, unshuffled: for statistics taken before training
+        (its own loader, so the resumable training order is untouched)."""
+        return DataLoader(self._windows["train"], batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
+
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._windows["val"], batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

@@ -23,10 +23,11 @@ from torch import Tensor
 
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import relative_change_interval, resample_indices
-from planner_lm.evaluation.perplexity import PerplexityResult, ScoringDocument, causal_lm_logprobs, sliding_window_nll
+from planner_lm.evaluation.perplexity import PerplexityResult, causal_lm_logprobs, sliding_window_nll
 from planner_lm.evaluation.scoring import TestSet, load_test_set
 from planner_lm.evaluation.texts import ScoredText
 from planner_lm.models.conditioning import ActionConditionedLM
+from planner_lm.models.steering import SiteMeans
 from planner_lm.run_folder import RunFolder
 
 
@@ -75,45 +76,20 @@ def _site_hooks(lm: ActionConditionedLM, make_hook) -> Iterator[None]:
 @torch.no_grad()
 def action_directions(lm: ActionConditionedLM, table: Tensor | None, test: TestSet, device: torch.device,
                       precision: str, **windows: int) -> tuple[Tensor, Tensor]:
-    """Per-slot, per-action mean hidden state minus the overall mean at each conditioned site's input
-    (before the run's own adapter adds its shift), ``[slots, K, width]``, and the tokens per action ``[K]``.
-
-    The LM runs conditioned with ``table`` (its own code source) on ``test``'s documents; each
-    token counts for the action of its target sentence."""
-    num_actions = lm.num_actions
-    sums: list[Tensor | None] = [None] * len(lm.sites())
-    counts = torch.zeros(num_actions, dtype=torch.float64)
-    current: dict[str, Tensor] = {}
-
-    def collect(slot: int):
-        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            hidden = args[0].detach().to(torch.float64)
-            actions = current["actions"]
-            keep = actions >= 0
-            found = hidden[keep]
-            if sums[slot] is None:
-                sums[slot] = torch.zeros(num_actions, hidden.shape[-1], dtype=torch.float64, device=hidden.device)
-            sums[slot].index_add_(0, actions[keep], found)
-        return hook
+    """`SiteMeans.directions` of ``lm`` conditioned with ``table`` (its own code source) over
+    ``test``'s documents: each token counts for the action of its target sentence."""
+    means = SiteMeans(lm)
 
     def score(ids: Tensor, mask: Tensor, cond: Tensor, keep: int) -> Tensor:
         actions = token_actions(cond, test)
-        current["actions"] = torch.where(mask.bool(), actions, torch.full_like(actions, -1))
-        valid = current["actions"][current["actions"] >= 0].cpu()
-        counts.index_add_(0, valid, torch.ones(len(valid), dtype=torch.float64))
+        means.observe(torch.where(mask.bool(), actions, torch.full_like(actions, -1)))
         weights = None if table is None else _table_weights(table.to(device), cond, test.first)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), lm.conditioned(weights):
             return causal_lm_logprobs(lm.base, ids, mask, keep)
 
-    with _site_hooks(lm, collect):
+    with means.collecting():
         sliding_window_nll(test.documents, score, device=device, progress="ceiling: hidden states", **windows)
-    if counts.sum() == 0 or any(s is None for s in sums):
-        raise UserError("the ceiling probe found no scored tokens in its training documents; raise ceiling.fit_docs")
-    stacked = torch.stack([s.cpu() for s in sums])  # [slots, K, width]
-    overall = stacked.sum(dim=1, keepdim=True) / counts.sum()
-    means = stacked / counts.clamp(min=1).view(1, -1, 1)
-    directions = torch.where(counts.view(1, -1, 1) > 0, means - overall, torch.zeros_like(means))
-    return directions.float(), counts
+    return means.directions()
 
 
 def _table_weights(table: Tensor, cond: Tensor, first: int) -> Tensor:

@@ -79,6 +79,13 @@ class JointPlannerLM(L.LightningModule):
             codebooks); None = `lr`. The shared shifts (adapter biases) keep `lr`.
         residual_weight_decay: weight decay of the code-dependent weights (L2, like `weight_decay`),
             pulling the plan's part back to zero unless the data keep it; None = `weight_decay`.
+        residual_init: `residual` only: `zero` (the plan starts at exactly zero) or `hidden_states`
+            (before the first step, each adapter is fitted so that each action maps to
+            `residual_init_scale` x the base's own mean hidden-state difference for that action,
+            measured on the first `residual_init_batches` training batches: the oracle run then
+            starts where the ceiling probe steers). A warm start keeps its weights instead.
+        residual_init_scale: the scale of that initialisation (the ceiling probe's α).
+        residual_init_batches: training batches (in corpus order) the directions are measured on.
         lr_schedule: `constant` (the papers) or `cosine`: linear warm-up over `warmup_steps`, then
             cosine decay to `min_lr_ratio` of every group's rate at the last step.
         warmup_steps: warm-up steps of the cosine schedule.
@@ -123,6 +130,9 @@ class JointPlannerLM(L.LightningModule):
         residual_rank: int = 0,
         residual_lr: float | None = None,
         residual_weight_decay: float | None = None,
+        residual_init: Literal["zero", "hidden_states"] = "zero",
+        residual_init_scale: float = 1.0,
+        residual_init_batches: int = 32,
         lr_schedule: Literal["constant", "cosine"] = "constant",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
@@ -152,6 +162,11 @@ class JointPlannerLM(L.LightningModule):
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise UserError(f"--model.warmup_steps must be >= 0 and --model.min_lr_ratio in [0, 1], got "
                             f"{warmup_steps} and {min_lr_ratio}")
+        if residual_init not in ("zero", "hidden_states") or (residual_init != "zero" and conditioning != "residual"):
+            raise UserError(f"--model.residual_init must be zero or hidden_states (the latter needs --model.conditioning "
+                            f"residual), got {residual_init} with {conditioning}")
+        if residual_init_batches < 1:
+            raise UserError(f"--model.residual_init_batches must be >= 1, got {residual_init_batches}")
         for at in (planner_unfreeze_at, codebook_unfreeze_at):
             resolve_unfreeze_step(at, total_steps=100)  # rejects malformed schedules before any work
         self.save_hyperparameters()
@@ -342,7 +357,37 @@ class JointPlannerLM(L.LightningModule):
 
     @torch.no_grad()
     def on_train_start(self) -> None:
-        """Measure the planner's validation accuracy before joint training (forgetting baseline)."""
+        """Before the first step: the residual's hidden-state start (when asked) and the planner's
+        validation accuracy (the forgetting baseline)."""
+        self._initialise_residual()
+        self._measure_planner_start()
+
+    @torch.no_grad()
+    def _initialise_residual(self) -> None:
+        h = self.hparams
+        if h.residual_init != "hidden_states" or self.global_step > 0 or h.init_lm_path or self.selection == "none":
+            return  # a resumed or warm-started run keeps the weights it has
+        from planner_lm.models.steering import SiteMeans, fit_residual
+
+        means = SiteMeans(self.lm)
+        was_training = self.lm.training
+        self.lm.eval()  # the LM's own states, without dropout noise
+        with means.collecting(), self.trainer.precision_plugin.forward_context():
+            for index, batch in enumerate(self.trainer.datamodule.ordered_train_loader()):
+                if index == h.residual_init_batches:
+                    break
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                actions = batch["plan_action"][batch["token_plan"]]
+                means.observe(torch.where(batch["attention_mask"].bool(), actions, torch.full_like(actions, -1)))
+                self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        action_weights=None)  # the base's own states: the residual is still zero
+        self.lm.train(was_training)
+        directions, counts = means.directions()
+        fit_residual(self.lm, directions, counts, h.residual_init_scale)
+        self.log("train/residual_init_tokens", float(counts.sum()))
+
+    @torch.no_grad()
+    def _measure_planner_start(self) -> None:
         if self.planner is None or self.planner_acc_start is not None:
             return
         loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule else None
