@@ -24,6 +24,7 @@ from planner_lm.hardware import fast_precision
 from planner_lm.quiet import quiet_upstream
 from planner_lm.ownership import check_stage, start_stage
 from planner_lm.run_folder import stage_dir
+from planner_lm.seeding import DEFAULT_SEED
 
 T = TypeVar("T")
 
@@ -173,7 +174,7 @@ def build_cli(spec: StageSpec, args: Sequence[str] | None = None):
         run=False,
         args=list(args) if args is not None else None,  # None: LightningCLI reads sys.argv
         save_config_callback=None,
-        seed_everything_default=42,
+        seed_everything_default=DEFAULT_SEED,
         trainer_defaults=trainer_defaults,
         parser_kwargs={"description": spec.description},
     )

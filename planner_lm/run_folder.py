@@ -99,6 +99,29 @@ class JointRun:
         return json.loads(path.read_text()) if path.is_file() else []
 
     @property
+    def steps(self) -> int | None:
+        """Optimizer steps this run trained (None when its manifest does not say)."""
+        steps = self.manifest.metrics.get("steps")
+        return None if steps is None else int(steps)
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps from the run's initialisation: its own, plus, for a warm start, its
+        source's total (fact `total_steps`; for runs saved before it was recorded, summed through
+        the `init_from` run beside it). Equal budgets compare equal totals, not equal own steps."""
+        recorded = self.manifest.facts.get("total_steps")
+        if recorded is not None:
+            return int(recorded)
+        init = self.manifest.facts.get("init_from")
+        if not init or self.steps is None:
+            return self.steps
+        source = self.dir.with_name(f"{JOINT_PREFIX}{init}")
+        if not finished(source):
+            return None
+        before = JointRun(init, source, read_manifest(source, "finetune_joint")).total_steps
+        return None if before is None else before + self.steps
+
+    @property
     def hub_dir(self) -> Path:
         """Where `planner_lm.publish` saves the shareable copies (`lm/`, `planner/`)."""
         return self.dir / HUB_DIR
@@ -125,6 +148,11 @@ class RunFolder:
         """`5_eval` for the run's test split, `5_eval-<corpus>` for another corpus."""
         base = self.dir("evaluate")
         return base if corpus is None else base.with_name(f"{base.name}-{corpus}")
+
+    def seed_dir(self, seed: int) -> Path:
+        """`seed-<seed>`: the same run trained again with another `seed_everything`, its upstream stages
+        linked (`make demo SEEDS=N`: the planner and compared runs; `NULL_SEED=<seed>`: `fixed` only)."""
+        return self.root / f"seed-{seed}"
 
     def has(self, stage: str) -> bool:
         """Whether `stage` finished in this run (its manifest exists)."""

@@ -408,9 +408,40 @@ def test_warm_start_refuses_a_run_of_other_layers_or_another_base(pred_run, tmp_
 
 
 def test_warm_started_stage_records_its_source(pred_run):
+    """... and its total steps from its initialisation: its own 2 on top of pred's 2 (the budget the
+    evaluation compares; a cold start's total is its own steps)."""
     manifest = run_stage(pred_run, "soft", "--data.init_from", "pred")
     assert manifest["facts"]["init_from"] == "pred"
     assert "init" in manifest["inputs"]
+    pred = json.loads((stage_dir(pred_run, "finetune_joint", "pred") / "manifest.json").read_text())
+    assert pred["facts"]["total_steps"] == pred["metrics"]["steps"] == 2
+    assert manifest["facts"]["total_steps"] == manifest["metrics"]["steps"] + 2 == 4
+
+
+def test_seed_everything_also_seeds_the_adapters(tmp_path, monkeypatch):
+    """A joint run with another `--seed_everything` starts from other adapters, not only another data
+    order (the noise floor's second `fixed` run must differ in both); the default seed 42 keeps
+    adapter seed 0, the initialisation of every earlier run."""
+    from planner_lm.models.conditioning import ActionConditionedLM
+    from planner_lm.models.scale import build_conditioned_lm
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # restored afterwards: the stage sets it for this process
+    run = make_fake_upstream(tmp_path, num_docs=12, dim=DIM, k=K)
+    write_fake_lm(run)
+    run_stage(run, "fixed", "--seed_everything", "43", "--trainer.max_steps", "1")
+    saved = json.loads((stage_dir(run, "finetune_joint", "fixed") / "lm" / "conditioning_config.json").read_text())
+    assert saved["adapter_seed"] == 1
+    codebook = torch.from_numpy(np.load(stage_dir(run, "cluster") / "centroids.npy"))
+    built = {}
+    for seed in ("42", "43"):
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        built[seed] = build_conditioned_lm(str(stage_dir(run, "pretrain_lm")), codebook, "fixed", "frozen", [2, 3], True)
+    assert built["42"].settings.adapter_seed == 0 and built["43"].settings.adapter_seed == 1
+    reference = ActionConditionedLM(built["42"].base, codebook, conditioned_layers=[2, 3], adapter_seed=0)
+    for name, tensor in built["42"].adapters.state_dict().items():
+        assert torch.equal(tensor, reference.adapters.state_dict()[name]), name
+        if name.endswith("weight"):  # biases start at zero whatever the seed
+            assert not torch.equal(tensor, built["43"].adapters.state_dict()[name]), name
 
 
 def test_runs_record_their_learning_curve_and_evaluation_tabulates_it_against_fixed(pred_run, tmp_path):

@@ -17,10 +17,14 @@ REFERENCE = "fixed"
 
 
 def val_curves(runs: list[JointRun]) -> dict[str, dict[int, float]]:
-    """Validation PPL by step of every run that validated during training (`{selection: {step: ppl}}`)."""
+    """Validation PPL by total step of every run that validated during training (`{selection: {step:
+    ppl}}`): a warm-started run's steps count from its source's initialisation (`JointRun.total_steps`),
+    so a column compares runs after the same number of updates."""
     curves = {}
     for run in runs:
-        points = {int(row["step"]): float(row["val/ppl"]) for row in run.val_curve() if "val/ppl" in row}
+        total, own = run.total_steps, run.steps
+        offset = total - own if total is not None and own is not None else 0
+        points = {int(row["step"]) + offset: float(row["val/ppl"]) for row in run.val_curve() if "val/ppl" in row}
         if points:
             curves[run.selection] = dict(sorted(points.items()))
     return curves
@@ -33,8 +37,9 @@ def curve_markdown(curves: dict[str, dict[int, float]], reference: str = REFEREN
         return ""
     steps = sorted({step for points in curves.values() for step in points})
     ref = curves.get(reference, {})
-    lines = ["", f"Validation PPL by training step (Δ vs {reference} at the same step):", "",
-             "| step | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    lines = ["", f"Validation PPL by total training step, counted from each run's initialisation (a warm start "
+             f"includes its source's steps; Δ vs {reference} at the same total step):", "",
+             "| total step | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
     for step in steps:
         cells = []
         for name, points in curves.items():
@@ -66,7 +71,7 @@ def plot_curves(curves: dict[str, dict[int, float]], path: Path, reference: str 
         axes[1, 0].axhline(0, color="gray", lw=0.8)
         axes[1, 0].set_ylabel(f"Δ vs {reference} (%)")
         axes[1, 0].grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("training step")
+    axes[-1, 0].set_xlabel("total training step (from initialisation)")
     fig.suptitle("Learning curves of the joint runs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from planner_lm import seeding
 from planner_lm.errors import UserError
 from planner_lm.models.base_lm import load_base_lm
 from planner_lm.models.conditioning import ActionConditionedLM
@@ -18,13 +19,14 @@ def build_conditioned_lm(
     lm_path: str, codebook: Tensor, selection: str, base_mode: str, conditioned_layers: list[int] | None,
     per_layer_codebook: bool, lora_r: int = 8, lora_alpha: int = 32, adapter_site: str = "attention_output",
     base_dtype: str | None = None, activation_checkpointing: bool = False, conditioning: str = "paper",
-    residual_rank: int = 0,
+    residual_rank: int = 0, adapter_seed: int | None = None,
 ) -> ActionConditionedLM:
     """Load the base LM (in `base_dtype`, e.g. a frozen bf16 base) and wrap it with fp32 action adapters.
 
     For the plain-LM selection (`none`) the adapters and codebook are frozen and never see an
     action, so the model is the base LM bit for bit and only the base weights (lora / full) train.
-    With `activation_checkpointing` each block's activations are recomputed in backward.
+    With `activation_checkpointing` each block's activations are recomputed in backward. The
+    adapters are initialised from `adapter_seed`, by default the run's (`seeding.adapter_seed`).
     """
     if base_dtype is not None and base_mode != "frozen":
         raise UserError(f"--model.base_dtype {base_dtype} needs base_mode frozen: trained weights stay float32")
@@ -34,6 +36,7 @@ def build_conditioned_lm(
         load_base_lm(lm_path, dtype=base_dtype), codebook, conditioned_layers=conditioned_layers,
         per_layer_codebook=per_layer_codebook, base_mode=base_mode, lora_r=lora_r, lora_alpha=lora_alpha,
         adapter_site=adapter_site, conditioning=conditioning, residual_rank=residual_rank,
+        adapter_seed=seeding.adapter_seed() if adapter_seed is None else adapter_seed,
     )
     if selection == "none":
         for parameter in [*lm.adapter_parameters(), *lm.codebook_parameters()]:

@@ -42,6 +42,15 @@ SPEC = StageSpec(
 )
 
 
+def total_steps(data: JointDataModule, steps: int) -> int | None:
+    """Optimizer steps from this run's initialisation: its own, plus its warm start's total (None
+    when the warm start's total is unknown)."""
+    if not data.init_from:
+        return steps
+    before = data.folder.joint_run(data.init_from).total_steps
+    return None if before is None else before + steps
+
+
 def run_finetune_joint(args: list[str] | None = None) -> dict:
     """Train (or, for the untouched plain LM, only evaluate), save the hand-offs, write the manifest."""
     cli = build_cli(SPEC, args)
@@ -92,6 +101,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
         "base_mode": model.hparams.base_mode,
         "trained": trained,
         "init_from": data.init_from,  # warm start: the joint run whose LM this one started from
+        "total_steps": total_steps(data, int(trainer.global_step)),  # from the initialisation: the budget compared
         "note": None if trained else "plain LM with frozen weights: the untouched base LM, evaluated directly",
     }
     manifest: dict = {}
@@ -102,5 +112,7 @@ def run_finetune_joint(args: list[str] | None = None) -> dict:
             summary += f", planner accuracy {100 * metrics['val/planner_acc']:.1f}%"
             if model.planner_acc_start is not None:
                 summary += f" (before joint training {100 * model.planner_acc_start:.1f}%)"
+        if facts["total_steps"] != metrics["steps"]:
+            summary += f" ({facts['total_steps']} steps from its initialisation, {data.init_from}'s included)"
         print(f"{summary}; {metrics['steps']} steps in {seconds:.0f} s -> {out}")
     return manifest
