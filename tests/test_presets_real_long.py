@@ -48,7 +48,7 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
         if stage == "finetune_joint":
             order.append((Path(config["run_dir"]).name, config["model"]["selection"]))
             joint[order[-1]] = config
-        elif stage == "evaluate" and Path(config["run_dir"]).name == "real":
+        elif stage == "evaluate" and Path(config["run_dir"]).name == "real" and config["corpus"] is None:
             assert "planner_soft_other_doc" in config["code_sources"]
     assert set(joint) >= {("real", s) for s in ("pred", "soft", "none", "fixed", "boundary", "oracle", "hard")}
     for (where, selection), config in joint.items():
@@ -62,8 +62,23 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
     assert joint[("soft-lm-loss", "soft")]["model"]["planner_loss_weight"] == 0.0
     # the order: pred is trained before soft needs it
     assert order.index(("real", "pred")) < order.index(("real", "soft"))
-    sotu = [resolved(s, a, capsys) for s, a in commands if s == "evaluate" and "--corpus.name" in a]
-    assert sotu and sotu[0]["corpus"]["name"] == "sotu" and sotu[0]["max_docs"] == 20
+    corpora = {config["corpus"]["name"]: config for config in
+               (resolved(s, a, capsys) for s, a in commands if s == "evaluate" and "--corpus.name" in a)}
+    assert corpora["sotu"]["max_docs"] == 20
+    # the verdicts' split: 2,400 documents the demo run never used, each run with its own codes only
+    held_out = corpora["held_out"]
+    assert held_out["corpus"]["max_docs"] == 2400 and held_out["corpus"]["sample_seed"] is not None
+    assert held_out["code_sources"] == ["matched"] and held_out["structure"]["docs"] == 0
+    # the noise floor: fixed again with seed 43, nothing else changed, scored by every evaluation of the run
+    null = joint[("seed-43", "fixed")]
+    assert null["seed_everything"] == 43 and joint[("real", "fixed")]["seed_everything"] == 42
+    def except_seed(config: dict) -> dict:
+        return {**{k: v for k, v in config.items() if k not in ("seed_everything", "run_dir")},
+                "data": {**config["data"], "run_dir": None}}
+
+    assert except_seed(null) == except_seed(joint[("real", "fixed")])
+    evaluations = [resolved(s, a, capsys) for s, a in commands if s == "evaluate"]
+    assert all(c["null_seed"] == (None if Path(c["run_dir"]).name == "soft-lm-loss" else 43) for c in evaluations)
 
 
 def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path, capsys):
@@ -77,7 +92,21 @@ def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path,
     assert set(joint) == {"soft", "fixed"}
     assert joint["soft"]["data"]["init_from"] is None and joint["soft"]["model"]["planner_loss_weight"] == 0.0
     assert all(c["trainer"]["max_steps"] == 150 and c["trainer"]["val_check_interval"] == 75 for c in joint.values())
-    assert not [a for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+    corpora = [resolved(s, a, capsys)["corpus"]["name"] for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+    assert corpora == ["held_out"]  # no sotu; the verdicts' held-out split stays
+
+
+def test_make_real_pred_budget_trains_pred_for_the_warm_soft_runs_total_steps(tmp_path, capsys):
+    """REAL_EXTRAS=pred-budget: pred trained for soft's total steps (its own REAL_STEPS on pred's
+    REAL_STEPS) in a variant that links soft and fixed, so their pair compares equal budgets."""
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="7", REAL_EXTRAS="pred-budget",
+                              REAL_HELD_OUT_DOCS="", REAL_NULL_SEED="")
+    configs = [resolved(s, a, capsys) for s, a in commands if s in ("finetune_joint", "evaluate")]
+    trained = {(Path(c["run_dir"]).name, c["model"]["selection"]): c for c in configs if "model" in c}
+    assert trained[("pred-budget", "pred")]["trainer"]["max_steps"] == 14
+    assert trained[("real", "pred")]["trainer"]["max_steps"] == 7
+    assert not [key for key in trained if key[0] == "seed-43"]  # REAL_NULL_SEED= : no null run
+    assert all(c["null_seed"] is None for c in configs if "model" not in c)
 
 
 def test_make_precisions_trains_only_the_other_side_in_the_other_precision(tmp_path):
@@ -109,9 +138,14 @@ def test_make_precisions_trains_only_the_other_side_in_the_other_precision(tmp_p
 
 def test_make_long_has_every_lm_stage_on_sotu(tmp_path, capsys):
     stages = {}
-    for stage, args in stage_commands("long", tmp_path, LONG_RUN=str(tmp_path / "long")):  # not the checkout's runs/long
+    commands = stage_commands("long", tmp_path, LONG_RUN=str(tmp_path / "long"))  # not the checkout's runs/long
+    for stage, args in commands:
         stages.setdefault(stage, resolved(stage, args, capsys))
     assert {"prepare", "pretrain_lm", "finetune_joint", "evaluate"} <= set(stages)
     assert stages["prepare"]["corpus"]["name"] == "sotu"
     assert stages["finetune_joint"]["trainer"]["max_steps"] == 120  # the demo's joint budget, not the paper's
     assert stages["pretrain_lm"]["trainer"]["max_steps"] == 150
+    assert stages["evaluate"]["null_seed"] == 43  # the noise floor: fixed trained again with seed 43
+    null = [resolved(s, a, capsys) for s, a in commands
+            if s == "finetune_joint" and a[a.index("--run_dir") + 1].endswith("seed-43")]
+    assert null and null[0]["model"]["selection"] == "fixed" and null[0]["seed_everything"] == 43

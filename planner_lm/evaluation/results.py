@@ -14,6 +14,7 @@ from planner_lm.artifacts import atomic_write_text
 from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
 from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
 from planner_lm.evaluation.perplexity import nll_by_position
+from planner_lm.evaluation.power import power_markdown
 from planner_lm.evaluation.report import (
     SIGNIFICANT_MARK,
     Column,
@@ -58,11 +59,21 @@ def run_protocol(runs: list[JointRun], embed: Any, num_actions: int, fingerprint
         values = {str(r.manifest.facts.get(key)) for r in runs if r.manifest.facts.get(key) is not None}
         return values.pop() if len(values) == 1 else (", ".join(sorted(values)) if values else None)
 
-    steps = sorted({int(r.manifest.metrics["steps"]) for r in runs
-                    if r.manifest.facts.get("trained") and r.manifest.metrics.get("steps") is not None})
+    trained = [r for r in runs if r.manifest.facts.get("trained") and r.total_steps is not None]
     return {"base_lm": common("lm_name"), "base_mode": common("base_mode"), "tokenizer": fingerprint[:12],
             "num_actions": num_actions, "encoder": embed.fact("encoder"),
-            "joint_steps": ", ".join(map(str, steps)) or None}
+            "joint_steps": steps_description(trained), "total_steps": {r.selection: r.total_steps for r in trained}}
+
+
+def steps_description(runs: list[JointRun]) -> str | None:
+    """The trained runs' total steps from their initialisation: the cold starts' figures, then each
+    warm start spelled out (`soft 600 = 300 on pred's 300`), so unequal budgets are never hidden."""
+    cold = sorted({run.total_steps for run in runs if run.total_steps == run.steps})
+    warm = [f"{run.selection} {run.total_steps} = {run.steps} on {run.manifest.facts.get('init_from')}'s "
+            f"{run.total_steps - run.steps}" for run in runs if run.steps is not None and run.total_steps != run.steps]
+    text = ", ".join(map(str, cold))
+    return (f"{text} ({'; '.join(warm)})" if text and warm else text or "; ".join(warm)) or None
+
 
 
 def untouched_base_result(runs: list[JointRun], results: dict) -> Any:
@@ -153,7 +164,7 @@ def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
 def setting_line(protocol: dict[str, Any]) -> str:
     """The one-line description of what was compared, printed above the table."""
     return (f"Setting: base LM {protocol.get('base_lm', '?')} ({protocol.get('base_mode', '?')} base weights, "
-            f"{protocol.get('joint_steps', '?')} joint steps), tokenizer {protocol.get('tokenizer', '?')}, "
+            f"{protocol.get('joint_steps', '?')} joint steps from initialisation), tokenizer {protocol.get('tokenizer', '?')}, "
             f"k = {protocol.get('num_actions', '?')} actions from {protocol.get('encoder', '?')}; "
             f"{protocol.get('scored', 'test split')} "
             f"{protocol['test_docs']} documents, {protocol['test_tokens']} tokens, window {protocol['window']}, "
@@ -232,6 +243,7 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
     body += pairs_markdown(metrics["pairs"])
+    body += power_markdown(metrics.get("power"))
     body += length_markdown(matched_rows)
     curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step
     metrics["val_curves"] = {name: {str(step): ppl for step, ppl in points.items()} for name, points in curves.items()}

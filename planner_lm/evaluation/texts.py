@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from planner_lm import sentence_vectors
-from planner_lm.corpus import CorpusConfig, corpus_description, iter_documents
+from planner_lm.corpus import HELD_OUT, CorpusConfig, Document, corpus_description, iter_documents
 from planner_lm.errors import UserError
 from planner_lm.evaluation.planner_metrics import action_baselines
+from planner_lm.prepared import SPLITS
 from planner_lm.run_folder import RunFolder
 from planner_lm.sentences import split_sentences, splitter_name
 
@@ -116,8 +117,8 @@ def external_text(folder: RunFolder, corpus: CorpusConfig, cache_dir: Path, devi
     import datasets
 
     description = corpus_description(corpus)
-    documents = [d for d in tqdm(iter_documents(corpus), desc="reading corpus", unit="doc", leave=False)
-                 if d.text.strip()]
+    source = held_out_documents(folder, corpus) if corpus.name == HELD_OUT else iter_documents(corpus)
+    documents = [d for d in tqdm(source, desc="reading corpus", unit="doc", leave=False) if d.text.strip()]
     if not documents:
         raise UserError(f"the corpus {description} has no non-empty documents; check corpus.name / corpus.text_field")
     texts = [d.text for d in documents]
@@ -140,6 +141,42 @@ def external_text(folder: RunFolder, corpus: CorpusConfig, cache_dir: Path, devi
           f"(median {int(np.median(counts))} per document), encoded with {folder.encoder_settings()['encoder']}")
     return ScoredText(corpus_slug(corpus), table, embeddings, actions, np.repeat(firsts, counts),
                       cache_dir / "tokens" / documents_digest(table), offset=folder.prepared.num_sentences)
+
+
+def held_out_documents(folder: RunFolder, corpus: CorpusConfig) -> list[Document]:
+    """The run's own corpus minus every document its prepare stage placed in train, val or test (by
+    `doc_id`, and any other with the same text): documents no stage trained, clustered or validated
+    on, so a test split far larger than the prepared one costs no training data.
+
+    `corpus.max_docs` of them (None = all): with `corpus.sample_seed`, the documents at the sorted
+    positions `numpy.random.default_rng(sample_seed).choice(unused, max_docs, replace=False)`, in
+    corpus order; without it, the first ones. The corpus itself is the one the prepare stage recorded.
+    """
+    prepare = folder.prepared.manifest
+    recorded = prepare.config.get("corpus")
+    if not isinstance(recorded, dict) or not recorded.get("name"):
+        raise UserError(f"{prepare.dir} records no corpus to take held-out documents from; prepare the run "
+                        f"again with this version, or evaluate another corpus than {HELD_OUT}")
+    known = CorpusConfig.__dataclass_fields__
+    source = CorpusConfig(**{key: value for key, value in recorded.items() if key in known})
+    used_ids: set[int] = set()
+    used_texts: set[str] = set()
+    for split in SPLITS:
+        table = folder.prepared.split(split).data
+        used_ids.update(table.column("doc_id").to_pylist())
+        used_texts.update(table.column("text").to_pylist())
+    unused = [doc for doc_id, doc in enumerate(iter_documents(source))
+              if doc_id not in used_ids and doc.text.strip() and doc.text not in used_texts]
+    wanted = corpus.max_docs
+    if not unused or (wanted is not None and wanted > len(unused)):
+        raise UserError(f"the run's prepare stage left {len(unused):,} documents of {corpus_description(source)} "
+                        f"unused, fewer than the {wanted or 1:,} asked for; lower corpus.max_docs")
+    if wanted is None:
+        return unused
+    if corpus.sample_seed is None:
+        return unused[:wanted]
+    picks = np.sort(np.random.default_rng(corpus.sample_seed).choice(len(unused), size=wanted, replace=False))
+    return [unused[i] for i in picks]
 
 
 def documents_digest(documents: Any) -> str:

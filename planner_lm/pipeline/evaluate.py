@@ -23,7 +23,9 @@ import torch
 from planner_lm import sentence_vectors
 from planner_lm.artifacts import atomic_write_text, write_manifest
 from planner_lm.errors import UserError
+from planner_lm.evaluation.bootstrap import resample_indices
 from planner_lm.evaluation.perplexity import PerplexityResult
+from planner_lm.evaluation.power import null_fixed_run, power_markdown, power_report
 from planner_lm.evaluation.sharding import process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
 from planner_lm.evaluation.planner_metrics import other_document_logits, planner_logits, planner_scores
@@ -92,6 +94,9 @@ class EvaluateConfig:
             records the one used). With bf16 the first run is also scored in 32 on
             `precision_check_docs` documents and the difference is reported.
         precision_check_docs: documents of that check (0 = skip it).
+        null_seed: the training-noise floor: also score `<run_dir>/seed-<null_seed>/4_joint-fixed`, this
+            run's `fixed` trained again with only `seed_everything` changed (make: NULL_SEED=43), and
+            report its Δ against `fixed` beside every verdict; None = no floor measured.
         seed: seed of the bootstrap and of sampling.
         overwrite: replace a finished evaluation made with a different config.
     """
@@ -111,6 +116,7 @@ class EvaluateConfig:
     device: str = "auto"
     precision: str = "32"
     precision_check_docs: int = 20
+    null_seed: int | None = None
     seed: int = 0
     overwrite: bool = False
 
@@ -127,6 +133,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     num_actions = folder.num_actions
     pretrained = folder.pretrained_planner()
     runs = folder.joint_runs(cfg.runs)
+    null_run = null_fixed_run(folder, runs, cfg.null_seed) if cfg.null_seed is not None else None
     out = folder.eval_dir(corpus_slug(cfg.corpus) if cfg.corpus else None)
     config = asdict(cfg)
     rank, world, device = process_group(cfg.device)  # torchrun: documents dealt over the processes
@@ -216,6 +223,14 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                 print(f"  {run.selection:>16} / generation   " + ", ".join(
                     f"{k} {v:.3f}" for k, v in structure[run.selection].items() if k in ("rouge2", "edit", "follow")))
         del lm
+    null_result = None
+    if null_run is not None:  # the noise floor: fixed trained again with another seed, scored like fixed
+        lm = ActionConditionedLM.from_pretrained(null_run.lm_dir).to(device).eval()
+        table = code_weights("fixed", None, test.actions, num_actions, test.positions)
+        null_result = score_documents(test.documents, make_scorer(lm, table, test.first, device, cfg.precision), rank,
+                                      world, device=device, progress=f"fixed seed {cfg.null_seed} / fixed", **windows)
+        say(f"  {f'fixed (seed {cfg.null_seed})':>16} / fixed        ppl {null_result.ppl:9.3f}")
+        del lm
 
     if rank != 0:
         return {}
@@ -224,12 +239,16 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
         protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check
     metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
                                protocol)
+    metrics["power"] = power_report(runs, results, metrics["pairs"], null_run, null_result,
+                                    resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed),
+                                    cfg.confidence)
     metrics["seconds"] = {"perplexity": timings, "total": round(time.perf_counter() - started, 1)}
     plots = write_outputs(out, runs, results, test, metrics)
     atomic_write_text(out / "generations.jsonl", "".join(json.dumps(finite(x)) + "\n" for x in samples))
     inputs = {"prepare": folder.dir("prepare"), "embed": folder.dir("embed"), "cluster": folder.dir("cluster"),
               **({"planner": pretrained.dir} if pretrained is not None else {}),
-              **{f"joint-{r.selection}": r.dir for r in runs}}
+              **{f"joint-{r.selection}": r.dir for r in runs},
+              **({f"joint-fixed-seed-{cfg.null_seed}": null_run.dir} if null_run is not None else {})}
     headline = {row["label"]: row["ppl"]["value"] for row in metrics["rows"] if row.get("matched")}
     write_manifest(out, stage=STAGE, config=config, inputs=inputs,
                    outputs=["metrics.json", "results.md", *plots, "generations.jsonl"],
@@ -238,6 +257,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     print()
     print(setting_line(metrics["protocol"]))
     print(metrics["table"])
+    print(power_markdown(metrics["power"]))
     print(f"written to {out} in {metrics['seconds']['total']:.0f} s")
     return metrics
 
