@@ -23,6 +23,13 @@ weights (`--bf16-base`) only pay on hosts with native bf16.
     .venv/bin/python bench/bench_joint.py [--steps 5] [--batch-size 8] [--device cpu]
     .venv/bin/python bench/bench_joint.py --mode frozen_vs_plain --shape smollm2 --steps 3
 
+`--mode designs` times the frozen-base joint step of each conditioning `make real` can choose, side
+by side on the SmolLM2-135M shape: the paper's adapters on layers 2-29, the residual design (full
+width, and through a rank-16 shared projection), and the residual design on the top half only
+(layers 15-29: backward stops at layer 15, the lever that trades conditioned depth for time).
+
+    .venv/bin/python bench/bench_joint.py --mode designs --steps 3
+
 Every input is synthetic; `--device cuda` without a GPU is one line (exit 2). The report grows in
 `--json` (default bench/out/joint.json) after the set-up and after every round of steps.
 """
@@ -152,6 +159,52 @@ def frozen_vs_plain(args: argparse.Namespace, device: torch.device, report) -> N
     })
 
 
+DESIGNS: dict[str, dict] = {
+    "paper_layers_2_29": {},
+    "residual_layers_2_29": {"conditioning": "residual"},
+    "residual_rank16_layers_2_29": {"conditioning": "residual", "residual_rank": 16},
+    "residual_layers_15_29": {"conditioning": "residual", "conditioned_layers": list(range(15, 30))},
+}
+"""The conditionings `--mode designs` times (ActionConditionedLM options over the SmolLM2 shape)."""
+
+
+def designs(args: argparse.Namespace, device: torch.device, report) -> None:
+    """The frozen joint step of each of `DESIGNS`, same batch, same planner, interleaved (see module doc)."""
+    torch.manual_seed(0)
+    codebook = F.normalize(torch.randn(args.num_actions, args.embedding_dim), dim=-1)
+    planner = Planner(args.embedding_dim, args.num_actions, args.context_sentences).to(device).train()
+    models, optimizers = {}, {}
+    for name, options in DESIGNS.items():
+        lm = ActionConditionedLM(smollm2_base().to(device), codebook, **options).to(device).train()
+        with torch.no_grad():  # a residual that has started to move, so every design runs the same kernels
+            for adapter in lm.adapters:
+                adapter.weight.normal_(0, 1e-3)
+        models[name] = lm
+        optimizers[name] = torch.optim.Adam([p for p in [*lm.parameters(), *planner.parameters()] if p.requires_grad],
+                                            lr=1e-3)
+    b, t = args.batch_size, args.window
+    input_ids, token_sentence, contexts, mask = synthetic_batch(args, device, 49152)
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        with autocast(device, args.precision):
+            weights = select_weights(planner(contexts, mask), "soft")[token_sentence]
+        joint_update(models[name], optimizers[name], input_ids, weights, args.precision)
+        return time.perf_counter() - start
+
+    report.update({"shape": "smollm2", "batch": [b, t], "precision": args.precision, "steps": args.steps,
+                   "trainable_parameters": {name: sum(p.numel() for p in lm.parameters() if p.requires_grad)
+                                            for name, lm in models.items()}})
+    report.save()
+    median = time_variants(step, tuple(DESIGNS), args.steps, report)
+    first = next(iter(DESIGNS))
+    report.update({
+        "median_step_s": {v: round(x, 3) for v, x in median.items()},
+        "tokens_per_s": {v: round(b * t / x, 1) for v, x in median.items()},
+        "over_paper": {v: round(x / median[first], 3) for v, x in median.items()},
+    })
+
+
 def planner_overhead(args: argparse.Namespace, device: torch.device, report) -> None:
     """What the planner adds to an LM step, planning per sentence or per token (see module doc)."""
     torch.manual_seed(0)
@@ -197,9 +250,10 @@ def planner_overhead(args: argparse.Namespace, device: torch.device, report) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("planner", "frozen_vs_plain"), default="planner",
+    parser.add_argument("--mode", choices=("planner", "frozen_vs_plain", "designs"), default="planner",
                         help="planner: what the planner adds to a step; frozen_vs_plain: the frozen-base joint step "
-                             "against a plain forward+backward of the same base")
+                             "against a plain forward+backward of the same base; designs: the joint step of each "
+                             "conditioning make real can choose")
     parser.add_argument("--shape", choices=("smollm2", "demo"), default="smollm2", help="base shape (frozen_vs_plain)")
     parser.add_argument("--bf16-base", action="store_true", help="frozen base in bf16 (frozen_vs_plain; native-bf16 hosts)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default=None,
@@ -220,14 +274,14 @@ def main() -> None:
     args = parser.parse_args()
     args.precision = args.precision or fast_precision()
     torch.set_num_threads(args.threads)
-    name = "joint_step" if args.mode == "planner" else "frozen_joint_vs_plain"
+    name = {"planner": "joint_step", "frozen_vs_plain": "frozen_joint_vs_plain", "designs": "joint_designs"}[args.mode]
     with bench_report(name, args.json, mode=args.mode, host=platform.node(), cpu_flags=cpu_flags(),
                       threads=args.threads, torch=torch.__version__) as report:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: no CUDA device here; pass --device cpu")
         report["device"] = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-        (frozen_vs_plain if args.mode == "frozen_vs_plain" else planner_overhead)(args, device, report)
+        {"planner": planner_overhead, "frozen_vs_plain": frozen_vs_plain, "designs": designs}[args.mode](args, device, report)
 
 
 if __name__ == "__main__":

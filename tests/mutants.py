@@ -172,8 +172,8 @@ MUTANTS += [
     Mutant("33: a forced plan starts one sentence late", "planner_lm/generation.py",
            "step = sentence_index - row.prompt_sentences", "step = sentence_index - row.prompt_sentences - 1", (FORCED_PLAN,)),
     Mutant("34: from_pretrained gives every layer the first layer's codebook", "planner_lm/models/conditioning.py",
-           'self.codebook.copy_(state["codebook"].to(device))',
-           'self.codebook.copy_(state["codebook"][:1].expand_as(self.codebook).to(device))', ("tests/test_conditioning.py::test_save_load_round_trip_gives_identical_logits",)),
+           'tensor.copy_(state[name].to(device))',
+           'tensor.copy_((state[name][:1].expand_as(tensor) if name == "codebook" else state[name]).to(device))', ("tests/test_conditioning.py::test_save_load_round_trip_gives_identical_logits",)),
     Mutant("35: publish leaves a local base LM out of the shared folder", "planner_lm/publish.py",
            "include_base=local_base,", "include_base=False,", ("tests/test_publish.py::test_a_run_is_pushed_with_cards_and_loads_back_anywhere",)),
     Mutant("36: corpus evaluation writes length-sorted actions back in sorted order", "planner_lm/evaluation/texts.py",
@@ -201,6 +201,34 @@ MUTANTS += [
            "weights = select_weights(logits, config.selection, temperature=config.planner_temperature)",
            "weights = select_weights(logits, config.selection)",
            (f"{GUARDS}::test_generation_mixes_the_planners_codes_at_the_runs_temperature",)),
+]
+
+
+# 43-48: the fair content control, the position control, the bf16 guard and requested pairs (issue 31).
+OTHER_DOC_UNIT = ("tests/test_evaluate_stage.py::test_other_document_partners_are_a_seeded_derangement_among_documents_"
+                  "of_similar_length")
+OTHER_DOC_FIGURE = "tests/test_reported_figures.py::test_own_plan_against_another_documents_plan"
+MUTANTS += [
+    Mutant("43: the other-document control takes the next document again", "planner_lm/evaluation/planner_metrics.py",
+           "                partners[members] = drawn", "                partners[members] = (members + 1) % len(lengths)",
+           (OTHER_DOC_UNIT, OTHER_DOC_FIGURE)),
+    Mutant("44: the other plan clipped to its document's length instead of applied by relative position",
+           "planner_lm/evaluation/planner_metrics.py", "position * counts[other] // counts[doc]",
+           "torch.minimum(position, counts[other] - 1)",
+           ("tests/test_evaluate_stage.py::test_other_document_control_feeds_the_planner_another_documents_context",
+            OTHER_DOC_FIGURE)),
+    Mutant("45: own-vs-other Δ computed the wrong way round", "planner_lm/evaluation/results.py",
+           "relative_change_interval(own.doc_nll, other.doc_nll,", "relative_change_interval(other.doc_nll, own.doc_nll,",
+           (OTHER_DOC_FIGURE,)),
+    Mutant("46: the position control is not capped", "planner_lm/models/selection.py",
+           "clamp(min=0, max=min(POSITION_CAP, k - 1))", "clamp(min=0, max=k - 1)",
+           ("tests/test_selection.py::test_position_codes_the_capped_sentence_index_and_ignores_content",)),
+    Mutant("47: the bf16 gap measured against bf16 itself", "planner_lm/evaluation/scoring.py",
+           "make_scorer(lm, table, test.first, device, precision),", 'make_scorer(lm, table, test.first, device, "bf16"),',
+           ("tests/test_reported_figures.py::test_bf16_figures_against_an_independent_fp32_recomputation",)),
+    Mutant("48: a requested pair naming a run that was not evaluated is dropped silently", "planner_lm/pipeline/evaluate.py",
+           "        if missing:\n            raise UserError(f\"pair {pair}", "        if False:\n            raise UserError(f\"pair {pair}",
+           ("tests/test_evaluate_stage.py::test_bad_requests_are_clear_errors",)),
 ]
 
 
