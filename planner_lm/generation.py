@@ -184,12 +184,12 @@ class PlannerGenerator:
         if forced is not None:
             weights = torch.nn.functional.one_hot(torch.tensor(forced), self.num_actions).float()
             return PlannedSentence("", forced, probability(forced), "forced"), weights
-        if config.selection in ("fixed", "boundary", "uniform", "none"):
+        if config.selection in ("fixed", "boundary", "position", "uniform", "none"):
             weights = select_weights(None, config.selection, num_actions=self.num_actions, batch_shape=(),
                                      sentence_index=torch.tensor(sentence_index))
             weights = torch.zeros(self.num_actions) if weights is None else weights.float()
-            # fixed and boundary are conditioned on one action; otherwise show what the planner would have chosen
-            if config.selection in ("fixed", "boundary"):
+            # fixed, boundary and position give one action; otherwise show what the planner would have chosen
+            if config.selection in ("fixed", "boundary", "position"):
                 action = int(weights.argmax())
             else:
                 action = int(logits.argmax()) if logits is not None else -1

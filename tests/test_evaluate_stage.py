@@ -90,7 +90,7 @@ def metrics(run_dir):
 
 def test_every_run_and_code_source_gets_a_row(metrics, run_dir):
     rows = {(r["run"], r["source"]): r for r in metrics["rows"]}
-    sources = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
+    sources = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "position", "uniform", "none")
     expected = {(run, s) for run in ("soft", "fixed", "boundary") for s in sources}
     expected |= {("none", "none"), ("pretrained", "-"), ("soft", "planner_soft_other_doc")}  # the control: soft runs only
     assert set(rows) == expected
@@ -129,9 +129,13 @@ def test_outputs_and_manifest(metrics, run_dir):
     table = (out / "results.md").read_text()
     assert "| run · code source |" in table and "| soft · planner_soft |" in table
     # one row per run with its own code source, plus the pretrained planner; the grid is in metrics.json
-    main_table = table.split("PPL by document length")[0]
+    main_table, rest = table.split("\nThe plan's content")
     assert main_table.count("\n| ") == 1 + 6 and "| soft · planner_soft_other_doc |" in main_table
-    assert table.count("\n| ") == 1 + 6 + 1 + 4  # and the by-length table: header + one row per run
+    controls = [line for line in rest.split("\n\n")[1].splitlines() if line.startswith("| ")]
+    assert controls[1:] == [line for line in controls if line.startswith("| soft: own plan vs another document's |")]
+    by_length = rest.split("PPL by document length")[1]
+    assert by_length.count("\n| ") == 1 + 4  # header + one row per run
+    assert "Precision: 32 (fp32 figures" in table and metrics["precision_check"] is None
     assert "Δ vs boundary [95 % CI]" in table and "Setting: base LM tiny (" in table
     protocol = metrics["protocol"]
     assert protocol["stride"] == 8 and protocol["test_docs"] == 3 and protocol["precision"] == "32"
@@ -207,18 +211,30 @@ def test_bf16_is_checked_against_fp32_on_a_subset_and_reported(run_dir, tmp_path
     shutil.copytree(run_dir, copy, symlinks=True)
     metrics = evaluate_runs(config(copy, runs=["fixed"], precision="bf16", precision_check_docs=2, overwrite=True,
                                   structure=StructureConfig(docs=0)))
-    difference = metrics["protocol"]["bf16_vs_fp32_ppl_rel_diff"]
-    assert difference != 0 and abs(difference) < 0.05  # bf16 rounds, but only a little
-    assert "against fp32 on a subset" in (copy / "5_eval" / "results.md").read_text()
+    check = metrics["precision_check"]
+    assert (check["run"], check["source"], check["docs"]) == ("fixed", "fixed", 2)
+    assert check["rel_diff"] == metrics["protocol"]["bf16_vs_fp32_ppl_rel_diff"]
+    assert check["rel_diff"] == pytest.approx(check["ppl_bf16"] / check["ppl_fp32"] - 1, abs=1e-12)
+    assert check["rel_diff"] != 0 and abs(check["rel_diff"]) < 0.05  # bf16 rounds, but only a little
+    results = (copy / "5_eval" / "results.md").read_text()
+    assert "against fp32 on a subset" in results and f"{check['rel_diff']:+.3%}" in results.split("Precision: bf16")[1]
 
 
-def test_bad_requests_are_clear_errors(run_dir, tmp_path):
+def test_bad_requests_are_clear_errors(metrics, run_dir, tmp_path):  # metrics: a finished evaluation to differ from
     with pytest.raises(UserError, match="baselines"):
         evaluate_runs(config(run_dir, runs=["hard"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="code source"):
         evaluate_runs(config(run_dir, code_sources=["planner"]), encoder=hash_encoder)
     with pytest.raises(UserError, match="run:reference"):
         evaluate_runs(config(run_dir, pairs=["soft", "soft:"]), encoder=hash_encoder)
+    # a pair or code source the evaluated runs cannot give: one line, never a silently missing row
+    with pytest.raises(UserError, match=r"^pair soft:pred: no evaluated run 'pred' \(evaluated: soft, boundary, fixed, "
+                                        r"none\)$"):
+        evaluate_runs(config(run_dir, pairs=["soft:fixed", "soft:pred"]), encoder=hash_encoder)
+    with pytest.raises(UserError, match=r"^code source planner_soft_other_doc: no evaluated run takes it \(runs "
+                                        r"scored with planner_soft only; evaluated: fixed\)$"):
+        evaluate_runs(config(run_dir, runs=["fixed"], code_sources=["matched", "planner_soft_other_doc"]),
+                      encoder=hash_encoder)
     with pytest.raises(UserError, match="different config"):
         evaluate_runs(config(run_dir, stride=4), encoder=hash_encoder)
     empty = make_fake_upstream(tmp_path, num_docs=10, dim=DIM, k=K)
@@ -392,18 +408,41 @@ def test_documents_sharded_over_two_processes_give_the_same_table(metrics, run_d
         assert row["nll"] == pytest.approx(rows[(row["run"], row["source"])]["nll"], rel=1e-6)
 
 
+def test_other_document_partners_are_a_seeded_derangement_among_documents_of_similar_length():
+    """Each document gets another's plan exactly once: never itself nor its corpus neighbour, from
+    the documents nearest in sentence count; the same seed gives the same pairing."""
+    from planner_lm.evaluation.planner_metrics import OTHER_DOC_BUCKET, other_document_partners
+
+    lengths = np.random.default_rng(5).integers(1, 40, size=150)
+    partners = other_document_partners(lengths, seed=0)
+    docs = np.arange(len(lengths))
+    assert sorted(partners.tolist()) == docs.tolist()  # a permutation: every plan used once
+    assert np.all(np.abs(partners - docs) > 1)  # not itself, not the next or previous document
+    gap = np.abs(lengths[partners] - lengths)  # buckets of 8-15 of 150 documents over 39 lengths: a few apart
+    assert gap.max() <= 2 * 39 * OTHER_DOC_BUCKET // 150 and gap.mean() < 0.1 * np.abs(lengths - np.roll(lengths, -1)).mean()
+    assert np.array_equal(partners, other_document_partners(lengths, seed=0))
+    assert not np.array_equal(partners, other_document_partners(lengths, seed=1))
+    assert other_document_partners([4], seed=0).tolist() == [0]  # no other document exists
+    few = other_document_partners([2, 2, 2], seed=0)  # no non-neighbour exists for the middle one
+    assert sorted(few.tolist()) == [0, 1, 2] and np.all(few != np.arange(3))
+
+
 def test_other_document_control_feeds_the_planner_another_documents_context(run_dir):
-    """Same position in the next document (clipped to its length), deterministic, and other codes."""
-    from planner_lm.evaluation.planner_metrics import other_document_logits, other_document_targets, planner_logits
+    """The partner's sentence at the same relative position (a shorter plan stretched, a longer one
+    thinned, never its last code repeated), deterministic, and other codes."""
+    from planner_lm.evaluation.planner_metrics import (other_document_logits, other_document_partners,
+                                                       other_document_targets, planner_logits)
     from planner_lm.evaluation.scoring import code_weights
     from planner_lm.evaluation.texts import test_split_text
     from planner_lm.run_folder import RunFolder
 
-    # documents of 3, 1 and 2 sentences starting at ids 10, 13, 14
+    # documents of 3, 1 and 2 sentences starting at ids 10, 13, 14; plans of documents 2, 0 and 1
     ids, firsts = torch.tensor([10, 11, 12, 13, 14, 15]), torch.tensor([10, 10, 10, 13, 14, 14])
-    other_ids, other_firsts = other_document_targets(ids, firsts)
-    assert other_firsts.tolist() == [13, 13, 13, 14, 10, 10]
-    assert other_ids.tolist() == [13, 14, 14, 14, 10, 11]  # positions 0,1,2 -> 0,1,1 (1 sentence); 0 -> 0; 0,1 -> 0,1
+    other_ids, other_firsts = other_document_targets(ids, firsts, [2, 0, 1])
+    assert other_firsts.tolist() == [14, 14, 14, 10, 13, 13]
+    assert other_ids.tolist() == [14, 14, 15, 10, 13, 13]  # i * m // n: 0,1,2 of 3 -> 0,0,1 of 2; 0,1 of 2 -> 0,0 of 1
+    with pytest.raises(ValueError, match="2 partners for 3 documents"):
+        other_document_targets(ids, firsts, [1, 0])
 
     folder = RunFolder(run_dir)
     text = test_split_text(folder)
@@ -411,14 +450,29 @@ def test_other_document_control_feeds_the_planner_another_documents_context(run_
     lo, hi = folder.prepared.sentence_range("test")
     test_ids = torch.arange(lo, hi)
     doc_first = torch.from_numpy(np.asarray(folder.doc_first[lo:hi], dtype=np.int64))
+    counts = torch.unique_consecutive(doc_first, return_counts=True)[1]
+    partners = other_document_partners(counts.tolist(), seed=0)
     own = planner_logits(planner, text.embeddings, test_ids, doc_first)
-    other = other_document_logits(planner, text.embeddings, test_ids, doc_first)
-    assert torch.equal(other, other_document_logits(planner, text.embeddings, test_ids, doc_first))
+    other = other_document_logits(planner, text.embeddings, test_ids, doc_first, partners)
+    assert torch.equal(other, other_document_logits(planner, text.embeddings, test_ids, doc_first, partners))
     first_sentences = test_ids == doc_first  # no context in either document: the same (empty) input
     assert torch.equal(other[first_sentences], own[first_sentences])
     assert not torch.allclose(other[~first_sentences], own[~first_sentences])
     weights = code_weights("planner_soft_other_doc", other, torch.zeros(len(test_ids)), K, test_ids - doc_first)
     torch.testing.assert_close(weights, torch.softmax(other, -1))
+
+
+def test_evaluation_records_the_pairing_and_the_paired_content_delta(metrics, run_dir):
+    """metrics.json holds the other-document pairing it scored with and each soft run's own-vs-other Δ."""
+    from planner_lm.evaluation.planner_metrics import other_document_partners
+    from planner_lm.prepared import PreparedCorpus
+
+    lengths = [len(row["sent_start"]) for row in PreparedCorpus(stage_dir(run_dir, "prepare")).split("test")]
+    assert metrics["other_document"]["partners"] == other_document_partners(lengths, seed=0).tolist()
+    (control,) = metrics["content_controls"]
+    assert (control["run"], control["source"], control["control"]) == ("soft", "planner_soft",
+                                                                       "planner_soft_other_doc")
+    assert control["change"]["low"] <= control["change"]["value"] <= control["change"]["high"]
 
 
 def test_an_edited_corpus_with_as_many_documents_is_tokenized_again(run_dir, tmp_path):

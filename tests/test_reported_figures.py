@@ -42,7 +42,10 @@ STRUCTURE_DOCS, PROMPT_SENTENCES = 8, 1
 RTOL = 1e-5  # fp32 sums of a few hundred token log-probabilities
 ATOL_DELTA = 1e-5  # paired relative PPL changes
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "uniform", "none")
+SOURCES = ("planner_soft", "planner_hard", "oracle", "fixed", "boundary", "position", "uniform", "none")
+POSITION_CAP = min(15, K - 1)  # the position control: sentence index, capped at 15 and at K - 1 (documented)
+BF16_RTOL = 5e-4  # bf16 figures against fp32: 0.05 %, tighter than the smallest reported Δ (0.08 %)
+PRECISION_CHECK_DOCS = 4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +93,7 @@ def _never_ends(lm_dir: Path, eos: int) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """Upstream stages, the real planner stage (fp32), joint runs soft / fixed / boundary / none."""
+    """Upstream stages, the real planner stage (fp32), joint runs soft / fixed / boundary / position / none."""
     run = make_fake_upstream(tmp_path_factory.mktemp("figures"), num_docs=100, sentences_per_doc=(1, 12), dim=DIM,
                              k=K, action_words=True)
     tokenizer = word_tokenizer()
@@ -103,19 +106,19 @@ def run(tmp_path_factory) -> Path:
             "--data.context_sentences", "4", "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
             "--trainer.log_every_n_steps", "5"])
     for seed, (selection, planner) in enumerate((("soft", True), ("fixed", False), ("boundary", False),
-                                                 ("none", False)), start=3):
+                                                 ("none", False), ("position", False)), start=3):
         _write_joint_run(run, selection, tokenizer, planner, seed)
     return run
 
 
-def _evaluate(run: Path, *extra: str) -> None:
+def _evaluate(run: Path, *extra: str, pairs: str = "[soft:boundary, fixed:none, soft:position]") -> None:
     import planner_lm.sentence_vectors
 
     args = ["--run_dir", str(run), "--window", str(WINDOW), "--stride", str(STRIDE), "--batch_size", "8",
             "--bootstrap_samples", str(BOOTSTRAP), "--seed", str(SEED), "--device", "cpu", "--precision", "32",
             "--structure.docs", str(STRUCTURE_DOCS), "--structure.prompt_sentences", str(PROMPT_SENTENCES),
             "--structure.max_new_tokens", "40", "--structure.batch_size", "4",
-            "--pairs", "[soft:boundary, fixed:none, soft:pred]", *extra]
+            "--pairs", pairs, *extra]
     with pytest.MonkeyPatch.context() as patch, torch_threads(1):
         patch.setattr(planner_lm.sentence_vectors, "load_sentence_encoder", lambda settings, device: hash_encoder)
         load_stage("evaluate").main(args)
@@ -126,6 +129,18 @@ def metrics(run) -> dict:
     """The real evaluate entry point, fp32; metrics.json as written."""
     _evaluate(run)
     return json.loads((stage_dir(run, "evaluate") / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bf16(run, metrics, tmp_path_factory) -> dict:
+    """The real evaluate entry point on a copy of the run, scored with bf16 autocast (CPU)."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("bf16") / "run"
+    shutil.copytree(run, copy, symlinks=True, ignore=shutil.ignore_patterns("5_eval*"))
+    _evaluate(copy, "--precision", "bf16", "--precision_check_docs", str(PRECISION_CHECK_DOCS), "--runs",
+              "[soft, fixed]", "--structure.docs", "0", pairs="[soft:fixed]")
+    return json.loads((stage_dir(copy, "evaluate") / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -186,18 +201,19 @@ def planner_logits_of(planner, vectors: np.ndarray, j: int, first: int) -> torch
 
 
 def code_of(source: str, planner, vectors, actions, j: int, first: int, temperature: float,
-            other: tuple[int, int] | None = None) -> torch.Tensor | None:
+            other: tuple[int, int, int] | None = None) -> torch.Tensor | None:
     """The K action weights sentence `j` is written under, for one code source. `other` is the
-    (first sentence, sentence count) of the next document, cyclically (planner_soft_other_doc)."""
+    (first sentence, sentence count) of the partner document and the count of `j`'s own
+    (planner_soft_other_doc)."""
     if source == "none":
         return None
     onehot = torch.zeros(K)
     if source == "planner_soft":
         return torch.softmax(planner_logits_of(planner, vectors, j, first) / temperature, -1)
-    if source == "planner_soft_other_doc":  # the same position in the next document, clipped to its length
-        other_first, other_count = other
-        return torch.softmax(planner_logits_of(planner, vectors, other_first + min(j - first, other_count),
-                                               other_first) / temperature, -1)
+    if source == "planner_soft_other_doc":  # the partner's sentence at the same relative position
+        other_first, other_count, own_count = other
+        at = math.floor((j - first) * other_count / own_count)
+        return torch.softmax(planner_logits_of(planner, vectors, other_first + at, other_first) / temperature, -1)
     if source == "planner_hard":
         onehot[int(planner_logits_of(planner, vectors, j, first).argmax())] = 1.0
     elif source == "oracle":
@@ -206,6 +222,8 @@ def code_of(source: str, planner, vectors, actions, j: int, first: int, temperat
         onehot[0] = 1.0
     elif source == "boundary":
         onehot[(j - first) % 2] = 1.0
+    elif source == "position":
+        onehot[min(j - first, POSITION_CAP)] = 1.0
     elif source == "uniform":
         onehot[:] = 1.0 / K
     else:
@@ -251,8 +269,10 @@ def joint_planner(run: Path, selection: str):
 
 
 def per_document_nll(run: Path, selection: str, source: str, corpus: Corpus, actions=None, vectors=None,
-                     window: int = WINDOW, stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL and target count of every test document, `selection`'s LM with `source`'s codes."""
+                     window: int = WINDOW, stride: int = STRIDE, partners: list[int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and target count of every test document, `selection`'s LM with `source`'s codes;
+    `partners[d]`: the document whose plan document `d` gets (planner_soft_other_doc)."""
     from transformers import AutoTokenizer
 
     lm_dir = stage_dir(run, "finetune_joint", selection) / "lm"
@@ -265,8 +285,10 @@ def per_document_nll(run: Path, selection: str, source: str, corpus: Corpus, act
     for d, doc in enumerate(corpus.docs):
         ids, next_sentence = tokens_of(tokenizer, doc["text"], list(doc["sent_end"]))
         first = doc["first_sentence"]
-        following = corpus.docs[(d + 1) % len(corpus.docs)]
-        other = following["first_sentence"], len(following["sent_start"])
+        other = None
+        if partners is not None:
+            partner = corpus.docs[partners[d]]
+            other = partner["first_sentence"], len(partner["sent_start"]), len(doc["sent_start"])
         per_sentence = [code_of(source, planner, vectors, actions, first + i, first, temperature, other)
                         for i in range(len(doc["sent_start"]))]
         nll = document_nll(lm, ids, [per_sentence[s] for s in next_sentence], window, stride)
@@ -308,15 +330,17 @@ def interval(point: float, samples: list[float]) -> dict[str, float]:
 def recomputed(run, metrics) -> dict:
     """Per-document NLL sums of every scored (run, code source), recomputed."""
     corpus = Corpus(run, "test")
+    partners = metrics["other_document"]["partners"]
     with torch_threads(1):
-        return {(row["run"], row["source"]): per_document_nll(run, row["run"], row["source"], corpus)
+        return {(row["run"], row["source"]): per_document_nll(run, row["run"], row["source"], corpus,
+                                                              partners=partners)
                 for row in metrics["rows"] if "ppl" in row}
 
 
 # ----------------------------------------------------------------------------- perplexity and Δ
 def test_perplexity_of_every_run_and_code_source(rows, recomputed):
     """PPL = exp(total NLL / tokens) per run x code source (results.md, metrics.json)."""
-    assert {source for _, source in recomputed} >= set(SOURCES) and len(recomputed) >= 3 * len(SOURCES) + 1
+    assert {source for _, source in recomputed} >= set(SOURCES) and len(recomputed) >= 4 * len(SOURCES) + 1
     for key, (sums, counts) in recomputed.items():
         row = rows[key]
         assert row["tokens"] == int(counts.sum()), key
@@ -353,10 +377,11 @@ def test_perplexity_intervals_and_every_paired_change(rows, recomputed, metrics)
 
 def test_paired_changes_between_runs(rows, recomputed, metrics, run):
     """Each `run:reference` pair: Δ = ppl_run / ppl_reference - 1 of the two runs' own code sources on
-    the same resampled documents; a pair with a run that was not evaluated (pred here) is left out."""
+    the same resampled documents; soft vs position is the position control (a code that knows only
+    the sentence's index: what the plan buys beyond "where in the document")."""
     picks = resamples(metrics["protocol"]["test_docs"])
     own = {key[0]: key for key, row in rows.items() if row.get("matched")}
-    assert [pair["label"] for pair in metrics["pairs"]] == ["soft vs boundary", "fixed vs none"]
+    assert [pair["label"] for pair in metrics["pairs"]] == ["soft vs boundary", "fixed vs none", "soft vs position"]
     for pair in metrics["pairs"]:
         (sums, counts), (ref_sums, _) = recomputed[own[pair["run"]]], recomputed[own[pair["reference"]]]
         delta = interval(ppl_of(sums, counts) / ppl_of(ref_sums, counts) - 1,
@@ -367,6 +392,59 @@ def test_paired_changes_between_runs(rows, recomputed, metrics, run):
     results = (stage_dir(run, "evaluate") / "results.md").read_text()
     shown = f"{metrics['pairs'][0]['change']['value']:+.2%}"
     assert f"| soft vs boundary | {shown} [" in results
+
+
+def test_own_plan_against_another_documents_plan(rows, recomputed, metrics, run):
+    """The content control: each test document's plan swapped for another's, a derangement that
+    never gives a document itself or its corpus neighbour, the partner's sentence at the same
+    relative position; its paired Δ = ppl_own / ppl_other - 1 on the same resampled documents."""
+    partners = metrics["other_document"]["partners"]
+    docs = len(Corpus(run, "test").docs)
+    assert sorted(partners) == list(range(docs)) and docs >= 4  # each plan used once; neighbours avoidable
+    assert all(abs(p - d) > 1 for d, p in enumerate(partners))  # never itself, never the next or previous
+    picks = resamples(metrics["protocol"]["test_docs"])
+    (control,) = metrics["content_controls"]
+    assert (control["run"], control["source"], control["control"]) == ("soft", "planner_soft",
+                                                                       "planner_soft_other_doc")
+    (sums, counts), (other_sums, _) = recomputed[("soft", "planner_soft")], recomputed[("soft", "planner_soft_other_doc")]
+    delta = interval(ppl_of(sums, counts) / ppl_of(other_sums, counts) - 1,
+                     [ppl_of(sums, counts, p) / ppl_of(other_sums, counts, p) - 1 for p in picks])
+    for bound in ("value", "low", "high"):
+        assert control["change"][bound] == pytest.approx(delta[bound], abs=ATOL_DELTA), bound
+    assert abs(delta["value"]) > 10 * ATOL_DELTA
+    results = (stage_dir(run, "evaluate") / "results.md").read_text()
+    assert f"| soft: own plan vs another document's | {control['change']['value']:+.2%} [" in results
+
+
+def test_bf16_figures_against_an_independent_fp32_recomputation(bf16, recomputed):
+    """Figures scored with bf16 autocast (CPU; the evaluation's `--precision bf16`) against the fp32
+    recomputation here (fp32 forward passes, float64 sums): PPL within 0.05 % relative, every Δ
+    within 0.05 points, tighter than the smallest Δ the project reports (0.08 %). And the gap the
+    evaluation measured and reports: its fp32 side recomputed, its bf16 side within the same bound."""
+    compared = 0
+    for row in bf16["rows"]:
+        if "ppl" not in row:
+            continue
+        sums, counts = recomputed[(row["run"], row["source"])]
+        assert row["ppl"]["value"] == pytest.approx(ppl_of(sums, counts), rel=BF16_RTOL), row["label"]
+        fixed_sums, _ = recomputed[("fixed", "fixed")]
+        delta = ppl_of(sums, counts) / ppl_of(fixed_sums, counts) - 1
+        assert row["vs_fixed"]["value"] == pytest.approx(delta, abs=BF16_RTOL), row["label"]
+        compared += abs(delta) > 10 * BF16_RTOL  # Δs far beyond the tolerance: a swapped run would fail
+    (control,) = bf16["content_controls"]
+    (sums, counts), (other_sums, _) = recomputed[("soft", "planner_soft")], recomputed[("soft", "planner_soft_other_doc")]
+    assert control["change"]["value"] == pytest.approx(ppl_of(sums, counts) / ppl_of(other_sums, counts) - 1,
+                                                       abs=BF16_RTOL)
+    assert compared >= 4
+    check = bf16["precision_check"]  # the measured gap: the first run's own codes on the first documents
+    sums, counts = recomputed[(check["run"], check["source"])]
+    first = range(PRECISION_CHECK_DOCS)
+    assert (check["run"], check["source"], check["docs"]) == ("soft", "planner_soft", PRECISION_CHECK_DOCS)
+    assert check["tokens"] == sum(counts[d] for d in first)
+    assert check["ppl_fp32"] == pytest.approx(ppl_of(sums, counts, first), rel=RTOL)
+    assert check["ppl_bf16"] == pytest.approx(ppl_of(sums, counts, first), rel=BF16_RTOL)
+    assert check["rel_diff"] == pytest.approx(check["ppl_bf16"] / check["ppl_fp32"] - 1, abs=1e-12)
+    assert check["rel_diff"] != 0 and bf16["protocol"]["precision"] == "bf16"  # bf16 did run
 
 
 def test_perplexity_by_document_length(rows, recomputed, run):
@@ -545,7 +623,7 @@ OUTSIDE = [["red.", "blue gold.", "green red white.", "gold.", "black blue."],
 def outside(run, metrics, tmp_path_factory) -> tuple[dict, OutsideCorpus]:
     path = tmp_path_factory.mktemp("corpus") / "outside.jsonl"
     path.write_text("".join(json.dumps({"text": " ".join(doc)}) + "\n" for doc in OUTSIDE))
-    _evaluate(run, "--corpus.name", str(path), "--runs", "[soft, fixed]", "--structure.docs", "0")
+    _evaluate(run, "--corpus.name", str(path), "--runs", "[soft, fixed]", "--structure.docs", "0", pairs="[soft:fixed]")
     return (json.loads((run / "5_eval-outside" / "metrics.json").read_text()), OutsideCorpus(run, OUTSIDE))
 
 
@@ -701,7 +779,7 @@ def test_structure_metrics_of_the_generations(run, metrics):
             sentences = [s for s in g["sentences"] if not s["in_prompt"] and s["text"]]
             if sentences and not g["stopped_at_eos"]:
                 sentences = sentences[:-1]  # cut by the token limit: unfinished
-            judged += [s for s in sentences if s["source"] in ("planner", "forced", "fixed", "boundary")]
+            judged += [s for s in sentences if s["source"] in ("planner", "forced", "fixed", "boundary", "position")]
         own = actions_of([s["text"] for s in judged], centroids)
         expected = {"rouge2": sum(rouge) / len(rouge), "edit": sum(edits) / len(edits),
                     "edit_normalized": sum(normalized) / len(normalized),

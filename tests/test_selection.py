@@ -124,3 +124,17 @@ def test_boundary_alternates_two_actions_by_sentence_and_ignores_content(logits)
     assert not weights.requires_grad
     with pytest.raises(ValueError, match="sentence_index"):
         select_weights(logits, "boundary")
+
+
+def test_position_codes_the_capped_sentence_index_and_ignores_content():
+    """Action min(index, 15) (and at most K - 1): the first 15 sentences apart, every later one alike."""
+    positions = torch.tensor([[0, 1, 2, 14, 15, 16, 40]])
+    wide = torch.randn(1, 7, 20)
+    weights = select_weights(wide, "position", sentence_index=positions)
+    assert weights.argmax(-1).tolist() == [[0, 1, 2, 14, 15, 15, 15]]
+    torch.testing.assert_close(weights, select_weights(torch.randn_like(wide), "position", sentence_index=positions))
+    assert select_weights(None, "position", sentence_index=positions, num_actions=4).argmax(-1).tolist() == [
+        [0, 1, 2, 3, 3, 3, 3]]  # K = 4: capped at K - 1
+    assert not weights.requires_grad
+    with pytest.raises(ValueError, match="sentence_index"):
+        select_weights(wide, "position")

@@ -8,6 +8,8 @@ bigram), the bar a planner has to clear.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -42,26 +44,64 @@ def planner_logits(
     return torch.cat(chunks)
 
 
-def other_document_targets(sentence_ids: Tensor, doc_first_sentence: Tensor) -> tuple[Tensor, Tensor]:
-    """For each target sentence, the same position in the NEXT document (cyclically; clipped to that
-    document's length): ``(ids, doc_first)`` whose contexts are another document's sentences.
+OTHER_DOC_BUCKET = 8
+"""Documents per length bucket of the other-document control's derangement (at least; up to twice)."""
 
-    The content control of evaluation: the planner sees a real context of the same length (up to
-    the other document's length) that says nothing about this document. Deterministic; with a
-    single document it is that document (no other exists).
+
+def other_document_partners(lengths: Sequence[int], seed: int, bucket: int = OTHER_DOC_BUCKET) -> np.ndarray:
+    """For each document (scoring order), the document whose plan it gets in the content control.
+
+    A seeded derangement among documents of similar length: documents ordered by sentence count
+    (ties in a seeded random order) are cut into consecutive buckets of ``bucket`` to
+    ``2 * bucket - 1``; each bucket is a random permutation, drawn again until no document gets
+    itself or a corpus neighbour (index ± 1). Why: the next document in split order is often the same
+    author's next text (sotu: the same president a year later), and similar lengths keep relative
+    positions comparable. A bucket where none exists (3 documents or fewer) gets a random cycle,
+    which may pair neighbours; a document is its own partner only when it is the only one.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    partners = np.arange(len(lengths))
+    if len(lengths) < 2:
+        return partners
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(len(lengths)), lengths))
+    for members in np.array_split(order, max(1, len(lengths) // bucket)):
+        for _ in range(1000):  # a random permutation qualifies with probability about e^-3
+            drawn = rng.permutation(members)
+            if np.all(np.abs(drawn - members) > 1):
+                partners[members] = drawn
+                break
+        else:  # none exists: one random cycle, a derangement that may pair neighbours
+            cycle = rng.permutation(members)
+            partners[cycle] = np.roll(cycle, -1)
+    return partners
+
+
+def other_document_targets(sentence_ids: Tensor, doc_first_sentence: Tensor, partners: Sequence[int] | Tensor
+                           ) -> tuple[Tensor, Tensor]:
+    """For each target sentence, the sentence at the same relative position of its partner document
+    (`other_document_partners`): ``(ids, doc_first)`` whose contexts are the partner's sentences.
+
+    Sentence ``i`` of a document of ``n`` sentences takes the partner's sentence ``i * m // n`` (``m``
+    its count): a shorter partner's plan is stretched, a longer one's thinned, never padded with its
+    last code. First sentences map to first sentences: the planner sees no context in either, so
+    their codes are the same and say nothing about either document.
     """
     firsts, counts = torch.unique_consecutive(doc_first_sentence, return_counts=True)
+    partners = torch.as_tensor(np.asarray(partners), dtype=torch.long)
+    if len(partners) != len(firsts):
+        raise ValueError(f"{len(partners)} partners for {len(firsts)} documents")
     doc = torch.repeat_interleave(torch.arange(len(firsts)), counts)
-    other = (doc + 1) % len(firsts)
+    other = partners[doc]
     position = sentence_ids - doc_first_sentence
-    # position == length is allowed: that target's context is the whole other document
-    return firsts[other] + torch.minimum(position, counts[other]), firsts[other]
+    return firsts[other] + position * counts[other] // counts[doc], firsts[other]
 
 
 def other_document_logits(planner: torch.nn.Module, embeddings: np.ndarray | Tensor, sentence_ids: Tensor,
-                          doc_first_sentence: Tensor, device: torch.device | str = "cpu") -> Tensor:
-    """Planner logits ``[M, K]`` from another document's context (`other_document_targets`)."""
-    ids, firsts = other_document_targets(sentence_ids, doc_first_sentence)
+                          doc_first_sentence: Tensor, partners: Sequence[int] | Tensor,
+                          device: torch.device | str = "cpu") -> Tensor:
+    """Planner logits ``[M, K]`` from the partner documents' contexts (`other_document_targets`)."""
+    ids, firsts = other_document_targets(sentence_ids, doc_first_sentence, partners)
     return planner_logits(planner, embeddings, ids, firsts, device=device)
 
 

@@ -38,9 +38,11 @@ def _delta_column(reference: str) -> Column:
                   show_interval=True, mark_nonzero=True)
 
 
-PAIRS = ("soft:pred", "soft:hard")
-"""The papers' own comparisons between trained runs (`run:reference`), each scored with its own codes:
-end-to-end soft against the frozen planner's codes (pred, the predecessor paper) and against hard selection."""
+PAIRS = ("soft:pred", "soft:hard", "soft:position")
+"""The default comparisons between trained runs (`run:reference`), each scored with its own codes, shown
+where both runs were evaluated: the papers' own (end-to-end soft against the frozen planner's codes, pred,
+the predecessor paper, and against hard selection) and the position control (a code that knows only the
+sentence's index: what the plan buys beyond "where in the document")."""
 PAIR_COLUMN = Column("change", "Δ [95 % CI]", fmt="{:+.2%}", show_interval=True, mark_nonzero=True)
 
 PPL_COLUMNS = [
@@ -117,7 +119,8 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
                     row.update({k: planner_table[planner_name][k] for k in ("top1", "top5", "mean_rank")})
                 row.update({k: v for k, v in structure.get(run.selection, {}).items()})
             rows.append(row)
-    pairs = paired_changes(cfg.pairs, results, indices, cfg.confidence)
+    pairs = paired_changes(PAIRS if cfg.pairs is None else cfg.pairs, results, indices, cfg.confidence)
+    controls = content_controls(runs, results, indices, cfg.confidence)
     if "pretrained" in planner_table:
         rows.append({"label": "pretrained planner", "run": "pretrained", "source": "-", "matched": False,
                      **{k: planner_table["pretrained"][k] for k in ("top1", "top5", "mean_rank")}})
@@ -130,6 +133,7 @@ def assemble_metrics(cfg, runs, results, planner_table, baselines, structure, te
         "rows": as_json,
         "table": table,
         "pairs": [{**pair, "change": pair["change"].as_dict()} for pair in pairs],
+        "content_controls": [{**control, "change": control["change"].as_dict()} for control in controls],
         "planner": planner_table,
         "planner_baselines": baselines,
         "structure": structure,
@@ -152,6 +156,22 @@ def paired_changes(pairs: list[str], results: dict, indices: np.ndarray, confide
     return out
 
 
+def content_controls(runs: list[JointRun], results: dict, indices: np.ndarray, confidence: float
+                     ) -> list[dict[str, Any]]:
+    """Paired Δ of each run with its own plan against the same run given another document's plan
+    (`planner_soft_other_doc`): what the plan's content buys, with its own CI rather than read off
+    two CIs against fixed."""
+    out = []
+    for run in runs:
+        own = results.get((run.selection, eval_source(run.selection)))
+        other = results.get((run.selection, OTHER_DOC_SOURCE))
+        if own is not None and other is not None:
+            change = relative_change_interval(own.doc_nll, other.doc_nll, own.doc_tokens, indices, confidence)
+            out.append({"label": f"{run.selection}: own plan vs another document's", "run": run.selection,
+                        "source": eval_source(run.selection), "control": OTHER_DOC_SOURCE, "change": change})
+    return out
+
+
 def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
     """The run-against-run comparisons as a small table (empty when none of the pairs was scored)."""
     if not pairs:
@@ -159,6 +179,27 @@ def pairs_markdown(pairs: list[dict[str, Any]]) -> str:
     rows = [{**pair, "change": Interval(**pair["change"])} for pair in pairs]
     return ("\nRuns against each other, paired on the same documents, each with its own codes (negative = the "
             "first run is better):\n\n" + results_markdown(rows, [PAIR_COLUMN], label_header="run vs reference"))
+
+
+def controls_markdown(controls: list[dict[str, Any]]) -> str:
+    """Each run's own plan against another document's, paired (empty when no control was scored)."""
+    if not controls:
+        return ""
+    rows = [{**control, "change": Interval(**control["change"])} for control in controls]
+    return ("\nThe plan's content, paired on the same documents (the same run with its own plan against another "
+            "document's; negative = its own plan is better):\n\n"
+            + results_markdown(rows, [PAIR_COLUMN], label_header="run: own plan vs other"))
+
+
+def precision_note(protocol: dict[str, Any], check: dict[str, Any] | None) -> str:
+    """What precision the figures were computed in and, for bf16, the gap measured against fp32."""
+    if protocol["precision"] != "bf16":
+        return f"\nPrecision: {protocol['precision']} (fp32 figures; no bf16 gap to measure).\n"
+    if check is None:
+        return "\nPrecision: bf16 autocast, not checked against fp32 (precision_check_docs 0).\n"
+    return (f"\nPrecision: bf16 autocast. Measured gap: `{check['run']} · {check['source']}` on the first "
+            f"{check['docs']} documents ({check['tokens']} tokens) scores PPL {check['ppl_bf16']:.4f} in bf16 and "
+            f"{check['ppl_fp32']:.4f} in fp32, {check['rel_diff']:+.3%}.\n")
 
 
 def setting_line(protocol: dict[str, Any]) -> str:
@@ -234,16 +275,20 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
     )
     if any(r["source"] == OTHER_DOC_SOURCE for r in metrics["rows"]):
         notes += (f"\n`{OTHER_DOC_SOURCE}` rows: the same trained run, its planner fed the context sentences of "
-                  "another test document (the next one; same position, clipped to its length): the codes keep "
-                  "their form but lose this document's content, so the gap to the run's own row is what "
-                  "content contributes.\n")
+                  "another test document of similar length (a seeded derangement within length buckets, never "
+                  "the document itself nor its neighbour in corpus order; `other_document` in metrics.json) at "
+                  "the same relative position: the codes keep their form but lose this document's content, so "
+                  "the paired gap to the run's own row (below) is what content contributes. First sentences "
+                  "get the same code in both (the planner sees no context there).\n")
     baselines = metrics["planner_baselines"]
     notes += (f"\nPlanner reference accuracies on the same test sentences (no content): majority action "
               f"{baselines['majority_top1']:.1%}, previous sentence's action {baselines['previous_top1']:.1%}, "
               f"action bigram of the training split {baselines['bigram_top1']:.1%}.\n")
     body = "# Evaluation results\n\n" + setting_line(protocol) + "\n\n" + metrics["table"] + "\n" + notes
+    body += controls_markdown(metrics["content_controls"])
     body += pairs_markdown(metrics["pairs"])
     body += power_markdown(metrics.get("power"))
+    body += precision_note(protocol, metrics.get("precision_check"))
     body += length_markdown(matched_rows)
     curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step
     metrics["val_curves"] = {name: {str(step): ppl for step, ppl in points.items()} for name, points in curves.items()}

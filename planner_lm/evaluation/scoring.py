@@ -36,7 +36,7 @@ class TestSet:
 
     @property
     def positions(self) -> torch.Tensor:
-        """Each sentence's index in its document (the boundary control's code)."""
+        """Each sentence's index in its document (the boundary and position controls' code)."""
         return self.sentence_ids - self.sentence_doc_first
 
     @property
@@ -82,7 +82,7 @@ def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor
                  positions: torch.Tensor, temperature: float = 1.0) -> torch.Tensor | None:
     """Per-sentence action weights ``[M, K]`` of one code source (None for ``none``).
 
-    ``positions`` is each sentence's index in its document (boundary); ``temperature`` is the
+    ``positions`` is each sentence's index in its document (boundary, position); ``temperature`` is the
     softmax temperature the run was trained with (planner_soft).
     """
     if source in ("planner_soft", OTHER_DOC_SOURCE):  # the other-document control: logits of other contexts
@@ -91,8 +91,8 @@ def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor
         return select_weights(logits, "hard")
     if source == "oracle":
         return select_weights(None, "oracle", oracle_actions=actions, num_actions=num_actions)
-    if source == "boundary":
-        return select_weights(None, "boundary", sentence_index=positions, num_actions=num_actions)
+    if source in ("boundary", "position"):
+        return select_weights(None, source, sentence_index=positions, num_actions=num_actions)
     if source in ("fixed", "uniform"):
         return select_weights(None, source, num_actions=num_actions, batch_shape=(len(actions),))
     if source == "none":
@@ -128,17 +128,22 @@ def shared_plain_lm(run: JointRun) -> str | None:
     return None
 
 
-def bf16_vs_fp32(lm, table, test: TestSet, device: torch.device, docs: int, **windows: int) -> float:
-    """Relative PPL change of bf16 autocast against fp32 on the first `docs` test documents (one run);
-    `windows` are `sliding_window_nll`'s window, stride and batch_size."""
+def bf16_vs_fp32(lm, table, test: TestSet, device: torch.device, docs: int, **windows: int) -> dict[str, float]:
+    """The measured bf16 gap: one run's PPL with bf16 autocast and in fp32 on the first `docs` test
+    documents, and `rel_diff` = bf16 / fp32 - 1; `windows` are `sliding_window_nll`'s window, stride
+    and batch_size. Reported beside bf16 figures so a reader can weigh them against their Δs."""
     documents = test.documents[:docs]
     ppl = {precision: sliding_window_nll(documents, make_scorer(lm, table, test.first, device, precision),
                                          device=device, **windows).ppl for precision in ("32", "bf16")}
-    return ppl["bf16"] / ppl["32"] - 1
+    return {"docs": len(documents), "tokens": sum(d.num_targets for d in documents), "ppl_fp32": ppl["32"],
+            "ppl_bf16": ppl["bf16"], "rel_diff": ppl["bf16"] / ppl["32"] - 1}
 
 
-def scored_sources(selection: str, requested: list[str]) -> list[str]:
+def scored_sources(selection: str, requested: list[str] | None) -> list[str]:
     """The code sources a run is scored with: its matched source first, then the requested ones
-    (`matched` stands for the matched source; no repeats)."""
+    (`matched` stands for the matched source; None: every code source; no repeats). The
+    other-document control only where the matched source is planner_soft: it swaps those codes."""
     matched = eval_source(selection)
-    return list(dict.fromkeys([matched, *(matched if s == "matched" else s for s in requested)]))
+    wanted = CODE_SOURCES if requested is None else requested
+    sources = dict.fromkeys([matched, *(matched if s == "matched" else s for s in wanted)])
+    return [s for s in sources if s != OTHER_DOC_SOURCE or matched == "planner_soft"]

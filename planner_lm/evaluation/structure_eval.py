@@ -22,7 +22,7 @@ from planner_lm.generation_plan import Generation
 from planner_lm.sentence_vectors import nearest_actions
 from planner_lm.sentences import sentence_spans
 
-CONDITIONED_SOURCES = ("planner", "forced", "fixed", "boundary")
+CONDITIONED_SOURCES = ("planner", "forced", "fixed", "boundary", "position")
 """Plan entries the LM was actually conditioned on, one action each (uniform / none carry none)."""
 
 

@@ -15,6 +15,7 @@ same code path, so comparisons between them are fair.
 | oracle           | one_hot(k-means id of the true sentence)           | no planner         |
 | fixed            | one_hot(action 0) everywhere                       | no planner         |
 | boundary         | one_hot(sentence index in its document mod 2)      | no planner         |
+| position         | one_hot(min(sentence index, cap)), cap = min(15, K-1) | no planner      |
 | uniform          | 1 / K everywhere (the mean codebook vector)        | no planner         |
 | none             | ``None``: no conditioning, the plain LM            | no planner         |
 
@@ -22,6 +23,14 @@ same code path, so comparisons between them are fair.
 next token opens a new sentence (a boundary the splitter drew by looking ahead), which fixed,
 uniform and none do not. It alternates between actions 0 and 1 at every sentence start and says
 nothing about content, so "planner vs boundary" is the gain from content alone.
+
+``position`` knows only *where* in its document a sentence is: its index, capped at
+:data:`POSITION_CAP` (and at ``K - 1``), so the first 15 sentences each get their own action
+(0..14) and every later one shares action 15. A plan also tells the LM how far into the document it
+is (first sentences look alike); "planner vs position" separates that from *what comes next*. The
+cap keeps the code a control (long documents would otherwise hand out every action) and still
+covers every sentence of the demo's leads (median 3, at most 14); in long documents (sotu) every
+sentence from the 16th on shares action 15.
 
 ``pred`` is the reference's "PRED" stage: the LM learns to read the frozen pretrained planner's
 predictions (here its soft weights) before joint training; a soft run can start from its LM
@@ -66,6 +75,7 @@ SELECTION_ROLES: dict[str, SelectionRole] = {
     "oracle": SelectionRole(False, False, "oracle", "hard"),
     "fixed": SelectionRole(False, False, "fixed", "fixed"),
     "boundary": SelectionRole(False, False, "boundary", "boundary"),
+    "position": SelectionRole(False, False, "position", "position"),
     "uniform": SelectionRole(False, False, "uniform", "uniform"),
     "none": SelectionRole(False, False, "none", "none"),
 }
@@ -77,21 +87,25 @@ PLANNER_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items(
 GRADIENT_SELECTIONS: tuple[str, ...] = tuple(m for m, r in SELECTION_ROLES.items() if r.planner_gradient)
 """Modes through which the LM loss reaches the planner."""
 
-RUN_ORDER: tuple[str, ...] = ("soft", "pred", "gumbel", "straight_through", "hard", "oracle", "boundary", "uniform",
-                              "fixed", "none")
+RUN_ORDER: tuple[str, ...] = ("soft", "pred", "gumbel", "straight_through", "hard", "oracle", "position", "boundary",
+                              "uniform", "fixed", "none")
 """Order of the runs in tables: the method, its planner variants, then the controls."""
+
+POSITION_CAP = 15
+"""Largest sentence index the ``position`` control tells apart (also capped at ``K - 1``)."""
 
 OTHER_DOC_SOURCE = "planner_soft_other_doc"
 """The content control of a soft-conditioned run: the planner's soft weights computed from the context
-sentences of another test document (same position in it, clipped to its length), so the codes keep
-their form and their mix but no longer describe this document."""
+sentences of another test document of similar length (a seeded derangement, never the document nor its
+corpus neighbour), taken at the same relative position, so the codes keep their form and their mix but
+no longer describe this document (`evaluation/planner_metrics.other_document_partners`)."""
 
 CODE_SOURCES: tuple[str, ...] = ("planner_soft", "planner_hard", OTHER_DOC_SOURCE, "oracle", "fixed", "boundary",
-                                 "uniform", "none")
+                                 "position", "uniform", "none")
 """What a trained conditioned LM can be given at evaluation time (any run with any source; the
 other-document control only for runs scored with planner_soft)."""
 
-GENERATION_SELECTIONS: tuple[str, ...] = ("soft", "hard", "fixed", "boundary", "uniform", "none")
+GENERATION_SELECTIONS: tuple[str, ...] = ("soft", "hard", "fixed", "boundary", "position", "uniform", "none")
 """What the LM can be conditioned on while generating (oracle needs the true text)."""
 
 
@@ -137,7 +151,7 @@ def select_weights(
         oracle_actions: true action ids ``[...]`` (mode ``oracle``); a negative id (padding)
             gives an all-zero row, i.e. no conditioning at that position.
         sentence_index: position of each sentence in its document ``[...]`` (0 = first;
-            mode ``boundary``).
+            modes ``boundary`` and ``position``).
         num_actions: ``K`` when no logits are given.
         gumbel_scale: multiplier of the Gumbel noise.
         batch_shape: the ``[...]`` shape for ``fixed``/``uniform`` when neither logits nor
@@ -173,6 +187,10 @@ def select_weights(
         if k < 2:
             raise ValueError("selection 'boundary' needs at least 2 actions")
         return F.one_hot(sentence_index.long().remainder(2), k).to(dtype)
+    if mode == "position":
+        if sentence_index is None:
+            raise ValueError("selection 'position' needs sentence_index (each sentence's position in its document)")
+        return F.one_hot(sentence_index.long().clamp(min=0, max=min(POSITION_CAP, k - 1)), k).to(dtype)
 
     shape, device = _reference_shape(logits, oracle_actions, batch_shape, mode)
     if mode == "fixed":

@@ -28,12 +28,13 @@ from planner_lm.evaluation.perplexity import PerplexityResult
 from planner_lm.evaluation.power import null_fixed_run, power_markdown, power_report
 from planner_lm.evaluation.sharding import process_group, score_documents
 from planner_lm.corpus import CorpusConfig, corpus_description
-from planner_lm.evaluation.planner_metrics import other_document_logits, planner_logits, planner_scores
-from planner_lm.evaluation.results import PAIRS, assemble_metrics, finite, run_protocol, setting_line, write_outputs
+from planner_lm.evaluation.planner_metrics import (OTHER_DOC_BUCKET, other_document_logits, other_document_partners,
+                                                   planner_logits, planner_scores)
+from planner_lm.evaluation.results import assemble_metrics, finite, run_protocol, setting_line, write_outputs
 from planner_lm.evaluation.texts import ScoredText, corpus_slug, external_text, test_split_text
 from planner_lm.evaluation.scoring import (TestSet, bf16_vs_fp32, code_weights, load_test_set, make_scorer,
                                            scored_sources, shared_plain_lm)
-from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, eval_source, generation_selection
+from planner_lm.models.selection import CODE_SOURCES, OTHER_DOC_SOURCE, generation_selection
 from planner_lm.ownership import start_stage
 from planner_lm.rank_zero import shared_decision
 from planner_lm.run_folder import PLANNER_DIR, JointRun, RunFolder
@@ -75,16 +76,19 @@ class EvaluateConfig:
             `<run_dir>/5_eval-<corpus name>` (make: EVAL_CORPUS=...).
         runs: selections to evaluate (e.g. `[soft, none, fixed]`); None = every finished run.
         code_sources: code sources scored for each conditioned run, from planner_soft,
-            planner_hard, oracle, fixed, uniform, none, and `matched` (the source the run was
+            planner_hard, planner_soft_other_doc (runs scored with planner_soft only), oracle,
+            fixed, boundary, position, uniform, none, and `matched` (the source the run was
             trained with: soft -> planner_soft, hard -> planner_hard, oracle -> oracle, ...).
-            The `none` run is only scored with none; the matched source is always scored.
+            The `none` run is only scored with none; the matched source is always scored. None:
+            every source each run can take; a listed source no evaluated run can take is an error.
         window: tokens per scoring window, context included (the papers: 128).
         stride: tokens between windows; 1 = the papers' exact protocol (every token with the
             full window of context), window-1 = non-overlapping windows (fastest).
         batch_size: windows per forward pass.
         max_docs: evaluate only the first N test documents (None = all).
         pairs: `run:reference` comparisons between trained runs, each scored with its own codes
-            (paired Δ with its CI, reported where both runs were evaluated).
+            (paired Δ with its CI). None: `results.PAIRS` (soft:pred, soft:hard, soft:position) where
+            both runs are evaluated; a listed pair naming a run that is not evaluated is an error.
         bootstrap_samples: resamples of the test documents for the confidence intervals.
         confidence: confidence level of the intervals.
         structure: generation-based structure metrics.
@@ -92,7 +96,8 @@ class EvaluateConfig:
         precision: `32`, `bf16` (autocast; fast on GPUs and native-bf16 CPUs, emulated and slow
             elsewhere) or `auto` (bf16 where training would use bf16 autocast, else 32; the manifest
             records the one used). With bf16 the first run is also scored in 32 on
-            `precision_check_docs` documents and the difference is reported.
+            `precision_check_docs` documents and the measured gap is reported (`precision_check`
+            in metrics.json, a line of results.md).
         precision_check_docs: documents of that check (0 = skip it).
         null_seed: the training-noise floor: also score `<run_dir>/seed-<null_seed>/4_joint-fixed`, this
             run's `fixed` trained again with only `seed_everything` changed (make: NULL_SEED=43), and
@@ -104,12 +109,12 @@ class EvaluateConfig:
     run_dir: str = "runs/demo"
     corpus: CorpusConfig | None = None
     runs: list[str] | None = None
-    code_sources: list[str] = field(default_factory=lambda: list(CODE_SOURCES))
+    code_sources: list[str] | None = None
     window: int = 128
     stride: int = 64
     batch_size: int = 32
     max_docs: int | None = None
-    pairs: list[str] = field(default_factory=lambda: list(PAIRS))
+    pairs: list[str] | None = None
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     structure: StructureConfig = field(default_factory=StructureConfig)
@@ -133,6 +138,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     num_actions = folder.num_actions
     pretrained = folder.pretrained_planner()
     runs = folder.joint_runs(cfg.runs)
+    _check_requested(cfg, runs, has_pretrained_planner=pretrained is not None)
     null_run = null_fixed_run(folder, runs, cfg.null_seed) if cfg.null_seed is not None else None
     out = folder.eval_dir(corpus_slug(cfg.corpus) if cfg.corpus else None)
     config = asdict(cfg)
@@ -167,6 +173,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
               for name, p in planners.items()}
     planner_table = {name: planner_scores(value, test.actions) for name, value in logits.items()}
     other_logits: dict[str, torch.Tensor] = {}  # the other-document control, computed when first asked for
+    partners = other_document_partners([len(spans) for spans in test.spans], cfg.seed)
     baselines = text.content_free_baselines(folder, test.sentence_ids.numpy())
 
     structure_eval = _structure_evaluator(cfg, test, text, folder, device, encoder) if rank == 0 else None
@@ -177,15 +184,13 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     results: dict[tuple[str, str], PerplexityResult] = {}
     none_cache: dict[str, PerplexityResult] = {}
     timings: dict[str, float] = {}
-    precision_check: float | None = None
+    precision_check: dict[str, Any] | None = None
     windows = {"window": cfg.window, "stride": cfg.stride, "batch_size": cfg.batch_size}
     for run in runs:
         lm = ActionConditionedLM.from_pretrained(run.lm_dir).to(device).eval()
         planner_name = run.selection if run.selection in logits else "pretrained"
         run_logits = logits.get(planner_name)
         sources = ["none"] if run.selection == "none" else scored_sources(run.selection, cfg.code_sources)
-        if eval_source(run.selection) != "planner_soft":  # the other-document control is soft runs' only
-            sources = [s for s in sources if s != OTHER_DOC_SOURCE]
         for source in sources:
             if source.startswith("planner") and run_logits is None:
                 say(f"  {run.selection}: no planner for {source} (run `make pretrain-planner`); skipped")
@@ -194,7 +199,8 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
             if source == OTHER_DOC_SOURCE:
                 if planner_name not in other_logits:
                     other_logits[planner_name] = other_document_logits(
-                        planners[planner_name], text.embeddings, test.sentence_ids, test.sentence_doc_first, device)
+                        planners[planner_name], text.embeddings, test.sentence_ids, test.sentence_doc_first, partners,
+                        device)
                 source_logits = other_logits[planner_name]
             key = shared_plain_lm(run) if source == "none" else None
             tick = time.perf_counter()
@@ -204,8 +210,9 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
             table = code_weights(source, source_logits, test.actions, num_actions, test.positions,
                                  run.planner_temperature)
             if cfg.precision == "bf16" and cfg.precision_check_docs > 0 and precision_check is None and rank == 0:
-                precision_check = bf16_vs_fp32(lm, table, test, device, cfg.precision_check_docs, **windows)
-                say(f"  bf16 vs fp32 on {cfg.precision_check_docs} documents: PPL {precision_check:+.3%}")
+                precision_check = {"run": run.selection, "source": source,
+                                   **bf16_vs_fp32(lm, table, test, device, cfg.precision_check_docs, **windows)}
+                say(f"  bf16 vs fp32 on {precision_check['docs']} documents: PPL {precision_check['rel_diff']:+.3%}")
             result = score_documents(test.documents, make_scorer(lm, table, test.first, device, cfg.precision),
                                      rank, world, device=device, progress=f"{run.selection} / {source}", **windows)
             results[(run.selection, source)] = result
@@ -236,9 +243,12 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
         return {}
     protocol = {**run_protocol(runs, folder.embed_manifest(), num_actions, fingerprint), "scored": scored}
     if precision_check is not None:
-        protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check
+        protocol["bf16_vs_fp32_ppl_rel_diff"] = precision_check["rel_diff"]
     metrics = assemble_metrics(cfg, runs, results, planner_table, baselines, structure, test, test.num_tokens,
                                protocol)
+    metrics["precision_check"] = precision_check  # the measured bf16 gap (None: fp32 figures, or not checked)
+    if other_logits:
+        metrics["other_document"] = {"partners": partners.tolist(), "bucket": OTHER_DOC_BUCKET, "seed": cfg.seed}
     metrics["power"] = power_report(runs, results, metrics["pairs"], null_run, null_result,
                                     resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed),
                                     cfg.confidence)
@@ -308,15 +318,32 @@ def scoring_precision(requested: str) -> str:
     return "bf16" if fast_precision() == "bf16-mixed" else "32"
 
 
+def _check_requested(cfg: EvaluateConfig, runs: list[JointRun], has_pretrained_planner: bool) -> None:
+    """A listed pair or code source that the evaluated runs cannot give is a mistake, not a row to leave out."""
+    evaluated = [run.selection for run in runs]
+    for pair in cfg.pairs or []:
+        missing = [name for name in pair.split(":") if name not in evaluated]
+        if missing:
+            raise UserError(f"pair {pair}: no evaluated run {missing[0]!r} (evaluated: {', '.join(evaluated)})")
+    for source in [s for s in cfg.code_sources or [] if s != "matched"]:
+        takers = [run for run in runs if source == "none" or (
+            run.selection != "none" and source in scored_sources(run.selection, cfg.code_sources)
+            and (not source.startswith("planner") or has_pretrained_planner or run.planner_path is not None))]
+        if not takers:
+            why = ("runs scored with planner_soft only" if source == OTHER_DOC_SOURCE else
+                   "it needs a planner: run `make pretrain-planner`" if source.startswith("planner") else "none conditioned")
+            raise UserError(f"code source {source}: no evaluated run takes it ({why}; evaluated: {', '.join(evaluated)})")
+
+
 def _check_config(cfg: EvaluateConfig) -> None:
-    unknown = [s for s in cfg.code_sources if s not in (*CODE_SOURCES, "matched")]
+    unknown = [s for s in cfg.code_sources or [] if s not in (*CODE_SOURCES, "matched")]
     if unknown:
         raise UserError(f"unknown code source(s) {', '.join(unknown)}; choose from {', '.join(CODE_SOURCES)}, matched")
     if cfg.window < 2 or not 1 <= cfg.stride <= cfg.window - 1:
         raise UserError(f"need window >= 2 and 1 <= stride <= window - 1, got window {cfg.window}, stride {cfg.stride}")
     if cfg.precision not in ("32", "bf16", "auto"):
         raise UserError(f"precision must be '32', 'bf16' or 'auto', got {cfg.precision!r}")
-    malformed = [p for p in cfg.pairs if p.count(":") != 1 or "" in p.split(":")]
+    malformed = [p for p in cfg.pairs or [] if p.count(":") != 1 or "" in p.split(":")]
     if malformed:
         raise UserError(f"pairs are written run:reference (e.g. soft:pred), got {', '.join(malformed)}")
     if cfg.max_docs is not None and cfg.max_docs < 1:

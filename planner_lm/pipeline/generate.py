@@ -39,7 +39,7 @@ class GenerateConfig:
         max_new_tokens: tokens to generate per sample.
         temperature: token sampling temperature; 0 = greedy.
         top_p: nucleus sampling threshold (1 = off).
-        conditioning: soft, hard, fixed, boundary, uniform or none; default: what the run was trained with.
+        conditioning: soft, hard, fixed, boundary, position, uniform or none; default: what the run was trained with.
         examples: example training sentences shown per action (0 = none, faster start).
         seed: sampling seed.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
