@@ -255,6 +255,34 @@ MUTANTS += [
            ("tests/test_joint.py::test_seed_everything_also_seeds_the_adapters",)),
 ]
 
+RESIDUAL, OPTIONS = "tests/test_residual_conditioning.py", "tests/test_option_effects.py"
+MUTANTS += [  # the residual conditioning, its schedule and initialisation, and the ceiling probe (issue 30)
+    Mutant("60: residual adapters start Xavier-initialised like the paper's", "planner_lm/models/conditioning.py",
+           "            if residual:  # the plan starts", "            if False:  # the plan starts",
+           (f"{RESIDUAL}::test_at_step_zero_every_code_source_gives_the_base_model",)),
+    Mutant("61: the residual reads raw, uncentred actions", "planner_lm/models/conditioning.py",
+           "action = action - self.code_centre[", "action = action + 0 * self.code_centre[",
+           (f"{RESIDUAL}::test_the_residual_reads_centred_actions_so_the_mean_action_adds_only_the_shared_shift",)),
+    Mutant("62: residual_lr also drives the shared shift", "planner_lm/lit/joint.py",
+           "code = {id(p) for p in [*self.lm.adapter_parameters(), *self.lm.codebook_parameters()]} - shared",
+           "code = {id(p) for p in [*self.lm.adapter_parameters(), *self.lm.codebook_parameters()]}",
+           (f"{OPTIONS}::test_residual_lr_and_weight_decay_act_on_the_codes_only",)),
+    Mutant("63: the cosine schedule never warms up", "planner_lm/lit/schedules.py",
+           "        if step < warmup:\n            return (step + 1) / warmup", "        if False:\n            pass",
+           (f"{OPTIONS}::test_cosine_schedule_warms_up_then_decays_every_group_to_min_lr_ratio",)),
+    Mutant("64: the hidden-state initialisation ignores its scale", "planner_lm/models/steering.py",
+           "scale * directions[slot][seen].double()", "directions[slot][seen].double()",
+           (f"{OPTIONS}::test_residual_init_starts_each_action_at_the_bases_own_direction",)),
+    Mutant("65: the ceiling probe reports the worst alpha", "planner_lm/evaluation/ceiling.py",
+           "best = min(sweep, key=lambda alpha: sweep[alpha].mean_nll)",
+           "best = max(sweep, key=lambda alpha: sweep[alpha].mean_nll)",
+           ("tests/test_ceiling.py::test_the_ceiling_probe_reports_what_plain_loops_recompute",)),
+    Mutant("66: the ceiling's directions count padding tokens", "planner_lm/evaluation/ceiling.py",
+           "means.observe(torch.where(mask.bool(), actions, torch.full_like(actions, -1)))",
+           "means.observe(actions)",
+           ("tests/test_ceiling.py::test_the_ceiling_probe_reports_what_plain_loops_recompute",)),
+]
+
 def copy_tree(target: Path) -> None:
     """Tracked and untracked (not ignored) files of the working tree: the code as it is now."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,

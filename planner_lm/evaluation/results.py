@@ -12,6 +12,7 @@ import numpy as np
 
 from planner_lm.artifacts import atomic_write_text
 from planner_lm.evaluation.bootstrap import Interval, ppl_interval, relative_change_interval, resample_indices
+from planner_lm.evaluation.ceiling import ceiling_markdown
 from planner_lm.evaluation.curves import curve_markdown, plot_curves, val_curves
 from planner_lm.evaluation.perplexity import nll_by_position
 from planner_lm.evaluation.power import power_markdown
@@ -75,7 +76,6 @@ def steps_description(runs: list[JointRun]) -> str | None:
             f"{run.total_steps - run.steps}" for run in runs if run.steps is not None and run.total_steps != run.steps]
     text = ", ".join(map(str, cold))
     return (f"{text} ({'; '.join(warm)})" if text and warm else text or "; ".join(warm)) or None
-
 
 
 def untouched_base_result(runs: list[JointRun], results: dict) -> Any:
@@ -288,6 +288,7 @@ def write_outputs(out: Path, runs: list[JointRun], results, test: TestSet, metri
     body += controls_markdown(metrics["content_controls"])
     body += pairs_markdown(metrics["pairs"])
     body += power_markdown(metrics.get("power"))
+    body += ceiling_markdown(metrics.get("ceiling"))
     body += precision_note(protocol, metrics.get("precision_check"))
     body += length_markdown(matched_rows)
     curves = val_curves(runs)  # the joint runs' validation PPL by step, against fixed at the same step

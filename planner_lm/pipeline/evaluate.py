@@ -23,6 +23,7 @@ import torch
 from planner_lm import sentence_vectors
 from planner_lm.artifacts import atomic_write_text, write_manifest
 from planner_lm.errors import UserError
+from planner_lm.evaluation.ceiling import CeilingConfig, ceiling_probe
 from planner_lm.evaluation.bootstrap import resample_indices
 from planner_lm.evaluation.perplexity import PerplexityResult
 from planner_lm.evaluation.power import null_fixed_run, power_markdown, power_report
@@ -92,6 +93,8 @@ class EvaluateConfig:
         bootstrap_samples: resamples of the test documents for the confidence intervals.
         confidence: confidence level of the intervals.
         structure: generation-based structure metrics.
+        ceiling: the ceiling probe (no training): the `ceiling.run` run steered along its own hidden
+            states towards the true next action, α swept on validation (`planner_lm.evaluation.ceiling`).
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
         precision: `32`, `bf16` (autocast; fast on GPUs and native-bf16 CPUs, emulated and slow
             elsewhere) or `auto` (bf16 where training would use bf16 autocast, else 32; the manifest
@@ -118,6 +121,7 @@ class EvaluateConfig:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     structure: StructureConfig = field(default_factory=StructureConfig)
+    ceiling: CeilingConfig = field(default_factory=CeilingConfig)
     device: str = "auto"
     precision: str = "32"
     precision_check_docs: int = 20
@@ -182,6 +186,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
 
     # ---- perplexity of every run with every code source, then generation
     results: dict[tuple[str, str], PerplexityResult] = {}
+    ceiling: dict[str, Any] | None = None
     none_cache: dict[str, PerplexityResult] = {}
     timings: dict[str, float] = {}
     precision_check: dict[str, Any] | None = None
@@ -220,6 +225,13 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
                 none_cache[key] = result
             timings[f"{run.selection}/{source}"] = round(time.perf_counter() - tick, 2)
             say(f"  {run.selection:>16} / {source:<12} ppl {result.ppl:9.3f}")
+            if cfg.ceiling.alphas and run.selection == cfg.ceiling.run and source == sources[0] and rank == 0:
+                tick = time.perf_counter()
+                ceiling = ceiling_probe(cfg.ceiling, folder, lm, table, tokenizer, fingerprint, test, result, device,
+                                        cfg.precision, cfg.bootstrap_samples, cfg.confidence, cfg.seed, **windows)
+                timings["ceiling"] = round(time.perf_counter() - tick, 2)
+                say(f"  ceiling probe on {run.selection}: best alpha {ceiling['best_alpha']:g}, test Δ "
+                    f"{ceiling['delta']['value']:+.2%} [{ceiling['delta']['low']:+.2%}, {ceiling['delta']['high']:+.2%}]")
         if structure_eval is not None:
             tick = time.perf_counter()
             generated = _generate_and_score(structure_eval, run, lm, planners, tokenizer, num_actions)
@@ -249,6 +261,7 @@ def evaluate_runs(cfg: EvaluateConfig, encoder: Any = None) -> dict[str, Any]:
     metrics["precision_check"] = precision_check  # the measured bf16 gap (None: fp32 figures, or not checked)
     if other_logits:
         metrics["other_document"] = {"partners": partners.tolist(), "bucket": OTHER_DOC_BUCKET, "seed": cfg.seed}
+    metrics["ceiling"] = ceiling
     metrics["power"] = power_report(runs, results, metrics["pairs"], null_run, null_result,
                                     resample_indices(len(test.documents), cfg.bootstrap_samples, cfg.seed),
                                     cfg.confidence)
@@ -321,6 +334,8 @@ def scoring_precision(requested: str) -> str:
 def _check_requested(cfg: EvaluateConfig, runs: list[JointRun], has_pretrained_planner: bool) -> None:
     """A listed pair or code source that the evaluated runs cannot give is a mistake, not a row to leave out."""
     evaluated = [run.selection for run in runs]
+    if cfg.ceiling.alphas and cfg.ceiling.run not in evaluated:
+        raise UserError(f"ceiling.run {cfg.ceiling.run}: no evaluated run of that name (evaluated: {', '.join(evaluated)})")
     for pair in cfg.pairs or []:
         missing = [name for name in pair.split(":") if name not in evaluated]
         if missing:
@@ -346,6 +361,8 @@ def _check_config(cfg: EvaluateConfig) -> None:
     malformed = [p for p in cfg.pairs or [] if p.count(":") != 1 or "" in p.split(":")]
     if malformed:
         raise UserError(f"pairs are written run:reference (e.g. soft:pred), got {', '.join(malformed)}")
+    if cfg.ceiling.alphas and (cfg.ceiling.fit_docs < 1 or (cfg.ceiling.val_docs is not None and cfg.ceiling.val_docs < 1)):
+        raise UserError("ceiling.fit_docs and ceiling.val_docs must be >= 1 (val_docs null: all)")
     if cfg.max_docs is not None and cfg.max_docs < 1:
         raise UserError(f"max_docs must be >= 1 (or null for all), got {cfg.max_docs}")
     if cfg.structure.docs < 0 or cfg.structure.prompt_sentences < 1:
