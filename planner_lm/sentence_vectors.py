@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from planner_lm.errors import UserError
-from planner_lm.model_files import local_or_hub
+from planner_lm.model_files import fetch, pin
 
 SentenceEncoder = Callable[[Sequence[str]], Tensor]
 """Texts → unit-norm float32 sentence vectors ``[n, D]`` on the CPU."""
@@ -39,14 +39,33 @@ def resolve_encoder_path(name: str) -> str:
             raise UserError(f"{distribution} is installed but {path} holds no sentence-transformers model; reinstall it")
         return str(path)
     hint = f"use a local sentence-transformers folder or a bundled encoder ({', '.join(BUNDLED_ENCODERS)})"
-    downloaded = not Path(name).expanduser().is_dir()
-    path = local_or_hub(name, "sentence encoder", hint)
+    found = fetch(name, "sentence encoder", hint, subfolders=module_folders)
+    path = found.folder
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise UserError(f"{path} is not a sentence-transformers model folder (no modules.json or config.json)")
-    if downloaded and not any(path.rglob("*.safetensors")):
+    if found.untrusted and not any(path.rglob("*.safetensors")):  # a download, a clone or a cache snapshot
         raise UserError(f"Hub repository {name!r} has no safetensors weights (only files that cannot run code are "
                         f"fetched, so pickled weights are refused); {hint}")
     return str(path)
+
+
+def pinned_encoder(name: str) -> str:
+    """The name an embed stage records for encoder `name`: a Hub repository's `owner/name@<commit>`, so that
+    evaluation and generation encode new text with the very weights that built the codebook."""
+    return name if name in BUNDLED_ENCODERS else pin(name, "sentence encoder")
+
+
+def module_folders(folder: Path) -> list[str]:
+    """The subfolders a sentence-transformers model's `modules.json` names (its pooling and normalisation
+    settings): the only files below the top level a download of an encoder fetches."""
+    import json
+
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    return [str(m["path"]) for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str)
+            and m["path"] and "/" not in m["path"]] if isinstance(modules, list) else []
 
 
 EMBED_BACKENDS = ("auto", "torch", "onnx", "openvino")

@@ -181,7 +181,7 @@ def load_tokenizer(name_or_path: str, cache_dir: str | os.PathLike | None = None
     if _GPT2_TOKENIZER_NAMES.match(name_or_path):
         tokenizer = _gpt2_tokenizer(cache_dir)
     else:
-        source, kwargs = resolve_pretrained(name_or_path, cache_dir, "tokenizer")
+        source, kwargs, _ = resolve_pretrained(name_or_path, cache_dir, "tokenizer")
         try:
             from transformers import AutoTokenizer
 

@@ -93,6 +93,7 @@ def hub_unreachable(monkeypatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, **kw: snapshot_download(repo_id))
 
 
 PREPARE = ["--overwrite", "true", "--split.val_docs", "1", "--split.test_docs", "1", "--workers", "1",

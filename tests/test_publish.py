@@ -2,7 +2,6 @@
 and hostile repositories refused in one sentence before anything is built from them."""
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fake_hub import FakeHub
 from test_evaluate_stage import K, fake_joint_runs
 from planner_lm.errors import UserError
 from planner_lm.models.base_lm import load_base_lm, tiny_config
 from planner_lm.models.conditioning import CONFIG_FILE, ActionConditionedLM
-from planner_lm.models.hub import SAFE_PATTERNS
 from planner_lm.models.planner import Planner
 from planner_lm.publish import main, publish
 from planner_lm.run_folder import stage_dir
@@ -22,14 +21,22 @@ from planner_lm.run_folder import stage_dir
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """HfApi's repository creation and upload, answered by copying into a local folder."""
+    """HfApi's repository creation and upload, answered by copying into a local stand-in for the Hub
+    whose downloads select files as huggingface_hub does (`fake_hub.FakeHub`). The fixture is that
+    stand-in's repository folder: `hub / "owner/name"`; `hub.fetched` lists the repositories asked for."""
     import huggingface_hub
 
-    class Remote(type(tmp_path)):
-        fetched: list[str]  # repository ids asked for, in order
+    fake = FakeHub(tmp_path).install(monkeypatch)
 
-    remote = Remote(tmp_path / "remote")
-    remote.fetched = []
+    class Remote(type(tmp_path)):
+        fake: FakeHub
+
+        @property
+        def fetched(self) -> list[str]:
+            return fake.asked
+
+    remote = Remote(fake.remote)
+    remote.fake = fake
 
     class Created:
         def __init__(self, repo_id: str) -> None:
@@ -44,28 +51,7 @@ def hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-
-    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **kwargs):
-        """Like the real one: a folder holding only the repository's files that `allow_patterns` select
-        (offline, a repository absent from the stand-in is 'not in the cache')."""
-        assert allow_patterns == SAFE_PATTERNS  # nothing that could be unpickled is ever fetched
-        remote.fetched.append(repo_id)
-        source = remote / repo_id
-        if not source.is_dir():
-            if local_files_only:
-                raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id} is not in the cache")
-            raise ConnectionError(f"cannot reach the Hub for {repo_id}")
-        snapshot = tmp_path / "snapshots" / repo_id
-        for path in source.rglob("*"):
-            name = str(path.relative_to(source))
-            if path.is_file() and any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
-                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, snapshot / name)
-        snapshot.mkdir(parents=True, exist_ok=True)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    remote.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     return remote
 
 
@@ -143,7 +129,7 @@ def test_a_hostile_conditioned_lm_is_refused_before_anything_is_built(tmp_path, 
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle")
     (folder / "base" / "exploit.py").write_text("import os")
     assert isinstance(ActionConditionedLM.from_pretrained("evil/lm"), ActionConditionedLM)  # well-formed so far
-    snapshot = tmp_path / "snapshots" / "evil" / "lm"
+    snapshot = hub.fake.snapshot("evil/lm")
     assert not list(snapshot.rglob("*.bin")) and not list(snapshot.rglob("*.py"))  # never fetched
 
     cases = {
@@ -174,15 +160,17 @@ def test_a_downloaded_base_is_fetched_safely_announced_and_checked(tmp_path, hub
     ActionConditionedLM.from_pretrained("me/lm")  # the base named by the downloaded config comes from the Hub
     assert hub.fetched == ["me/lm", "someone/base"]
     err = capsys.readouterr().err
-    assert "'someone/base' is not a local folder: downloading it from the Hugging Face Hub" in err
-    assert not list((tmp_path / "snapshots" / "someone").rglob("*.bin"))
+    assert "base LM 'someone/base' (named as its base by conditioned LM 'me/lm@" in err
+    assert not list(hub.fake.folder("someone/base").rglob("*.bin"))
 
     # a base whose only weights are a pickle is refused, not unpickled
     only_pickle = hub / "someone" / "pickled"
     shutil.copytree(base, only_pickle)
     (only_pickle / "model.safetensors").unlink()
     edit_config(hub / "me" / "lm", base="someone/pickled")
-    assert "no config.json with safetensors weights" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
+    message = refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
+    assert "has no top-level *.safetensors" in message and "nothing was downloaded" in message  # seen in its listing
+    assert not [path for path in hub.fake.transferred if path.startswith("someone/pickled/")]
     # a base config that asks for far more parameters than its weights hold
     huge = hub / "someone" / "huge"
     shutil.copytree(base, huge)
@@ -191,8 +179,9 @@ def test_a_downloaded_base_is_fetched_safely_announced_and_checked(tmp_path, hub
     edit_config(hub / "me" / "lm", base="someone/huge")
     assert "describes" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing new is fetched, and nothing is announced
     edit_config(hub / "me" / "lm", base="someone/not-cached")
+    hub.fake.snapshot_download("me/lm")  # in the cache, with a base that is not
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: nothing new is fetched, and nothing is announced
     assert "HF_HUB_OFFLINE=1" in refused(lambda: ActionConditionedLM.from_pretrained("me/lm"), capsys)
 
 

@@ -29,6 +29,7 @@ from planner_lm.data.contexts import gather_contexts
 from planner_lm.data.lm_windows import LMWindows, TokenizedSplit, check_window, load_or_build_token_cache
 from planner_lm.data.resumable import process_of, resumable_train_loader
 from planner_lm.errors import UserError
+from planner_lm.model_files import pin
 from planner_lm.run_folder import PLANNER_DIR, RunFolder, finished
 
 __all__ = ["JointBatchCollator", "JointDataModule"]
@@ -136,7 +137,9 @@ class JointDataModule(L.LightningDataModule):
 
         # The base LM: our pretrain-lm stage (a manifest to check) or any name load_base_lm knows.
         lm_dir = folder.dir("pretrain_lm") if lm is None else Path(lm)
-        self.lm_path = str(lm_dir) if lm is None else lm
+        # a Hub name is pinned to its current commit: the model, its tokenizer, the manifest and every later
+        # load of the saved LM (its config names the base so) get the same files
+        self.lm_path = str(lm_dir) if lm is None else pin(lm, "base LM")
         self.lm_name = self.lm_path
         self.expected_tokenizer_fingerprint: str | None = None
         if lm is None or (lm_dir / "manifest.json").is_file():

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from planner_lm.artifacts import atomic_save_npy
 from planner_lm.data.embed_data import EmbedPlan, shard_path
 from planner_lm.errors import UserError
-from planner_lm.sentence_vectors import encode_batch, load_encoder, resolve_embed_backend
+from planner_lm.sentence_vectors import encode_batch, load_encoder, pinned_encoder, resolve_embed_backend
 
 # Shards are identified by the batch itself, not by sampler indices, so Lightning's guess is not needed.
 warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices fetched from your dataloader.*")
@@ -53,6 +53,7 @@ class SentenceEmbedder(LightningModule):
                  backend: str = "auto", quantize: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.encoder = encoder = pinned_encoder(encoder)  # what the manifest records and later stages load
         if max_seq_length is not None and max_seq_length < 1:
             raise UserError(f"model.max_seq_length must be >= 1, got {max_seq_length}")
         self.backend, self.quantize = resolve_embed_backend(backend, "cuda" if torch.cuda.is_available() else "cpu", quantize)

@@ -29,16 +29,17 @@ def load_base_lm(
     """Load a causal LM by name (local directory, preset or hub name; see module doc).
 
     The returned model's ``name_or_path`` is the string given here, so a conditioned LM saved
-    on top of it refers to the base by that name (portable presets stay presets).
+    on top of it refers to the base by that name (portable presets stay presets); a Hub name becomes
+    ``owner/name@<commit>``, so that later loads get the very weights loaded now.
     """
-    source, kwargs = resolve_pretrained(name_or_path, cache_dir)
+    source, kwargs, reference = resolve_pretrained(name_or_path, cache_dir)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:  # a broken folder, an unknown architecture, code it would need to run
         raise load_error(name_or_path, "model", err) from err
-    model.name_or_path = name_or_path
+    model.name_or_path = reference
     return model
 
 

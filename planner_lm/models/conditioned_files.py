@@ -2,8 +2,9 @@
 
 `ActionConditionedLM` writes ``conditioning_config.json`` and ``conditioning.safetensors`` (and
 ``base/`` when the base must travel with it). Reading such a folder back, for loading or for a warm
-start, must refuse what would silently mean something else: a download that points its base at this
-machine's files, or weights trained for another base, k or set of layers.
+start, must refuse what would silently mean something else: a download (or a clone of a Hub
+repository) that points its base at this machine's files, or weights trained for another base, k or
+set of layers. Every check that needs only the folder runs before its base is fetched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from planner_lm.errors import UserError
-from planner_lm.model_files import PRESETS, check_weights_cover_config, path_only
+from planner_lm.model_files import PRESETS, Fetched, check_weights_cover_config, download, path_only
+from planner_lm.models.adapters import CONFIG_RULES, REQUIRED_KEYS
+from planner_lm.models.hub import check_shapes, header_shapes, read_config
 
 CONFIG_FILE = "conditioning_config.json"
 WEIGHTS_FILE = "conditioning.safetensors"
@@ -46,26 +49,67 @@ def check_warm_start(save_dir: Path, settings: dict[str, Any], base_fingerprint:
                         f"({config.get('base')!r}); use a run of the same base")
 
 
-def base_location(save_dir: Path, config: dict[str, Any], downloaded: bool) -> str:
-    """Where the base LM of a saved conditioned LM lies. A downloaded folder may only carry its base
-    (`base/`), point inside itself, or name a Hub model (fetched with the same safe file patterns)
-    or a preset: never a path on this machine."""
+def carried_base(folder: Path) -> list[str]:
+    """The subfolder a download of a conditioned LM fetches after its top level: `base/` when the config says
+    the base travels with it. The config and the weights' header are checked first, before the big download."""
+    config = read_config(folder / CONFIG_FILE, CONFIG_RULES, REQUIRED_KEYS)
+    check_config_shapes(folder / WEIGHTS_FILE, header_shapes(folder / WEIGHTS_FILE), config)
+    return [BASE_SUBDIR] if config["base_saved"] else []
+
+
+def check_config_shapes(path: Path, stated: dict[str, tuple[int, ...]], settings: dict[str, Any]) -> None:
+    """Refuse weights whose tensor names, or any shape the config alone fixes, differ from the config's, before
+    the base is fetched (the adapters' widths and LoRA shapes come from the base: checked once it is built)."""
+    layers, num, dim = len(settings["conditioned_layers"]), settings["num_actions"], settings["action_dim"]
+    books, rank = layers if settings["per_layer_codebook"] else 1, settings.get("residual_rank", 0)
+    expected: dict[str, tuple[Any, ...]] = {"codebook": (books, num, dim)}
+    if settings.get("conditioning") == "residual":
+        expected["code_centre"] = (books, dim)
+    if rank:
+        expected["code_projection.weight"] = (rank, dim)
+    for slot in range(layers):
+        width = tuple(stated.get(f"adapters.{slot}.bias") or (None,))[:1]  # the base's: any, as long as it agrees
+        expected[f"adapters.{slot}.weight"] = (*width, rank or dim)
+        expected[f"adapters.{slot}.bias"] = width
+    if settings["base_mode"] == "lora":
+        expected.update({name: shape for name, shape in stated.items() if name.startswith("lora.")})
+    check_shapes(path, stated, expected)
+
+
+BASE_ONLY_HUB_OPTIONS = ("local_files_only", "cache_dir", "token")
+"""The conditioned LM's download options its base's download shares (not its revision)."""
+
+
+def base_location(source: Fetched, config: dict[str, Any], hub: dict[str, Any]) -> str:
+    """Where the base LM of a saved conditioned LM lies; a Hub base is downloaded here, announced with why.
+
+    A folder from the Hub (downloaded, a `git clone` or a cache snapshot: `source.untrusted`) may only carry
+    its base (`base/`), point inside itself, or name a Hub model (fetched with the same safe files, offline
+    switch and cache as the folder) or a preset: never a path on this machine."""
+    save_dir = source.folder
     if config["base_saved"]:
-        if downloaded:
+        if source.untrusted:
             check_weights_cover_config(save_dir / BASE_SUBDIR, f"{save_dir / CONFIG_FILE}'s base")
         return str(save_dir / BASE_SUBDIR)
-    relative = config.get("base_relative")
-    if downloaded:
+    relative, base = config.get("base_relative"), config["base"]
+    if source.untrusted:
         inside = save_dir.resolve()
         if relative and inside not in (inside / relative).resolve().parents:
             raise UserError(f"{save_dir / CONFIG_FILE} points its base LM outside the downloaded folder "
                             f"(base_relative {relative!r}); refused: a download may only carry its base or name a Hub model")
         if relative and (save_dir / relative).is_dir():
+            check_weights_cover_config(save_dir / relative, f"{save_dir / CONFIG_FILE}'s base")
             return str((save_dir / relative).resolve())
-        if config["base"] not in PRESETS and path_only(config["base"]):
-            raise UserError(f"{save_dir / CONFIG_FILE} names its base LM by a local path ({config['base']!r}); refused: "
+        if base not in PRESETS and path_only(base):
+            raise UserError(f"{save_dir / CONFIG_FILE} names its base LM by a local path ({base!r}); refused: "
                             "a downloaded conditioned LM may only carry its base or name a Hub model or a preset")
-        return config["base"]
-    if relative and (save_dir / relative).is_dir():
+    elif relative and (save_dir / relative).is_dir():
         return str((save_dir / relative).resolve())
-    return config["base"]
+    elif Path(base).expanduser().is_dir() or path_only(base):
+        return base
+    if base in PRESETS:
+        return base
+    why = (f"named as its base by conditioned LM {source.reference!r}, which does not carry it; "
+           "pass base= to use a model you already have")
+    return str(download(base, "base LM", why=why, required=[["config.json"], ["*.safetensors"]],
+                        **{k: v for k, v in hub.items() if k in BASE_ONLY_HUB_OPTIONS}).folder)

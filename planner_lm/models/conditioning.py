@@ -33,7 +33,7 @@ from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MOD
                                         inject_lora, input_features, normalise_layers)
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
 from planner_lm.models.conditioned_files import (BASE_SUBDIR, CONFIG_FILE, WEIGHTS_FILE, base_location,
-                                                  check_warm_start)
+                                                  carried_base, check_config_shapes, check_warm_start)
 from planner_lm.models.hub import HUB_SETTINGS, HubArtefact, check_shapes, header_shapes, read_config
 
 __all__ = ["BASE_MODES", "CONFIG_FILE", "ActionConditionedLM"]
@@ -366,19 +366,17 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
             dtype: load the base in this dtype (adapters stay float32).
             hub_kwargs: `revision`, `cache_dir`, `token`, ... of the Hub download.
         """
-        downloaded = not Path(save_dir).expanduser().is_dir()
-        save_dir = cls.local_folder(save_dir, **hub_kwargs)
+        source = cls.fetch(save_dir, subfolders=carried_base, **hub_kwargs)  # a clone or cache gets a download's checks
+        save_dir = source.folder
         config_path = save_dir / CONFIG_FILE
         if not config_path.is_file():
             raise UserError(f"{save_dir} holds no conditioned LM ({CONFIG_FILE} missing)")
         config = read_config(config_path, CONFIG_RULES, REQUIRED_KEYS)
         settings = ConditioningSettings(**{k: config[k] for k in ConditioningSettings.__dataclass_fields__ if k in config})
         stated = header_shapes(save_dir / WEIGHTS_FILE)
-        books = len(settings.conditioned_layers) if settings.per_layer_codebook else 1
-        check_shapes(save_dir / WEIGHTS_FILE, {"codebook": stated.get("codebook")},
-                     {"codebook": (books, settings.num_actions, settings.action_dim)})
+        check_config_shapes(save_dir / WEIGHTS_FILE, stated, asdict(settings))  # before a base is fetched
         if base is None:
-            base = load_base_lm(base_location(save_dir, config, downloaded), dtype=dtype)
+            base = load_base_lm(base_location(source, config, hub_kwargs), dtype=dtype)
         expected = config.get("base_fingerprint")
         if check_fingerprint and expected and weights_fingerprint(base) != expected:
             raise UserError(

@@ -2,9 +2,9 @@
 `from_pretrained` (a local folder or a Hub repository) and `push_to_hub`, through huggingface_hub's
 `ModelHubMixin`.
 
-Only JSON, safetensors and text files are ever written or fetched: a download is restricted to
-`SAFE_PATTERNS` (`planner_lm.model_files.local_or_hub`), so nothing that could be unpickled reaches
-the machine. A config read back is checked key by key against its `ConfigRules` (known keys, types,
+Only JSON, safetensors and text files are ever written or fetched: a download is restricted to the
+repository's top-level `SAFE_PATTERNS` files (`planner_lm.model_files.download`), so nothing that
+could be unpickled reaches the machine. A config read back is checked key by key against its `ConfigRules` (known keys, types,
 sizes within stated bounds) and against the shapes the safetensors header states before any module
 is built, so a hostile folder cannot make a loader allocate more than its own weights file holds.
 Every saved folder carries a model card (`README.md`); `planner_lm.publish` rewrites it with the
@@ -23,7 +23,7 @@ from typing import Any
 from huggingface_hub import ModelHubMixin
 
 from planner_lm.errors import UserError
-from planner_lm.model_files import SAFE_PATTERNS, local_or_hub
+from planner_lm.model_files import SAFE_PATTERNS, Fetched, fetch
 
 __all__ = ["SAFE_PATTERNS", "HUB_SETTINGS", "HubArtefact", "Rule", "ConfigRules", "read_config", "integer", "number",
            "one_of", "flag", "text", "optional", "list_of", "text_map", "header_shapes", "check_shapes"]
@@ -46,13 +46,20 @@ class HubArtefact(ModelHubMixin):
     `_save_pretrained` and read a local folder in `_load_folder`."""
 
     @classmethod
-    def local_folder(cls, model_id: str | os.PathLike, *, revision: str | None = None,
-                     cache_dir: str | os.PathLike | None = None, force_download: bool = False,
-                     local_files_only: bool = False, token: str | bool | None = None) -> Path:
-        """`model_id` itself when it is a local folder, else a snapshot of the Hub repository holding
-        only `SAFE_PATTERNS` files (a missing path is an error, never a Hub id; see `local_or_hub`)."""
-        return local_or_hub(model_id, cls.__name__, revision=revision, cache_dir=cache_dir,
-                            force_download=force_download, local_files_only=local_files_only, token=token)
+    def fetch(cls, model_id: str | os.PathLike, *, subfolders: Callable[[Path], list[str]] | None = None,
+              revision: str | None = None, cache_dir: str | os.PathLike | None = None, force_download: bool = False,
+              local_files_only: bool = False, token: str | bool | None = None) -> Fetched:
+        """`model_id` itself when it is a local folder, else a snapshot of the Hub repository holding only
+        its top-level `SAFE_PATTERNS` files and those of the `subfolders` its checked top level names (a
+        missing path is an error, never a Hub id; see `model_files.download`), with whether its contents
+        are the Hub's (downloaded, cloned or cached)."""
+        return fetch(model_id, cls.__name__, subfolders=subfolders, revision=revision, cache_dir=cache_dir,
+                     force_download=force_download, local_files_only=local_files_only, token=token)
+
+    @classmethod
+    def local_folder(cls, model_id: str | os.PathLike, **hub_kwargs) -> Path:
+        """The folder `fetch` finds for `model_id`."""
+        return cls.fetch(model_id, **hub_kwargs).folder
 
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, **hub_kwargs):
