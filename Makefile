@@ -248,6 +248,7 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 # soft's total steps: REAL_EXTRAS+=pred-budget trains it (2 x REAL_STEPS) in the variant RUN/pred-budget and
 # compares it with soft there (one more run of twice the steps).
 REAL_FROM ?= runs/demo
+REAL_CONDITIONING ?= residual
 REAL_STEPS ?= 300
 REAL_VAL_EVERY ?= 50
 REAL_WARM ?= pred
@@ -256,12 +257,12 @@ REAL_EXTRAS ?= sotu planner-loss
 REAL_SOTU_DOCS ?= 20
 REAL_HELD_OUT_DOCS ?= 2400
 REAL_NULL_SEED ?= 43
-REAL_RUN := $(REAL_FROM)/real
+REAL_RUN := $(REAL_FROM)/real-$(REAL_CONDITIONING)
 REAL_VARS = --no-print-directory RUN=$(REAL_RUN) PRESET=real NULL_SEED=$(REAL_NULL_SEED) \
-	ARGS_finetune_joint="$(ARGS_finetune_joint) --trainer.max_steps $(REAL_STEPS) --trainer.val_check_interval $(REAL_VAL_EVERY)" \
+	ARGS_finetune_joint="$(ARGS_finetune_joint) --model.conditioning $(REAL_CONDITIONING) --trainer.max_steps $(REAL_STEPS) --trainer.val_check_interval $(REAL_VAL_EVERY)" \
 	ARGS_finetune_joint_soft="$(if $(REAL_WARM),--data.init_from $(REAL_WARM)) $(ARGS_finetune_joint_soft)"
 real: $(SMOLLM_STAMP) ## SmolLM2-135M, frozen: pred, soft (warm, planner loss), controls; test split (+ REAL_EXTRAS: sotu, planner-loss); REAL_STEPS steps, default 300
-	$(MAKE) --no-print-directory $(REAL_RUN)/.linked RUN=$(REAL_FROM) VARIANT=real PRESET=demo BASE_LM=smollm2-135m
+	$(MAKE) --no-print-directory $(REAL_RUN)/.linked RUN=$(REAL_FROM) VARIANT=$(notdir $(REAL_RUN)) PRESET=demo BASE_LM=smollm2-135m
 	$(if $(REAL_WARM),$(MAKE) $(REAL_VARS) $(REAL_RUN)/4_joint-$(REAL_WARM)/manifest.json)
 	$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)"
 	$(if $(REAL_HELD_OUT_DOCS),$(MAKE) $(REAL_VARS) evaluate COMPARED="$(REAL_RUNS)" EVAL_CORPUS=held_out \

@@ -48,20 +48,21 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
         if stage == "finetune_joint":
             order.append((Path(config["run_dir"]).name, config["model"]["selection"]))
             joint[order[-1]] = config
-        elif stage == "evaluate" and Path(config["run_dir"]).name == "real" and config["corpus"] is None:
+        elif stage == "evaluate" and Path(config["run_dir"]).name == "real-residual" and config["corpus"] is None:
             assert "planner_soft_other_doc" in config["code_sources"]
-    assert set(joint) >= {("real", s) for s in ("pred", "soft", "none", "fixed", "boundary", "oracle", "hard")}
+    assert set(joint) >= {("real-residual", s) for s in ("pred", "soft", "none", "fixed", "boundary", "oracle", "hard")}
     for (where, selection), config in joint.items():
         assert config["data"]["lm"] == "smollm2-135m" and config["model"]["base_mode"] == "frozen"
+        assert config["model"]["conditioning"] == "residual"  # the design make real measures by default
         assert config["model"]["conditioned_layers"] is None and config["model"]["lr"] == 1e-3
         assert config["trainer"]["max_steps"] == 7
-    soft, pred = joint[("real", "soft")], joint[("real", "pred")]
+    soft, pred = joint[("real-residual", "soft")], joint[("real-residual", "pred")]
     assert soft["data"]["init_from"] == "pred" and soft["model"]["planner_loss_weight"] == 1.0
     assert pred["data"]["init_from"] is None and pred["model"]["planner_loss_weight"] == 0.0
     # the variant: the same soft run without the planner loss
     assert joint[("soft-lm-loss", "soft")]["model"]["planner_loss_weight"] == 0.0
     # the order: pred is trained before soft needs it
-    assert order.index(("real", "pred")) < order.index(("real", "soft"))
+    assert order.index(("real-residual", "pred")) < order.index(("real-residual", "soft"))
     corpora = {config["corpus"]["name"]: config for config in
                (resolved(s, a, capsys) for s, a in commands if s == "evaluate" and "--corpus.name" in a)}
     assert corpora["sotu"]["max_docs"] == 20
@@ -71,14 +72,24 @@ def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_cont
     assert held_out["code_sources"] == ["matched"] and held_out["structure"]["docs"] == 0
     # the noise floor: fixed again with seed 43, nothing else changed, scored by every evaluation of the run
     null = joint[("seed-43", "fixed")]
-    assert null["seed_everything"] == 43 and joint[("real", "fixed")]["seed_everything"] == 42
+    assert null["seed_everything"] == 43 and joint[("real-residual", "fixed")]["seed_everything"] == 42
     def except_seed(config: dict) -> dict:
         return {**{k: v for k, v in config.items() if k not in ("seed_everything", "run_dir")},
                 "data": {**config["data"], "run_dir": None}}
 
-    assert except_seed(null) == except_seed(joint[("real", "fixed")])
+    assert except_seed(null) == except_seed(joint[("real-residual", "fixed")])
     evaluations = [resolved(s, a, capsys) for s, a in commands if s == "evaluate"]
     assert all(c["null_seed"] == (None if Path(c["run_dir"]).name == "soft-lm-loss" else 43) for c in evaluations)
+
+
+def test_make_real_keeps_the_papers_adapters_under_their_own_name(tmp_path, capsys):
+    """REAL_CONDITIONING=paper: the reference's adapters, in their own folder (real-paper), so runs of the
+    two designs never mix and a changed design never re-prints the other's table."""
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_CONDITIONING="paper")
+    joint = [resolved(s, a, capsys) for s, a in commands if s == "finetune_joint"]
+    assert joint and all(c["model"]["conditioning"] == "paper" for c in joint)
+    assert {Path(c["run_dir"]).name for c in joint} >= {"real-paper"}
+    assert not [c for c in joint if Path(c["run_dir"]).name == "real-residual"]
 
 
 def test_the_avx2_setting_of_make_real_trains_only_soft_cold_and_fixed(tmp_path, capsys):
@@ -104,7 +115,7 @@ def test_make_real_pred_budget_trains_pred_for_the_warm_soft_runs_total_steps(tm
     configs = [resolved(s, a, capsys) for s, a in commands if s in ("finetune_joint", "evaluate")]
     trained = {(Path(c["run_dir"]).name, c["model"]["selection"]): c for c in configs if "model" in c}
     assert trained[("pred-budget", "pred")]["trainer"]["max_steps"] == 14
-    assert trained[("real", "pred")]["trainer"]["max_steps"] == 7
+    assert trained[("real-residual", "pred")]["trainer"]["max_steps"] == 7
     assert not [key for key in trained if key[0] == "seed-43"]  # REAL_NULL_SEED= : no null run
     assert all(c["null_seed"] is None for c in configs if "model" not in c)
 
