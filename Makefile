@@ -231,29 +231,27 @@ quality-forgetting: ## soft runs with delayed unfreezing / a frozen planner / th
 	$(PY) -m planner_lm compare $(QUALITY_RUN) $(foreach v,$(FORGETTING),$(QUALITY_RUN)/forget-$(firstword $(subst :, ,$(v))))
 
 # `make real`: the claim on a real pretrained LM. SmolLM2-135M (frozen, PRESET=real) over REAL_FROM's upstream
-# stages (built with the demo preset and linked into REAL_FROM/real): pred first (the LM trained on the frozen
-# planner's soft weights), then soft (planner loss on; warm-started from REAL_WARM, empty = from scratch) and
-# REAL_RUNS, scored on the test split; REAL_EXTRAS adds the first REAL_SOTU_DOCS sotu addresses (out of domain)
-# and soft without the planner loss (a variant). On 2 native-bf16 cores (AVX512-BF16) a step takes ~2.2 s and
-# the whole target 1 h 37 min; REAL_RUNS="none fixed oracle" REAL_EXTRAS= (pred, soft, fixed, oracle) ~49 min.
-# On a 2-core AVX2 host a step takes ~9 s: there
-#   make real REAL_STEPS=150 REAL_RUNS=fixed REAL_WARM= REAL_EXTRAS= ARGS_finetune_joint_soft="--model.planner_loss_weight 0"
-# trains soft (planner loss off) and fixed only and shows soft < fixed in ~54 min (docs/results.md).
+# stages (built with the demo preset and linked into REAL_FROM/real-<REAL_CONDITIONING>): pred first (the LM
+# trained on the frozen planner's soft weights), then soft (planner loss on; warm-started from REAL_WARM, empty =
+# from scratch) and REAL_RUNS (default none, fixed, oracle), scored on the test split; REAL_CONDITIONING picks
+# the design (residual, the default; paper: the reference's adapters, in real-paper). Opt-in: more controls by
+# name (REAL_RUNS="none fixed oracle boundary position hard"), REAL_EXTRAS=sotu (the first REAL_SOTU_DOCS sotu
+# addresses, out of domain), planner-loss (soft without the planner loss, a variant), pred-budget (below).
 # Verdicts (issue 31): every run is also scored, with its own codes only, on REAL_HELD_OUT_DOCS documents of the demo
 # corpus that the demo's prepare stage placed in no split (EVAL_CORPUS=held_out: no stage trained, clustered or
-# validated on them; RUN/5_eval-held_out). 2,400: the paired Δ's per-document SD measured on the 150-document test
-# split (SE 0.57-0.68 %, i.e. SD 7-8.3 %) resolves 0.5 % at 80 % power from ~1,700-2,200 documents; each
-# results.md prints the SD and the Δ its split resolves. REAL_NULL_SEED trains fixed again with that seed (the
-# noise floor; one more 300-step run). The fair reference for soft warm-started from pred is pred trained for
-# soft's total steps: REAL_EXTRAS+=pred-budget trains it (2 x REAL_STEPS) in the variant RUN/pred-budget and
-# compares it with soft there (one more run of twice the steps).
+# validated on them; RUN/5_eval-held_out). 2,400: measured per-document SD of a paired Δ 8.3 %, so the split
+# resolves 0.47 % at 80 % power; each results.md prints the SD and the Δ its split resolves. REAL_NULL_SEED trains
+# fixed again with that seed (the noise floor). The fair reference for soft warm-started from pred is pred trained
+# for soft's total steps: REAL_EXTRAS+=pred-budget trains it (2 x REAL_STEPS) in the variant RUN/pred-budget.
+# Cost measured on 2 AMX cores (docs/results.md): a 300-step run ~22 min with two runs side by side at one thread
+# each (~4.2 s/step), scoring 2,400 held-out documents ~5 min per run; on a 2-core AVX2 host a step takes ~9 s.
 REAL_FROM ?= runs/demo
 REAL_CONDITIONING ?= residual
 REAL_STEPS ?= 300
 REAL_VAL_EVERY ?= 50
 REAL_WARM ?= pred
-REAL_RUNS ?= none fixed boundary oracle pred hard
-REAL_EXTRAS ?= sotu planner-loss
+REAL_RUNS ?= none fixed oracle
+REAL_EXTRAS ?=
 REAL_SOTU_DOCS ?= 20
 REAL_HELD_OUT_DOCS ?= 2400
 REAL_NULL_SEED ?= 43

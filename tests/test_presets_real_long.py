@@ -40,8 +40,20 @@ def resolved(stage: str, args: list[str], capsys) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+def test_make_real_by_default_trains_pred_soft_fixed_oracle_and_the_null_run_only(tmp_path, capsys):
+    """The default answers the verdicts' questions (oracle and soft against fixed and the untouched base, over the noise
+    floor) and nothing else: every other control and extra is asked for by name."""
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo")
+    trained = {(Path(c["run_dir"]).name, c["model"]["selection"]) for c in
+               (resolved(s, a, capsys) for s, a in commands if s == "finetune_joint")}
+    assert trained == {("real-residual", s) for s in ("pred", "soft", "none", "fixed", "oracle")} | {("seed-43", "fixed")}
+    corpora = [resolved(s, a, capsys)["corpus"]["name"] for s, a in commands if s == "evaluate" and "--corpus.name" in a]
+    assert corpora == ["held_out"]
+
+
 def test_make_real_trains_pred_then_soft_warm_with_the_planner_loss_and_its_controls(tmp_path, capsys):
-    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="7")
+    commands = stage_commands("real", tmp_path, REAL_FROM=tmp_path / "demo", REAL_STEPS="7",
+                              REAL_RUNS="none fixed boundary oracle pred hard", REAL_EXTRAS="sotu planner-loss")
     joint, order = {}, []
     for stage, args in commands:
         config = resolved(stage, args, capsys)
