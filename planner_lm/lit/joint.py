@@ -23,6 +23,7 @@ from planner_lm.errors import UserError
 from planner_lm.lit.best_weights import BestWeights
 from planner_lm.lit.callbacks import UnfreezeSchedule, resolve_unfreeze_step
 from planner_lm.lit.losses import global_batch_mean, next_token_nll
+from planner_lm.lit.joint_setup import initialise_residual, joint_optimizers, measure_planner_start
 from planner_lm.lit.schedules import SCHEDULES
 from planner_lm.lit import strategies
 from planner_lm.models.conditioning import ActionConditionedLM
@@ -359,53 +360,8 @@ class JointPlannerLM(L.LightningModule):
     def on_train_start(self) -> None:
         """Before the first step: the residual's hidden-state start (when asked) and the planner's
         validation accuracy (the forgetting baseline)."""
-        self._initialise_residual()
-        self._measure_planner_start()
-
-    @torch.no_grad()
-    def _initialise_residual(self) -> None:
-        h = self.hparams
-        if h.residual_init != "hidden_states" or self.global_step > 0 or h.init_lm_path or self.selection == "none":
-            return  # a resumed or warm-started run keeps the weights it has
-        from planner_lm.models.steering import SiteMeans, fit_residual
-
-        means = SiteMeans(self.lm)
-        was_training = self.lm.training
-        self.lm.eval()  # the LM's own states, without dropout noise
-        with means.collecting(), self.trainer.precision_plugin.forward_context():
-            for index, batch in enumerate(self.trainer.datamodule.ordered_train_loader()):
-                if index == h.residual_init_batches:
-                    break
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                actions = batch["plan_action"][batch["token_plan"]]
-                means.observe(torch.where(batch["attention_mask"].bool(), actions, torch.full_like(actions, -1)))
-                self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        action_weights=None)  # the base's own states: the residual is still zero
-        self.lm.train(was_training)
-        directions, counts = means.directions()
-        fit_residual(self.lm, directions, counts, h.residual_init_scale)
-        self.log("train/residual_init_tokens", float(counts.sum()))
-
-    @torch.no_grad()
-    def _measure_planner_start(self) -> None:
-        if self.planner is None or self.planner_acc_start is not None:
-            return
-        loader = self.trainer.datamodule.val_dataloader() if self.trainer.datamodule else None
-        if loader is None:
-            return
-        was_training = self.planner.training
-        self.planner.eval()
-        correct = torch.zeros((), device=self.device)
-        total = torch.zeros((), device=self.device)
-        for batch in loader:
-            logits = self.planner(batch["plan_context"].to(self.device), batch["plan_context_mask"].to(self.device))
-            correct += (logits.argmax(-1) == batch["plan_action"].to(self.device)).sum()
-            total += batch["plan_action"].numel()
-        correct = self.trainer.strategy.reduce(correct, reduce_op="sum")
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        self.planner.train(was_training)
-        self.planner_acc_start = float(correct / total.clamp(min=1))
-        self.log("val/planner_acc_start", self.planner_acc_start)
+        initialise_residual(self)
+        measure_planner_start(self)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the norm of the gradient reaching the planner (zero for `hard`)."""
@@ -425,29 +381,7 @@ class JointPlannerLM(L.LightningModule):
         return bool(self.trainable_lm_parameters()) or self.planner is not None
 
     def configure_optimizers(self) -> Any:
-        # Parameters held still by an unfreeze schedule are included: Adam skips them while
-        # their gradient is None (the schedule drops it before each step).
-        h = self.hparams
-        lm = self.trainable_lm_parameters()
-        shared = {id(p) for p in self.lm.shared_shift_parameters()}
-        code = {id(p) for p in [*self.lm.adapter_parameters(), *self.lm.codebook_parameters()]} - shared
-        residual_lr = h.lr if h.residual_lr is None else h.residual_lr
-        residual_decay = h.weight_decay if h.residual_weight_decay is None else h.residual_weight_decay
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in lm if id(p) not in code], "lr": h.lr, "weight_decay": h.weight_decay, "name": "lm"},
-            {"params": [p for p in lm if id(p) in code], "lr": residual_lr, "weight_decay": residual_decay,
-             "name": "codes"},
-        ]
-        if self.planner is not None:
-            planner_lr = h.lr if h.planner_lr is None else h.planner_lr
-            groups.append({"params": list(self.planner.parameters()), "lr": planner_lr,
-                           "weight_decay": h.weight_decay, "name": "planner"})
-        groups = [group for group in groups if group["params"]]
-        optimizer = torch.optim.Adam(groups, lr=h.lr)
-        if SCHEDULES[h.lr_schedule] is None:
-            return optimizer
-        scheduler = SCHEDULES[h.lr_schedule](self, optimizer, h.warmup_steps, h.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return joint_optimizers(self)
 
     def configure_callbacks(self) -> list[L.Callback]:
         self.schedules = {}

@@ -105,6 +105,22 @@ REQUIRED_KEYS = ("format", "format_version", "base", "base_saved", "model_type",
                  "lora_dropout", "adapter_seed")
 
 
+def check_options(model_type: str, base_mode: str, adapter_site: str, conditioning: str, residual_rank: int) -> None:
+    """One line for each setting a conditioned LM cannot be built with."""
+    if model_type not in ADAPTER_TARGETS:
+        raise UserError(f"model type {model_type!r} has no known adapter location; supported: "
+                        f"{', '.join(sorted(ADAPTER_TARGETS))} (add it to ADAPTER_TARGETS in planner_lm/models/adapters.py)")
+    if base_mode not in BASE_MODES:
+        raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
+    if adapter_site not in ADAPTER_SITES:
+        raise UserError(f"adapter_site must be one of {', '.join(ADAPTER_SITES)}, got {adapter_site!r}")
+    if conditioning not in CONDITIONINGS:
+        raise UserError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
+    if residual_rank < 0 or (residual_rank and conditioning != "residual"):
+        raise UserError(f"residual_rank must be >= 0 and needs conditioning residual, got {residual_rank} "
+                        f"with {conditioning}")
+
+
 def default_conditioned_layers(num_layers: int) -> list[int]:
     """The paper's choice: every layer but the first two."""
     return list(range(2, num_layers))

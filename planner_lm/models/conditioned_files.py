@@ -10,12 +10,17 @@ set of layers. Every check that needs only the folder runs before its base is fe
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from planner_lm.errors import UserError
 from planner_lm.model_files import PRESETS, Fetched, check_weights_cover_config, download, path_only
-from planner_lm.models.adapters import CONFIG_RULES, REQUIRED_KEYS
+from planner_lm.models.adapters import CONFIG_RULES, FORMAT, FORMAT_VERSION, REQUIRED_KEYS
+from planner_lm.models.base_lm import weights_fingerprint
 from planner_lm.models.hub import check_shapes, header_shapes, read_config
 
 CONFIG_FILE = "conditioning_config.json"
@@ -113,3 +118,38 @@ def base_location(source: Fetched, config: dict[str, Any], hub: dict[str, Any]) 
            "pass base= to use a model you already have")
     return str(download(base, "base LM", why=why, required=[["config.json"], ["*.safetensors"]],
                         **{k: v for k, v in hub.items() if k in BASE_ONLY_HUB_OPTIONS}).folder)
+
+
+def write_conditioned_lm(model: Any, save_dir: Path, tokenizer: Any, include_base: bool) -> None:
+    """Write a conditioned LM's folder (see `ActionConditionedLM.save_pretrained`): its trained tensors, the
+    JSON config naming its base (by reference and fingerprint, or carried in `base/`), and the tokenizer."""
+    save_base = model.settings.base_mode == "full" or not model.base_reference or include_base
+    reference = model.base_reference or ""
+    relative = None
+    if not save_base and Path(reference).is_dir():
+        relative = os.path.relpath(Path(reference).resolve(), save_dir.resolve())
+        reference = str(Path(reference).resolve())
+    if save_base:
+        base_dir = save_dir / BASE_SUBDIR
+        # "full" mode with LoRA never happens, so the base has its original module names
+        model.base.save_pretrained(base_dir)
+    if not save_base and model._base_fingerprint is None:
+        model._base_fingerprint = weights_fingerprint(model.base)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model._trained_state().items()}
+    if model.settings.base_mode == "lora":
+        for name, tensor in model.base.state_dict().items():
+            if "lora_" in name:
+                state[f"lora.{name}"] = tensor.detach().cpu().contiguous()
+    save_file(state, str(save_dir / WEIGHTS_FILE))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base": reference,
+        "base_relative": relative,
+        "base_saved": save_base,
+        "base_fingerprint": None if save_base else model._base_fingerprint,
+        **asdict(model.settings),
+    }
+    (save_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_dir)

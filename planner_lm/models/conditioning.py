@@ -15,7 +15,6 @@ Without action weights the hooks do nothing and the output is bit-identical to t
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -23,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from planner_lm.errors import UserError
-from planner_lm.models.adapters import (ADAPTER_SITES, ADAPTER_TARGETS, BASE_MODES, CONDITIONINGS, CONFIG_RULES,
-                                        FORMAT, FORMAT_VERSION, REQUIRED_KEYS, ConditioningSettings, get_path,
-                                        inject_lora, input_features, normalise_layers)
+from planner_lm.models.adapters import (ADAPTER_TARGETS, BASE_MODES, CONFIG_RULES, REQUIRED_KEYS,
+                                        ConditioningSettings, check_options, get_path, inject_lora, input_features,
+                                        normalise_layers)
 from planner_lm.models.base_lm import load_base_lm, weights_fingerprint
-from planner_lm.models.conditioned_files import (BASE_SUBDIR, CONFIG_FILE, WEIGHTS_FILE, base_location,
-                                                  carried_base, check_config_shapes, check_warm_start)
+from planner_lm.models.conditioned_files import (CONFIG_FILE, WEIGHTS_FILE, base_location, carried_base,
+                                                  check_config_shapes, check_warm_start, write_conditioned_lm)
 from planner_lm.models.hub import HUB_SETTINGS, HubArtefact, check_shapes, header_shapes, read_config
 
 __all__ = ["BASE_MODES", "CONFIG_FILE", "ActionConditionedLM"]
@@ -93,22 +92,8 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
     ) -> None:
         super().__init__()
         model_type = base.config.model_type
-        if model_type not in ADAPTER_TARGETS:
-            raise UserError(
-                f"model type {model_type!r} has no known adapter location; supported: "
-                f"{', '.join(sorted(ADAPTER_TARGETS))} (add it to ADAPTER_TARGETS in "
-                "planner_lm/models/adapters.py)"
-            )
-        if base_mode not in BASE_MODES:
-            raise UserError(f"base_mode must be one of {', '.join(BASE_MODES)}, got {base_mode!r}")
+        check_options(model_type, base_mode, adapter_site, conditioning, residual_rank)
         self._hub_mixin_config = None  # the JSON config is ours (conditioning_config.json), not the mixin's
-        if adapter_site not in ADAPTER_SITES:
-            raise UserError(f"adapter_site must be one of {', '.join(ADAPTER_SITES)}, got {adapter_site!r}")
-        if conditioning not in CONDITIONINGS:
-            raise UserError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
-        if residual_rank < 0 or (residual_rank and conditioning != "residual"):
-            raise UserError(f"residual_rank must be >= 0 and needs conditioning residual, got {residual_rank} "
-                            f"with {conditioning}")
         if codebook.ndim != 2:
             raise ValueError(f"codebook must be [num_actions, action_dim], got {tuple(codebook.shape)}")
         target = ADAPTER_TARGETS[model_type]
@@ -315,36 +300,7 @@ class ActionConditionedLM(nn.Module, HubArtefact, **HUB_SETTINGS):
 
     def _save_pretrained(self, save_dir: Path) -> None:
         tokenizer, include_base = getattr(self, "_pending_save", None) or (None, False)
-        save_base = self.settings.base_mode == "full" or not self.base_reference or include_base
-        reference = self.base_reference or ""
-        relative = None
-        if not save_base and Path(reference).is_dir():
-            relative = os.path.relpath(Path(reference).resolve(), save_dir.resolve())
-            reference = str(Path(reference).resolve())
-        if save_base:
-            base_dir = save_dir / BASE_SUBDIR
-            # "full" mode with LoRA never happens, so the base has its original module names
-            self.base.save_pretrained(base_dir)
-        if not save_base and self._base_fingerprint is None:
-            self._base_fingerprint = weights_fingerprint(self.base)
-        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self._trained_state().items()}
-        if self.settings.base_mode == "lora":
-            for name, tensor in self.base.state_dict().items():
-                if "lora_" in name:
-                    state[f"lora.{name}"] = tensor.detach().cpu().contiguous()
-        save_file(state, str(save_dir / WEIGHTS_FILE))
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base": reference,
-            "base_relative": relative,
-            "base_saved": save_base,
-            "base_fingerprint": None if save_base else self._base_fingerprint,
-            **asdict(self.settings),
-        }
-        (save_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(save_dir)
+        write_conditioned_lm(self, save_dir, tokenizer, include_base)
 
     @classmethod
     def from_pretrained(
