@@ -13,7 +13,7 @@ Plain torch: reads models and texts, never the Lightning modules.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +23,11 @@ from torch import Tensor
 
 from planner_lm.errors import UserError
 from planner_lm.evaluation.bootstrap import relative_change_interval, resample_indices
-from planner_lm.evaluation.perplexity import PerplexityResult, causal_lm_logprobs, sliding_window_nll
-from planner_lm.evaluation.scoring import TestSet, load_test_set
-from planner_lm.evaluation.texts import ScoredText
+from planner_lm.evaluation.perplexity import PerplexityResult, sliding_window_nll
+from planner_lm.evaluation.scoring import TestSet, load_test_set, make_scorer
+from planner_lm.evaluation.texts import test_split_text
 from planner_lm.models.conditioning import ActionConditionedLM
-from planner_lm.models.steering import SiteMeans
+from planner_lm.models.steering import SiteMeans, site_hooks
 from planner_lm.run_folder import RunFolder
 
 
@@ -49,28 +49,11 @@ class CeilingConfig:
     val_docs: int | None = None
 
 
-def split_text(folder: RunFolder, split: str) -> ScoredText:
-    """One of the run's own splits, as training saw it (ids, vectors and actions of the run)."""
-    return ScoredText(split, folder.prepared.split(split), folder.embeddings(), folder.actions(),
-                      folder.doc_first, folder.token_cache_dir)
-
-
 def token_actions(cond: Tensor, test: TestSet) -> Tensor:
     """Each token's target-sentence action (-1 for padding and tokens without a sentence)."""
     rows = (cond - test.first).clamp(min=0, max=len(test.actions) - 1)
     actions = test.actions.to(cond.device)[rows]
     return torch.where(cond >= 0, actions, torch.full_like(actions, -1))
-
-
-@contextlib.contextmanager
-def _site_hooks(lm: ActionConditionedLM, make_hook) -> Iterator[None]:
-    """Forward pre-hooks on every conditioned site, run before the run's own adapters (prepend)."""
-    handles = [site.register_forward_pre_hook(make_hook(slot), prepend=True) for slot, site in enumerate(lm.sites())]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -80,23 +63,16 @@ def action_directions(lm: ActionConditionedLM, table: Tensor | None, test: TestS
     ``test``'s documents: each token counts for the action of its target sentence."""
     means = SiteMeans(lm)
 
+    own = make_scorer(lm, table, test.first, device, precision)
+
     def score(ids: Tensor, mask: Tensor, cond: Tensor, keep: int) -> Tensor:
         actions = token_actions(cond, test)
         means.observe(torch.where(mask.bool(), actions, torch.full_like(actions, -1)))
-        weights = None if table is None else _table_weights(table.to(device), cond, test.first)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), lm.conditioned(weights):
-            return causal_lm_logprobs(lm.base, ids, mask, keep)
+        return own(ids, mask, cond, keep)
 
     with means.collecting():
         sliding_window_nll(test.documents, score, device=device, progress="ceiling: hidden states", **windows)
     return means.directions()
-
-
-def _table_weights(table: Tensor, cond: Tensor, first: int) -> Tensor:
-    """The per-token rows of a per-sentence weights table (zeros for tokens without a sentence),
-    as `evaluation.scoring.make_scorer` gives them."""
-    rows = (cond - first).clamp(min=0, max=len(table) - 1)
-    return table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
 
 
 @torch.no_grad()
@@ -113,13 +89,13 @@ def steered_nll(lm: ActionConditionedLM, table: Tensor | None, directions: Tenso
             return (args[0] + (alpha * shift).to(args[0].dtype), *args[1:])
         return hook
 
+    own = make_scorer(lm, table, test.first, device, precision)
+
     def score(ids: Tensor, mask: Tensor, cond: Tensor, keep: int) -> Tensor:
         current["actions"] = token_actions(cond, test)
-        weights = None if table is None else _table_weights(table.to(device), cond, test.first)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), lm.conditioned(weights):
-            return causal_lm_logprobs(lm.base, ids, mask, keep)
+        return own(ids, mask, cond, keep)
 
-    with _site_hooks(lm, add) if alpha != 0 else contextlib.nullcontext():
+    with site_hooks(lm, add) if alpha != 0 else contextlib.nullcontext():
         return sliding_window_nll(test.documents, score, device=device, progress=progress, **windows)
 
 
@@ -136,8 +112,8 @@ def ceiling_probe(cfg: CeilingConfig, folder: RunFolder, lm: ActionConditionedLM
                   **windows: int) -> dict[str, Any]:
     """Fit the directions on training documents, sweep alpha on validation, score the best on `test`
     against `own` (the run's own score on the same documents). Returns the figures for metrics.json."""
-    fit = load_test_set(split_text(folder, "train"), tokenizer, fingerprint, cfg.fit_docs)
-    val = load_test_set(split_text(folder, "val"), tokenizer, fingerprint, cfg.val_docs)
+    fit = load_test_set(test_split_text(folder, "train"), tokenizer, fingerprint, cfg.fit_docs)
+    val = load_test_set(test_split_text(folder, "val"), tokenizer, fingerprint, cfg.val_docs)
     directions, counts = action_directions(lm, table, fit, device, precision, **windows)
     sweep = {alpha: steered_nll(lm, table, directions, alpha, val, device, precision,
                                 progress=f"ceiling: validation, alpha {alpha:g}", **windows)

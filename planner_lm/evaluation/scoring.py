@@ -100,16 +100,19 @@ def code_weights(source: str, logits: torch.Tensor | None, actions: torch.Tensor
     raise UserError(f"unknown code source {source!r}; choose from {', '.join(CODE_SOURCES)}")
 
 
+def token_weights(table: torch.Tensor, cond: torch.Tensor, first: int) -> torch.Tensor:
+    """Each token's row of a per-sentence weights table (zeros for tokens without a sentence)."""
+    rows = (cond - first).clamp(min=0, max=len(table) - 1)
+    return table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
+
+
 def make_scorer(lm: torch.nn.Module, table: torch.Tensor | None, first: int, device: torch.device, precision: str):
     """A ``TokenScorer`` that conditions each token on its target sentence's row of ``table``."""
     table = None if table is None else table.to(device)
     autocast = precision == "bf16"
 
     def score(ids: torch.Tensor, mask: torch.Tensor, cond: torch.Tensor, keep: int) -> torch.Tensor:
-        weights = None
-        if table is not None:
-            rows = (cond - first).clamp(min=0, max=len(table) - 1)
-            weights = table[rows] * (cond >= 0).unsqueeze(-1).to(table.dtype)
+        weights = None if table is None else token_weights(table, cond, first)
         # the base itself runs inside the conditioning, so its output layer runs only where a token is scored
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), lm.conditioned(weights):
             return causal_lm_logprobs(lm.base, ids, mask, keep)

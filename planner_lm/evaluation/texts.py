@@ -61,9 +61,9 @@ class ScoredText:
         return action_baselines(actions, np.arange(lo, hi), ids + self.offset, doc_first, folder.num_actions)
 
 
-def test_split_text(folder: RunFolder) -> ScoredText:
-    """The run's own test split, as every stage before evaluation saw it."""
-    return ScoredText("test", folder.prepared.split("test"), folder.embeddings(), folder.actions(),
+def test_split_text(folder: RunFolder, split: str = "test") -> ScoredText:
+    """One of the run's own splits (the test split by default), as every stage before evaluation saw it."""
+    return ScoredText(split, folder.prepared.split(split), folder.embeddings(), folder.actions(),
                       folder.doc_first, folder.token_cache_dir)
 
 

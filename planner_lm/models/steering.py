@@ -8,7 +8,7 @@ instead of starting from zero. Plain torch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +16,18 @@ from torch import Tensor, nn
 
 from planner_lm.errors import UserError
 from planner_lm.models.conditioning import ActionConditionedLM
+
+
+@contextlib.contextmanager
+def site_hooks(lm: ActionConditionedLM, make_hook: Callable[[int], Callable]) -> Iterator[None]:
+    """`make_hook(slot)` as a forward pre-hook on every conditioned site, ahead of the run's own
+    adapters (so it sees the LM's own state there), for the duration of the block."""
+    handles = [site.register_forward_pre_hook(make_hook(slot), prepend=True) for slot, site in enumerate(lm.sites())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SiteMeans:
@@ -44,16 +56,9 @@ class SiteMeans:
             self.sums[slot].index_add_(0, actions[keep], args[0].detach()[keep].to(torch.float64))
         return collect
 
-    @contextlib.contextmanager
-    def collecting(self) -> Iterator["SiteMeans"]:
+    def collecting(self) -> contextlib.AbstractContextManager:
         """Hooks on every site, ahead of the run's own adapters, for the block's forward passes."""
-        handles = [site.register_forward_pre_hook(self._hook(slot), prepend=True)
-                   for slot, site in enumerate(self.lm.sites())]
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+        return site_hooks(self.lm, self._hook)
 
     def directions(self) -> tuple[Tensor, Tensor]:
         """``[slots, K, width]`` per-action mean minus the overall mean (zero for unseen actions), and
